@@ -1,0 +1,30 @@
+"""The Ray Serve application builder named by every serve config's `import_path`.
+
+    import_path: app.builder:build_app
+    args: {models: [...], router: {...}, server: {...}, limits: {...}}
+
+The config is validated before anything is deployed, so a wrong config fails `serve run`
+with a message naming each bad field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import StackConfig, load_config
+
+
+def build_app(args: dict[str, Any] | StackConfig) -> Any:
+    """Engine deployments (one per model) behind the OpenAI ingress deployment."""
+    from app.engines.builder import build_engine
+    from app.ingress.deployment import Ingress
+
+    config = load_config(args)
+    engines = {spec.name: build_engine(spec) for spec in config.models}
+    server = config.server
+    return Ingress.options(
+        name="ingress",
+        num_replicas=server.ingress_replicas,
+        ray_actor_options={"num_cpus": server.ingress_cpus},
+        max_ongoing_requests=1000,
+    ).bind(config.model_dump(mode="json"), engines)

@@ -1,0 +1,74 @@
+"""The `vrstack` command. Thin: each command delegates to a module of `app`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from app.config import ConfigError
+from app.serve_config import read_serve_config
+
+cli = typer.Typer(help="vllm-ray-stack: vLLM on Ray Serve and KubeRay.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _load(path: Path):
+    try:
+        return read_serve_config(path)
+    except ConfigError as exc:
+        console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@cli.command()
+def validate(config: Path = typer.Argument(..., help="A serve config file.")) -> None:
+    """Check a serve config file; exit 2 with each bad field named."""
+    loaded = _load(config)
+    models = ", ".join(m.name for app in loaded.apps for m in app.config.models)
+    console.print(f"[green]✓[/] {config}: {len(loaded.apps)} application(s); models: {models}")
+
+
+@cli.command("prepare-model")
+def prepare_model(name: str = typer.Argument("smollm2", help="Embedded model name.")) -> None:
+    """Convert an embedded model to a Hugging Face folder in the cache (once)."""
+    from app.engines import embedded
+
+    with console.status(f"Preparing embedded model {name}..."):
+        path = embedded.prepare(name)
+    typer.echo(path)
+
+
+@cli.command()
+def up(
+    config: Path = typer.Argument(..., help="A serve config file."),
+    num_cpus: int = typer.Option(8, help="Logical CPUs of the local Ray head (> cores is fine)."),
+    timeout: float = typer.Option(900, help="Seconds to wait for every model to be ready."),
+    keep_ray: bool = typer.Option(False, help="Leave the Ray head running on exit."),
+) -> None:
+    """Start a local Ray head if none runs, then `serve run CONFIG` in the foreground."""
+    from app import launcher
+    from app.engines.embedded import cache_root
+
+    loaded = _load(config)
+    launcher.prepare_models(loaded)
+    started_ray = not launcher.ray_running()
+    if started_ray:
+        launcher.start_ray_head(num_cpus)
+    log = cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    try:
+        code = launcher.serve_foreground(loaded, log_path=log, timeout_s=timeout)
+    finally:
+        if started_ray and not keep_ray:
+            launcher.stop_ray()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

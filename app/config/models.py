@@ -1,0 +1,127 @@
+"""One model behind the stack: where it comes from, how its engine runs, what it needs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.config.quantity import parse_quantity
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+# vLLM engine arguments that have a field of their own here; naming them in engine_args is an error.
+OWN_FIELDS = {"model": "source", "max_model_len": "max_model_len", "dtype": "dtype"}
+
+
+class StrictModel(BaseModel):
+    """Base for config objects: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(StrictModel):
+    """What one engine replica needs (Kubernetes-style quantities for memory and storage)."""
+
+    cpu: float = Field(1.0, gt=0, description="CPUs for one engine replica.")
+    gpu: float = Field(0.0, ge=0, description="GPUs for one engine replica (0 = CPU engine).")
+    memory: str | None = Field(None, description="Memory for one replica, e.g. '16Gi'.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'L4'.")
+    storage: str | None = Field(None, description="Model cache volume size, e.g. '10Gi'.")
+
+    @field_validator("memory", "storage")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_quantity(value)
+        return value
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpu(self) -> Resources:
+        if self.accelerator_type and self.gpu == 0:
+            raise ValueError("accelerator_type is set but gpu is 0; set gpu >= 1")
+        return self
+
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else int(parse_quantity(self.memory))
+
+
+class Autoscaling(StrictModel):
+    """Ray Serve replica autoscaling for one model."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ModelSpec(StrictModel):
+    """One served model: a name clients use, a source, engine settings and resources."""
+
+    name: str = Field(description="Name clients put in the `model` field.")
+    source: str = Field(
+        description="Hugging Face id (org/name), a local folder, or 'embedded:smollm2'."
+    )
+    aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="Context length in tokens.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Other vLLM engine arguments, passed as they are."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Engine process environment.")
+    replicas: int = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
+    autoscaling: Autoscaling | None = None
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _names(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            if not MODEL_NAME.match(name):
+                raise ValueError(
+                    f"{name!r} is not a valid model name: use 1-128 letters, digits and ._:/@-"
+                )
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        from app.engines.embedded import EMBEDDED_MODELS, EMBEDDED_SCHEME
+
+        if value.startswith(EMBEDDED_SCHEME):
+            name = value.removeprefix(EMBEDDED_SCHEME)
+            if name not in EMBEDDED_MODELS:
+                allowed = ", ".join(EMBEDDED_SCHEME + n for n in EMBEDDED_MODELS)
+                raise ValueError(f"unknown embedded model {name!r}; allowed: {allowed}")
+        elif value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
+            raise ValueError(f"local model folder {value!r} does not exist")
+        elif not value.strip():
+            raise ValueError("source must not be empty")
+        return value
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in OWN_FIELDS:
+                raise ValueError(
+                    f"engine_args.{key} has a field of its own: set `{OWN_FIELDS[key]}` instead"
+                )
+        return value
+
+    @property
+    def names(self) -> list[str]:
+        """The name followed by its aliases."""
+        return [self.name, *self.aliases]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.resources.gpu > 0

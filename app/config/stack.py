@@ -1,0 +1,86 @@
+"""The whole stack's configuration: the `args` of a serve config file."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from app.config.models import ModelSpec, StrictModel
+
+
+class RouterSettings(StrictModel):
+    """How requests to one model's engine replicas are spread."""
+
+    policy: Literal["power_of_two"] = Field(
+        "power_of_two", description="Replica choice for each request."
+    )
+
+
+class ServerSettings(StrictModel):
+    """The ingress deployment."""
+
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_cpus: float = Field(0.5, ge=0)
+    request_timeout_s: float = Field(
+        300, gt=0, description="Longest wait for an engine answer (first byte for streams)."
+    )
+
+
+class Limits(StrictModel):
+    """Caps on what one request may ask for."""
+
+    max_body_bytes: int = Field(2 * 2**20, ge=1024, description="Larger bodies get 413.")
+    max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; above it -> 400.")
+    max_n: int = Field(8, ge=1, description="Cap on n (choices per request).")
+
+
+class StackConfig(StrictModel):
+    """Models behind one URL, plus router, server and limit settings."""
+
+    models: list[ModelSpec] = Field(min_length=1)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StackConfig:
+        owner: dict[str, str] = {}
+        for model in self.models:
+            for name in model.names:
+                if name in owner:
+                    raise ValueError(
+                        f"model name {name!r} is used twice (by {owner[name]!r} and {model.name!r})"
+                    )
+                owner[name] = model.name
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        """The model a name or alias refers to."""
+        return next((m for m in self.models if name in m.names), None)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each bad field, value and what is allowed."""
+
+
+def load_config(args: dict[str, Any] | StackConfig) -> StackConfig:
+    """Validate serve-config `args` into a StackConfig or raise ConfigError."""
+    if isinstance(args, StackConfig):
+        return args
+    try:
+        return StackConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = [f"invalid vllm-ray-stack config ({exc.error_count()} error(s)):"]
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        if len(got) > 200:
+            got = got[:197] + "...)"
+        lines.append(f"  {where}: {message}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""From a `ModelSpec` to a Ray Serve LLM deployment (`LLMConfig` + `build_llm_deployment`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import ModelSpec
+from app.engines import embedded
+
+DEPLOYMENT_PREFIX = "engine:"
+
+
+def deployment_name(spec: ModelSpec) -> str:
+    """The Serve deployment name of a model's engine (Ray replaces '/' and '.')."""
+    return DEPLOYMENT_PREFIX + spec.name.replace("/", "--").replace(".", "_")
+
+
+def resolve_source(source: str) -> str:
+    """A source vLLM can load: embedded models are converted (once) to a local folder."""
+    if embedded.is_embedded(source):
+        return str(embedded.prepare(embedded.embedded_name(source)))
+    return source
+
+
+def engine_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": spec.dtype, **spec.engine_args}
+    if spec.max_model_len is not None:
+        kwargs["max_model_len"] = spec.max_model_len
+    return kwargs
+
+
+def placement_bundles(spec: ModelSpec) -> list[dict[str, float]]:
+    """One bundle per replica: the engine's CPUs, GPUs and memory."""
+    res = spec.resources
+    bundle: dict[str, float] = {"CPU": res.cpu}
+    if res.gpu:
+        bundle["GPU"] = res.gpu
+    if (memory := res.memory_bytes()) is not None:
+        bundle["memory"] = memory
+    return [bundle]
+
+
+def deployment_config(spec: ModelSpec) -> dict[str, Any]:
+    # The replica actor takes no CPU of its own, so the bundle is exactly `resources`.
+    scaling: dict[str, Any] = (
+        {"num_replicas": spec.replicas}
+        if spec.autoscaling is None
+        else {"autoscaling_config": spec.autoscaling.model_dump()}
+    )
+    return {**scaling, "ray_actor_options": {"num_cpus": 0}}
+
+
+def llm_config(spec: ModelSpec, *, source: str | None = None) -> Any:
+    """The Ray Serve LLM `LLMConfig` for one model (source resolved unless given)."""
+    from ray.serve.llm import LLMConfig
+
+    return LLMConfig(
+        model_loading_config={
+            "model_id": spec.name,
+            "model_source": source or resolve_source(spec.source),
+        },
+        engine_kwargs=engine_kwargs(spec),
+        deployment_config=deployment_config(spec),
+        placement_group_config={"bundles": placement_bundles(spec)},
+        accelerator_type=spec.resources.accelerator_type,
+        runtime_env={"env_vars": dict(spec.env)} if spec.env else None,
+    )
+
+
+def build_engine(spec: ModelSpec) -> Any:
+    """A bound Serve application hosting `spec`'s vLLM engine in `EngineServer` replicas."""
+    from ray.serve.llm import build_llm_deployment
+
+    from app.engines.server import EngineServer
+
+    config = llm_config(spec)
+    return build_llm_deployment(
+        config,
+        deployment_cls=EngineServer,
+        override_serve_options={"name": deployment_name(spec)},
+    )

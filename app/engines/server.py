@@ -1,0 +1,78 @@
+"""The engine deployment: Ray Serve LLM's `LLMServer` with a plain-data entry point.
+
+The ingress never imports vLLM. It sends `(endpoint, body)` with the body as a JSON dict and gets
+back plain items, so nothing vLLM-specific crosses the process boundary:
+
+- ``{"body": dict}``: a whole JSON response (non-streaming endpoints),
+- ``{"sse": str}``: one or more ``data: ...`` server-sent-event lines of a stream,
+- ``{"error": dict, "status": int}``: an OpenAI-shaped error from the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ray.serve.llm import LLMServer
+
+from app.wire import EngineItem, Endpoint, error_item, validation_message
+
+
+def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
+    from ray.llm._internal.serve.core.configs import openai_api_models as oai
+
+    chat_shaped = "messages" in body
+    return {
+        "completions": oai.CompletionRequest,
+        "chat": oai.ChatCompletionRequest,
+        "embeddings": oai.EmbeddingChatRequest if chat_shaped else oai.EmbeddingCompletionRequest,
+        "tokenize": oai.TokenizeChatRequest if chat_shaped else oai.TokenizeCompletionRequest,
+        "detokenize": oai.DetokenizeRequest,
+    }[endpoint]
+
+
+class EngineServer(LLMServer):
+    """An `LLMServer` replica (one vLLM engine) that speaks plain dicts to the ingress."""
+
+    async def start(self) -> None:
+        await super().start()
+        _enable_tokenization(self.engine)
+
+    async def serve_openai(
+        self, endpoint: Endpoint, body: dict[str, Any]
+    ) -> AsyncGenerator[EngineItem, None]:
+        """Run one OpenAI request; yields plain items (see the module docstring)."""
+        try:
+            request = _request_class(endpoint, body).model_validate(body)
+        except ValidationError as exc:
+            message, param = validation_message(exc)
+            yield error_item(400, message, param=param)
+            return
+        except ValueError as exc:
+            yield error_item(400, str(exc))
+            return
+        method = getattr(self, endpoint)
+        async for item in await method(request):
+            for chunk in item if isinstance(item, list) else [item]:
+                yield _plain(chunk)
+
+
+def _enable_tokenization(engine: Any) -> None:
+    """Ray 2.60 looks up vLLM's tokenizer service as `openai_serving_tokenization`; vLLM 0.29
+    names it `serving_tokenization`, which leaves /tokenize disabled. Fill it in."""
+    state = getattr(engine, "_app_state", None)
+    if getattr(engine, "_oai_serving_tokenization", True) is None and state is not None:
+        engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)
+
+
+def _plain(item: Any) -> EngineItem:
+    if isinstance(item, str):
+        return {"sse": item}
+    data = item.model_dump(mode="json", exclude_none=False)
+    if "error" in data and len(data) == 1:
+        error = data["error"]
+        code = error.get("code")
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        return error_item(status, error.get("message") or "engine error", param=error.get("param"))
+    return {"body": data}

@@ -1,0 +1,1 @@
+"""The ingress: OpenAI API surface, errors and limits; delegates each request to an engine."""

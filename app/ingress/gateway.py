@@ -1,0 +1,183 @@
+"""The ingress's core: resolve the model, apply limits, call its engine, shape the answer.
+
+HTTP routes and Python handle calls both go through `Gateway`, so both get the same checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+from app.config import ModelSpec, StackConfig
+from app.ingress.errors import OpenAIError
+from app.ingress.protocol import OpenAIRequest, SamplingRequest
+from app.ingress.readiness import Readiness
+from app.wire import Endpoint, EngineItem, error_body
+
+logger = logging.getLogger("vrstack.ingress")
+DONE = "data: [DONE]\n\n"
+
+
+class EngineHandle(Protocol):
+    """The part of a Ray Serve `DeploymentHandle` the gateway uses."""
+
+    def options(self, **kwargs: Any) -> Any: ...
+
+
+class Gateway:
+    """Model-aware front door for every engine deployment of one stack."""
+
+    def __init__(
+        self, config: StackConfig, engines: Mapping[str, EngineHandle], readiness: Readiness
+    ) -> None:
+        self.config = config
+        self.readiness = readiness
+        self._handles = {
+            name: handle.options(stream=True, method_name="serve_openai")
+            for name, handle in engines.items()
+        }
+
+    # -- models -------------------------------------------------------------------------------
+    def resolve(self, name: str) -> ModelSpec:
+        """The model a name or alias refers to, or a 404 naming the available models."""
+        spec = self.config.model(name)
+        if spec is None:
+            available = ", ".join(n for m in self.config.models for n in m.names)
+            raise OpenAIError(
+                404,
+                f"model {name!r} does not exist; available models: {available}",
+                param="model",
+                code="model_not_found",
+            )
+        return spec
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """OpenAI model objects: every model and alias (`root` names the canonical model)."""
+        return [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "vllm-ray-stack",
+                "root": spec.name,
+                "parent": None if name == spec.name else spec.name,
+                "max_model_len": spec.max_model_len,
+            }
+            for spec in self.config.models
+            for name in spec.names
+        ]
+
+    # -- requests -----------------------------------------------------------------------------
+    def check_limits(self, request: OpenAIRequest) -> None:
+        limits = self.config.limits
+        if not isinstance(request, SamplingRequest):
+            return
+        if request.n > limits.max_n:
+            raise OpenAIError(400, f"n={request.n} exceeds the limit of {limits.max_n}", param="n")
+        tokens = request.output_tokens()
+        if limits.max_tokens is not None and tokens is not None and tokens > limits.max_tokens:
+            raise OpenAIError(
+                400,
+                f"max_tokens={tokens} exceeds the limit of {limits.max_tokens}",
+                param="max_tokens",
+            )
+
+    async def open(self, endpoint: Endpoint, request: OpenAIRequest) -> EngineStream:
+        """Check and send a request; the result has already received the engine's first item."""
+        spec = self.resolve(request.model)
+        self.check_limits(request)
+        await self.readiness.require(spec)
+        handle = self._handles[spec.name]
+        stream = EngineStream(
+            handle.remote(endpoint, request.engine_body(spec.name)),
+            timeout_s=self.config.server.request_timeout_s,
+        )
+        await stream.start()
+        return stream
+
+    async def call(self, endpoint: Endpoint, request: OpenAIRequest) -> dict[str, Any]:
+        """A non-streaming request: the engine's whole JSON answer."""
+        stream = await self.open(endpoint, request)
+        first = stream.first
+        if "body" not in first:
+            raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
+        return first["body"]
+
+
+class EngineStream:
+    """One engine call: the first item is awaited (with a timeout) before any byte is sent, so
+    failures up to then become proper HTTP errors; later failures become an SSE error event."""
+
+    def __init__(self, generator: Any, *, timeout_s: float) -> None:
+        self._generator = generator
+        self._timeout_s = timeout_s
+        self.first: EngineItem = {}
+
+    async def start(self) -> None:
+        try:
+            self.first = await asyncio.wait_for(self._generator.__anext__(), self._timeout_s)
+        except StopAsyncIteration:
+            raise OpenAIError(500, "the engine returned no answer") from None
+        except asyncio.TimeoutError:
+            self._generator.cancel()
+            raise OpenAIError(
+                504, f"the engine did not answer within {self._timeout_s:g} s", code="timeout"
+            ) from None
+        except OpenAIError:
+            raise
+        except Exception as exc:
+            raise engine_failure(exc) from None
+        if "error" in self.first:
+            raise OpenAIError.from_body(self.first["status"], self.first)
+
+    async def sse(self) -> AsyncIterator[str]:
+        """The stream as SSE text; always ends with ``data: [DONE]``."""
+        done = False
+        try:
+            item: EngineItem | None = self.first
+            while item is not None:
+                text = _sse_text(item)
+                done = done or DONE.strip() in text
+                yield text
+                item = await self._next()
+        except Exception as exc:  # the stream already started: report in-band, then end it
+            error = exc if isinstance(exc, OpenAIError) else engine_failure(exc)
+            yield f"data: {json.dumps(error.body())}\n\n"
+        if not done:
+            yield DONE
+
+    async def _next(self) -> EngineItem | None:
+        try:
+            return await asyncio.wait_for(self._generator.__anext__(), self._timeout_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            self._generator.cancel()
+            raise OpenAIError(504, "the engine stopped answering mid-stream") from None
+
+    def cancel(self) -> None:
+        self._generator.cancel()
+
+
+def _sse_text(item: EngineItem) -> str:
+    if "sse" in item:
+        return item["sse"]
+    if "error" in item:
+        return f"data: {json.dumps(error_body(item['status'], item['error']['message']))}\n\n"
+    return f"data: {json.dumps(item['body'])}\n\n"
+
+
+def engine_failure(exc: BaseException) -> OpenAIError:
+    """Map a failed engine call to a client error without leaking internals."""
+    name = type(exc).__name__
+    logger.warning("engine call failed: %s: %s", name, exc)
+    if name in {"BackPressureError", "DeploymentUnavailableError"}:
+        return OpenAIError(503, "the model is overloaded; retry later", code="overloaded")
+    if name in {"ActorDiedError", "RayActorError", "ActorUnavailableError"}:
+        return OpenAIError(503, "the model's replica failed; retry", code="replica_failed")
+    if name in {"RequestCancelledError", "CancelledError", "TaskCancelledError"}:
+        return OpenAIError(503, "the request was cancelled", code="cancelled")
+    return OpenAIError(500, "the engine failed to answer", code="engine_error")

@@ -1,0 +1,124 @@
+"""Run a serve config locally: a Ray head, `serve run` in the foreground, progress until ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from app.engines import embedded
+from app.serve_config import ServeConfigFile
+
+console = Console(stderr=True)
+
+
+def tool(name: str) -> str:
+    """A console script installed beside this Python (the venv's `ray`, `serve`)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def prepare_models(config: ServeConfigFile) -> None:
+    """Convert embedded models once, before any engine starts."""
+    for app in config.apps:
+        for spec in app.config.models:
+            if embedded.is_embedded(spec.source):
+                name = embedded.embedded_name(spec.source)
+                with console.status(f"Preparing embedded model {name} (once, ~30 s)..."):
+                    path = embedded.prepare(name)
+                console.print(f"[green]✓[/] model {spec.name}: {path}")
+
+
+def ray_running() -> bool:
+    result = subprocess.run(
+        [tool("ray"), "status", "--address", "auto"], capture_output=True, timeout=60
+    )
+    return result.returncode == 0
+
+
+def start_ray_head(num_cpus: int) -> None:
+    with console.status(f"Starting a local Ray head ({num_cpus} logical CPUs)..."):
+        subprocess.run(
+            [tool("ray"), "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+             "--include-dashboard=false"],
+            check=True, capture_output=True, timeout=180,
+        )  # fmt: skip
+    console.print("[green]✓[/] Ray head started")
+
+
+def stop_ray() -> None:
+    subprocess.run([tool("ray"), "stop"], capture_output=True, timeout=120)
+
+
+def _pump(stream, log, tail: deque[str]) -> None:
+    for line in stream:
+        log.write(line)
+        log.flush()
+        if line.strip():
+            tail.append(line.rstrip())
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def serve_foreground(config: ServeConfigFile, *, log_path: Path, timeout_s: float) -> int:
+    """`serve run` the config; show progress until /health answers 200, then wait for Ctrl-C."""
+    base = f"http://{config.http_host}:{config.http_port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=40)
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [tool("serve"), "run", "--address", "auto", str(config.path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        threading.Thread(target=_pump, args=(proc.stdout, log, tail), daemon=True).start()
+        try:
+            ready = _wait_ready(proc, f"{base}/health", tail, started, timeout_s)
+            if not ready:
+                console.print(f"[red]✗[/] not ready; last lines of {log_path}:")
+                console.print("\n".join(list(tail)[-25:]), markup=False, highlight=False)
+                return 1
+            console.print(
+                f"[green]✓[/] ready in {time.monotonic() - started:.0f} s at {base}  "
+                f"(logs: {log_path})\n  curl {base}/v1/models\n  Ctrl-C stops the stack."
+            )
+            return proc.wait()
+        except KeyboardInterrupt:
+            console.print("stopping...")
+            return 0
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _wait_ready(proc, url: str, tail: deque[str], started: float, timeout_s: float) -> bool:
+    with console.status("") as status:
+        while time.monotonic() - started < timeout_s:
+            if proc.poll() is not None:
+                return False
+            code = _health(url)
+            if code == 200:
+                return True
+            last = tail[-1][-110:] if tail else "starting serve run..."
+            phase = "engines loading" if code == 503 else "deploying"
+            status.update(f"[{time.monotonic() - started:4.0f} s] {phase}: {last}")
+            time.sleep(1)
+    return False

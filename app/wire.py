@@ -1,0 +1,60 @@
+"""What crosses between the ingress and the engines: plain items and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+Endpoint = Literal["completions", "chat", "embeddings", "tokenize", "detokenize"]
+EngineItem = dict[str, Any]
+
+# OpenAI's error `type` for each status this stack returns.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_item(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> EngineItem:
+    return {"status": status, **error_body(status, message, param=param, code=code)}
+
+
+def validation_message(errors: list[dict[str, Any]] | ValidationError) -> tuple[str, str | None]:
+    """One readable sentence for pydantic errors, and the offending parameter's name."""
+    if isinstance(errors, ValidationError):
+        errors = errors.errors(include_url=False)
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p).startswith("function-")]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        message = f"missing required parameter '{param}'"
+    elif param:
+        message = f"invalid parameter '{param}': {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message, param
