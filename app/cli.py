@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,18 +14,19 @@ from app.serve_config import read_serve_config
 
 cli = typer.Typer(help="vllm-ray-stack: vLLM on Ray Serve and KubeRay.", no_args_is_help=True)
 console = Console(stderr=True)
+ConfigArg = Annotated[Path, typer.Argument(help="A serve config file (serve run format).")]
 
 
 def _load(path: Path):
     try:
         return read_serve_config(path)
     except ConfigError as exc:
-        console.print(str(exc), markup=False, highlight=False)
+        console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 @cli.command()
-def validate(config: Path = typer.Argument(..., help="A serve config file.")) -> None:
+def validate(config: ConfigArg) -> None:
     """Check a serve config file; exit 2 with each bad field named."""
     loaded = _load(config)
     models = ", ".join(m.name for app in loaded.apps for m in app.config.models)
@@ -43,7 +45,7 @@ def prepare_model(name: str = typer.Argument("smollm2", help="Embedded model nam
 
 @cli.command()
 def up(
-    config: Path = typer.Argument(..., help="A serve config file."),
+    config: ConfigArg,
     num_cpus: int = typer.Option(8, help="Logical CPUs of the local Ray head (> cores is fine)."),
     timeout: float = typer.Option(900, help="Seconds to wait for every model to be ready."),
     keep_ray: bool = typer.Option(False, help="Leave the Ray head running on exit."),

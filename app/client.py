@@ -49,7 +49,9 @@ class StackClient:
         body = {"model": model, "prompt": prompt, **params}
         return self._streaming().completions_stream.remote(body)
 
-    def stream_chat(self, model: str, messages: list[Message], **params: Any) -> AsyncIterator[dict]:
+    def stream_chat(
+        self, model: str, messages: list[Message], **params: Any
+    ) -> AsyncIterator[dict]:
         """Chat chunks (OpenAI's `chat.completion.chunk` dicts) as they are generated."""
         body = {"model": model, "messages": messages, **params}
         return self._streaming().chat_stream.remote(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -39,6 +40,13 @@ def error_item(
     return {"status": status, **error_body(status, message, param=param, code=code)}
 
 
+# Union branches and validators appear in pydantic's error locations as type tags, not fields.
+_TYPE_TAG = re.compile(
+    r"^(str|int|float|bool|bytes|none|list|dict|tuple|set|literal|constrained|function|lax|json"
+    r"|is-instance|tagged-union|nullable|chain|default|union)([-\[].*)?$"
+)
+
+
 def validation_message(errors: list[dict[str, Any]] | ValidationError) -> tuple[str, str | None]:
     """One readable sentence for pydantic errors, and the offending parameter's name."""
     if isinstance(errors, ValidationError):
@@ -48,7 +56,7 @@ def validation_message(errors: list[dict[str, Any]] | ValidationError) -> tuple[
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p).startswith("function-")]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":

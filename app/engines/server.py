@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ray.serve.llm import LLMServer
 
-from app.wire import EngineItem, Endpoint, error_item, validation_message
+from app.wire import Endpoint, EngineItem, error_item, validation_message
 
 
 def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:

@@ -12,7 +12,7 @@ from ray import serve
 from app.config import load_config
 from app.ingress.app import create_app
 from app.ingress.errors import OpenAIError
-from app.ingress.gateway import DONE, Gateway, EngineHandle
+from app.ingress.gateway import DONE, EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from app.ingress.readiness import Readiness, serve_replica_counter
 from app.wire import Endpoint, validation_message
@@ -48,7 +48,9 @@ class Ingress:
         """A chat completion (non-streaming); raises OpenAIError on bad input."""
         return await self.gateway.call("chat", _parse("chat", body, stream=False))
 
-    async def completions_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def completions_stream(
+        self, body: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Completion chunks as dicts (call with `handle.options(stream=True)`)."""
         async for chunk in self._chunks("completions", body):
             yield chunk

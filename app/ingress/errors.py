@@ -50,7 +50,10 @@ def error_response(exc: OpenAIError, headers: dict[str, str] | None = None) -> J
 
 
 _HTTP_MESSAGES = {
-    404: ("no route {method} {path}; see GET /v1/models and POST /v1/chat/completions", "not_found"),
+    404: (
+        "no route {method} {path}; see GET /v1/models and POST /v1/chat/completions",
+        "not_found",
+    ),
     405: ("method {method} is not allowed on {path}", "method_not_allowed"),
 }
 

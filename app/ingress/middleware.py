@@ -14,11 +14,9 @@ REQUEST_ID = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]
+) -> None:
     payload = json.dumps(body).encode()
     await send({
         "type": "http.response.start",
@@ -45,32 +43,46 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(send)
             return
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+        if declared is None:  # chunked: read it all (bounded), then replay it to the app
+            body = await self._read_bounded(receive)
+            if body is None:
                 await self._reject(send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_bounded(self, receive: Receive) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(parts)
 
     async def _reject(self, send: Send) -> None:
         message = f"request body is larger than the limit of {self.max_bytes} bytes"
         await _send_json(send, 413, error_body(413, message, code="request_too_large"), [])
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The whole body as one message, then the client's own messages (e.g. disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 class RequestIdMiddleware:
@@ -95,8 +107,13 @@ class RequestIdMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if echo and message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (REQUEST_ID.encode(), request_id.encode())]}
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (REQUEST_ID.encode(), request_id.encode()),
+                    ],
+                }
             await send(message)
 
         await self.app(scope, receive, send_with_id)

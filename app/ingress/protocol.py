@@ -12,7 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-PromptInput = NonEmptyStr | Annotated[list[str], Field(min_length=1)] | TokenIds | list[TokenIds]
+PromptInput = (
+    NonEmptyStr
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class OpenAIRequest(BaseModel):

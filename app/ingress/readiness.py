@@ -43,7 +43,7 @@ def serve_replica_counter(app_name: str) -> ReplicaCounter:
 
 
 class Readiness:
-    """Caches replica counts for `ttl_s` so health checks and requests don't flood the controller."""
+    """Replica counts, cached for `ttl_s` so checks don't flood the Serve controller."""
 
     def __init__(self, counter: ReplicaCounter, *, ttl_s: float = 1.0) -> None:
         self._counter = counter

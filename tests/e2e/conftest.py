@@ -1,0 +1,100 @@
+"""A real Ray cluster (in this process) with Ray Serve, shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SERVE_CONFIGS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    http_port: int
+    gcs_address: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@dataclass
+class Stack:
+    cluster: Cluster
+    app_name: str
+
+    @property
+    def base_url(self) -> str:
+        return self.cluster.base_url
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="vrstack-tests")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    try:
+        yield Cluster(port, ray.get_runtime_context().gcs_address)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_healthy(base_url: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{base_url}/health not 200 within {timeout_s} s")
+
+
+def deploy(cluster: Cluster, config_file: Path) -> Stack:
+    """Deploy the stack application of a serve config file, as `serve run` would build it."""
+    from ray import serve
+
+    from app.builder import build_app
+    from app.serve_config import read_serve_config
+
+    (app,) = read_serve_config(config_file).apps
+    serve.run(build_app(app.config), name=app.name, route_prefix=app.route_prefix)
+    wait_healthy(cluster.base_url)
+    return Stack(cluster, app.name)
+
+
+def undeploy(stack: Stack) -> None:
+    from ray import serve
+
+    serve.delete(stack.app_name)
+
+
+@pytest.fixture(scope="module")
+def smollm2(cluster: Cluster) -> Iterator[Stack]:
+    stack = deploy(cluster, SERVE_CONFIGS / "smollm2-cpu.yaml")
+    yield stack
+    undeploy(stack)
+
+
+@pytest.fixture(scope="module")
+def multi_model(cluster: Cluster) -> Iterator[Stack]:
+    stack = deploy(cluster, SERVE_CONFIGS / "multi-model.yaml")
+    yield stack
+    undeploy(stack)
