@@ -16,9 +16,10 @@ def deployment_name(spec: ModelSpec) -> str:
 
 
 def resolve_source(source: str) -> str:
-    """A source vLLM can load: embedded models are converted (once) to a local folder."""
+    """A source vLLM can load: embedded models load from their cache folder, which each engine
+    replica fills (once) before its engine starts; see `EngineServer`."""
     if embedded.is_embedded(source):
-        return str(embedded.prepare(embedded.embedded_name(source)))
+        return str(embedded.model_dir(embedded.embedded_name(source)))
     return source
 
 
@@ -74,8 +75,10 @@ def build_engine(spec: ModelSpec) -> Any:
     from app.engines.server import EngineServer
 
     config = llm_config(spec)
+    prepare = embedded.embedded_name(spec.source) if embedded.is_embedded(spec.source) else None
     return build_llm_deployment(
         config,
         deployment_cls=EngineServer,
+        bind_kwargs={"embedded_model": prepare},
         override_serve_options={"name": deployment_name(spec)},
     )

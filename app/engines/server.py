@@ -10,12 +10,14 @@ back plain items, so nothing vLLM-specific crosses the process boundary:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ray.serve.llm import LLMServer
 
+from app.engines import embedded
 from app.wire import Endpoint, EngineItem, error_item, validation_message
 
 
@@ -34,6 +36,13 @@ def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
 
 class EngineServer(LLMServer):
     """An `LLMServer` replica (one vLLM engine) that speaks plain dicts to the ingress."""
+
+    async def __init__(
+        self, llm_config: Any, *, embedded_model: str | None = None, **kwargs: Any
+    ) -> None:
+        if embedded_model:  # convert on this node, once; the engine then loads the folder
+            await asyncio.to_thread(embedded.prepare, embedded_model)
+        await super().__init__(llm_config, **kwargs)
 
     async def start(self) -> None:
         await super().start()

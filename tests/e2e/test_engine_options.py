@@ -27,7 +27,7 @@ def test_opt125m_asks_for_one_gpu_six_cpus_16gi(cluster):
 
 def test_cpu_engine_bundle_has_no_gpu(cluster):
     options, config = _options("smollm2-cpu.yaml")
-    assert options["placement_group_bundles"] == [{"CPU": 1.0}]
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 0}]
     assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {
         "VLLM_CPU_KVCACHE_SPACE": "1"
     }
