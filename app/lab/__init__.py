@@ -1,0 +1,1 @@
+"""The routing lab: trace generators, a simulator of vLLM replicas, peers' rules, the oracle."""

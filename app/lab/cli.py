@@ -1,0 +1,126 @@
+"""`vrstack lab`: replay a trace against simulated vLLM replicas under routing policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.lab.run import LAB_POLICIES, run_lab
+from app.lab.simulator import SimSettings
+from app.lab.trace import read_trace, write_trace
+from app.lab.workloads import WORKLOADS
+
+
+def _number(value: str) -> float | int | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def lab(
+    trace: Annotated[Path | None, typer.Option(help="JSONL trace file (see docs).")] = None,
+    workload: Annotated[
+        str | None, typer.Option(help=f"Generate a trace: {', '.join(WORKLOADS)}.")
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Generator parameter NAME=VALUE (repeatable)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for generators and random policies.")] = 0,
+    save_trace: Annotated[Path | None, typer.Option(help="Write the generated trace here.")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Simulated replicas.")] = 4,
+    cache_blocks: Annotated[
+        int, typer.Option(min=1, help="Prefix cache per replica, in blocks.")
+    ] = 2048,
+    block_size: Annotated[int, typer.Option(min=1, help="Tokens per KV block.")] = 16,
+    max_concurrency: Annotated[int, typer.Option(min=1, help="Requests per replica.")] = 32,
+    prefill_cost: Annotated[float, typer.Option(help="Seconds per uncached token.")] = 0.0002,
+    decode_cost: Annotated[float, typer.Option(help="Seconds per output token.")] = 0.01,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Policy (repeatable) or 'all': {', '.join(LAB_POLICIES)}."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Replay a trace on simulated vLLM replicas (a simulator, not engines) and compare policies."""
+    err = Console(stderr=True)
+    if (trace is None) == (workload is None):
+        err.print("give exactly one of --trace FILE or --workload NAME")
+        raise typer.Exit(2)
+    if trace is not None:
+        try:
+            requests = read_trace(trace)
+        except (OSError, ValueError) as exc:
+            err.print(f"{trace}: {exc}", markup=False)
+            raise typer.Exit(2) from None
+    else:
+        gen = WORKLOADS.get(workload or "")
+        if gen is None:
+            err.print(f"unknown workload {workload!r}; allowed: {', '.join(WORKLOADS)}")
+            raise typer.Exit(2)
+        kwargs: dict[str, float | int | str] = {}
+        for item in param or []:
+            key, _, value = item.partition("=")
+            kwargs[key.replace("-", "_")] = _number(value)
+        try:
+            requests = gen(seed=seed, **kwargs)
+        except TypeError as exc:
+            err.print(f"bad --param: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        if save_trace is not None:
+            write_trace(save_trace, requests)
+    names = list(LAB_POLICIES) if not policy or "all" in policy else policy
+    settings = SimSettings(
+        cache_blocks=cache_blocks,
+        block_size=block_size,
+        max_concurrency=max_concurrency,
+        prefill_cost=prefill_cost,
+        decode_cost=decode_cost,
+    )
+    try:
+        results = run_lab(requests, names, replicas, settings, seed=seed)
+    except ValueError as exc:
+        err.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        source = str(trace) if trace else workload
+        out = {
+            "simulated": True,
+            "trace": source,
+            "requests": len(requests),
+            "replicas": replicas,
+            "cache_blocks": cache_blocks,
+            "block_size": block_size,
+            "oracle_hit_rate": round(results[0].oracle_hit_rate, 4) if results else None,
+            "policies": {r.policy: r.to_json() for r in results},
+        }
+        if len(results) == 1:
+            out.update(results[0].to_json())
+        typer.echo(json.dumps(out))
+        return
+    table = Table(title=f"routing lab (simulated): {len(requests)} requests, {replicas} replicas")
+    for col in ("policy", "hit", "hit/oracle", "TTFT p50", "TTFT p99", "req/s", "max/mean"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in results:
+        table.add_row(
+            r.policy,
+            f"{r.hit_rate:.3f}",
+            f"{r.hit_vs_oracle:.2f}",
+            f"{r.ttft_p50_s * 1000:.0f} ms",
+            f"{r.ttft_p99_s * 1000:.0f} ms",
+            f"{r.throughput_rps:.2f}",
+            f"{r.load_imbalance:.2f}",
+        )
+    Console().print(table)
+    if results:
+        Console().print(
+            f"oracle hit rate (pooled cache, same capacity): {results[0].oracle_hit_rate:.3f}"
+        )

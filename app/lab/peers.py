@@ -1,0 +1,210 @@
+"""Peer routers, re-implemented here from their documented rules for the lab comparison.
+
+These are simplified re-implementations written from each project's published description (no
+code copied); they run against the same simulated replicas as our policies. Character trees are
+approximated by chained hashes of fixed-size character chunks (`chunk` below), which matches a
+tree's longest common prefix to within one chunk.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+
+from app.routing import Decision, PrefixIndex, ReplicaStats, RequestView
+from app.routing.policies import eligible
+
+
+def char_chunk_hashes(view: RequestView, chunk: int) -> list[int]:
+    """Chained hashes of the prompt's full `chunk`-byte pieces (token ids as decimal text)."""
+    text = view.text if view.text is not None else " ".join(map(str, view.token_ids or ()))
+    cache_key = -chunk  # negative keys: character chunks, apart from token-block hashes
+    hashes = view._hashes.get(cache_key)
+    if hashes is None:
+        data = memoryview(text.encode())
+        parent = 0x7EE
+        hashes = []
+        for start in range(0, len(data) - chunk + 1, chunk):
+            parent = hash((parent, zlib.crc32(data[start : start + chunk])))
+            hashes.append(parent)
+        view._hashes[cache_key] = hashes
+    return hashes
+
+
+def _text_len(view: RequestView) -> int:
+    if view.text is not None:
+        return max(1, len(view.text.encode()))
+    return max(1, len(" ".join(map(str, view.token_ids or ()))))
+
+
+def _pending(c: ReplicaStats) -> int:
+    return c.in_flight + c.queued
+
+
+class _Peer:
+    name = "peer"
+
+    def __init__(self, chunk: int, max_chunks: int, seed: int | None = 0) -> None:
+        self.chunk = chunk
+        self.rng = random.Random(seed)
+        self.index = PrefixIndex(max_chunks)
+
+    def on_complete(self, request: RequestView, replica_id: str) -> None:
+        """Nothing to do."""
+
+    def forget_replica(self, replica_id: str) -> None:
+        self.index.forget_replica(replica_id)
+
+    def _match(self, view: RequestView, pool: list[ReplicaStats]) -> tuple[list[int], list[int]]:
+        hashes = char_chunk_hashes(view, self.chunk)
+        found = self.index.match(hashes)
+        return hashes, [found.get(c.replica_id, 0) for c in pool]
+
+    def _p2c(self, pool: list[ReplicaStats]) -> ReplicaStats:
+        pair = self.rng.sample(pool, 2) if len(pool) > 1 else pool
+        return min(pair, key=_pending)
+
+
+class ProductionStackPrefixAware(_Peer):
+    """production-stack `prefixaware`, re-implemented from its description.
+
+    1. Hash the prompt in 128-character chunks into a trie (never evicted).
+    2. Take the endpoints sharing the longest matched prefix (all endpoints if none match).
+    3. Pick one of them at random (load is not considered); record the prompt under it.
+    """
+
+    name = "ps-prefixaware"
+
+    def __init__(self, seed: int | None = 0) -> None:
+        super().__init__(128, 10**12, seed)
+
+    def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
+        pool = eligible(request, candidates)
+        hashes, m = self._match(request, pool)
+        best = max(m)
+        chosen = self.rng.choice([c for c, n in zip(pool, m, strict=True) if n == best])
+        self.index.insert(chosen.replica_id, hashes)
+        return Decision(chosen.replica_id, self.name, "prefix-match" if best else "random")
+
+
+class RayPrefixCacheAffinity(_Peer):
+    """Ray Serve LLM `PrefixCacheAffinityRouter`, re-implemented from its documentation.
+
+    1. If the queue lengths' spread (max - min) exceeds `imbalanced_threshold`, power of two.
+    2. Else match the prompt in a per-replica character tree (LRU-evicted above
+       `eviction_chars`); if the best match rate is >= `match_rate_threshold` (0.1), keep the
+       best-matching replicas, otherwise the replicas with the smallest trees.
+    3. Power of two among those kept; record the prompt under the chosen replica.
+    Ray's newest default for the threshold is effectively infinite; 10 gives it a load gate.
+    """
+
+    name = "ray-prefix-affinity"
+
+    def __init__(
+        self,
+        imbalanced_threshold: float = 10,
+        match_rate_threshold: float = 0.1,
+        eviction_chars: int = 400_000,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__(16, eviction_chars // 16, seed)
+        self.imbalanced_threshold = imbalanced_threshold
+        self.match_rate_threshold = match_rate_threshold
+
+    def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
+        pool = eligible(request, candidates)
+        hashes, m = self._match(request, pool)
+        loads = [_pending(c) for c in pool]
+        if max(loads) - min(loads) > self.imbalanced_threshold:
+            chosen, reason = self._p2c(pool), "imbalanced"
+        else:
+            rate = max(m) * self.chunk / _text_len(request)
+            if rate >= self.match_rate_threshold:
+                kept = [c for c, n in zip(pool, m, strict=True) if n == max(m)]
+                reason = "prefix-match"
+            else:
+                sizes = [self.index.size(c.replica_id) for c in pool]
+                kept = [c for c, s in zip(pool, sizes, strict=True) if s == min(sizes)]
+                reason = "smallest-tree"
+            chosen = self._p2c(kept)
+        self.index.insert(chosen.replica_id, hashes)
+        return Decision(chosen.replica_id, self.name, reason)
+
+
+class SglangCacheAware(_Peer):
+    """SGLang / vLLM Router `cache_aware`, re-implemented from its documentation.
+
+    1. If max load - min load > `balance_abs` (32) and max load > min load * `balance_rel`
+       (1.5), pick the least loaded replica.
+    2. Else match the prompt in an approximate radix tree of characters per replica; if the
+       match rate exceeds `cache_threshold` (0.3), pick the best-matching replica, else the
+       replica with the smallest tree.
+    3. Record the prompt under the chosen replica (trees LRU-evicted above `max_tree_chars`).
+    """
+
+    name = "sglang-cache-aware"
+
+    def __init__(
+        self,
+        balance_abs: float = 32,
+        balance_rel: float = 1.5,
+        cache_threshold: float = 0.3,
+        max_tree_chars: int = 2**24,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__(8, max_tree_chars // 8, seed)
+        self.balance_abs, self.balance_rel = balance_abs, balance_rel
+        self.cache_threshold = cache_threshold
+
+    def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
+        pool = eligible(request, candidates)
+        hashes, m = self._match(request, pool)
+        loads = [_pending(c) for c in pool]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.balance_abs and hi > lo * self.balance_rel:
+            chosen, reason = pool[loads.index(lo)], "imbalanced"
+        elif max(m) * self.chunk / _text_len(request) > self.cache_threshold:
+            chosen, reason = pool[m.index(max(m))], "prefix-match"
+        else:
+            sizes = [self.index.size(c.replica_id) for c in pool]
+            chosen, reason = pool[sizes.index(min(sizes))], "smallest-tree"
+        self.index.insert(chosen.replica_id, hashes)
+        return Decision(chosen.replica_id, self.name, reason)
+
+
+class LlmdScorers(_Peer):
+    """llm-d's inference scheduler scoring profile, re-implemented from its documentation.
+
+    1. Queue scorer (weight 2): 1 for the shortest queue down to 0 for the longest.
+    2. KV-cache utilisation scorer (weight 2): 1 - KV usage.
+    3. Prefix-cache scorer (weight 3): share of the prompt's 64-character blocks found in the
+       replica's approximate index (LRU, `lru_blocks` per replica).
+    4. Pick the highest weighted sum (random among ties); record the prompt under it.
+    """
+
+    name = "llmd-scorers"
+
+    def __init__(self, lru_blocks: int = 31_250, seed: int | None = 0) -> None:
+        super().__init__(64, lru_blocks, seed)
+
+    def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
+        pool = eligible(request, candidates)
+        hashes, m = self._match(request, pool)
+        q = [_pending(c) for c in pool]
+        spread = max(q) - min(q)
+        total = max(1, len(hashes))
+        scores = [
+            2 * ((max(q) - qi) / spread if spread else 1.0) + 2 * (1 - c.kv_usage) + 3 * n / total
+            for c, qi, n in zip(pool, q, m, strict=True)
+        ]
+        best = max(scores)
+        chosen = self.rng.choice([c for c, s in zip(pool, scores, strict=True) if s == best])
+        self.index.insert(chosen.replica_id, hashes)
+        return Decision(chosen.replica_id, self.name, "scored")
+
+
+PEERS: dict[str, type] = {
+    cls.name: cls
+    for cls in (ProductionStackPrefixAware, RayPrefixCacheAffinity, SglangCacheAware, LlmdScorers)
+}

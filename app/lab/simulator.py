@@ -1,0 +1,209 @@
+"""A simulator of vLLM replicas (not a real engine) and the replay loop in simulated time.
+
+Model of one simulated replica:
+- a block-level prefix cache of `cache_blocks` blocks with LRU eviction; a prompt's full blocks
+  are inserted when its prefill ends, child-first (so parents outlive children, as in vLLM);
+  generated tokens are not cached;
+- at most `max_concurrency` admitted requests; more wait in an admission queue (FIFO);
+- one prefill at a time (FIFO): `prefill_overhead + prefill_cost * uncached prompt tokens`, where
+  the cached tokens are the prompt's leading blocks found in the cache when its prefill starts;
+- decode runs beside other requests: `decode_cost * max_tokens` after the prefill ends.
+TTFT is arrival to end of prefill. No real time passes: events are ordered on a heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from app.lab.trace import TraceRequest
+from app.routing import DEFAULT_BLOCK_SIZE, Decision, Policy, ReplicaStats, RequestView
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    """The simulated replicas' shape and costs (seconds)."""
+
+    cache_blocks: int = 2048
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_concurrency: int = 32
+    prefill_cost: float = 0.0002
+    prefill_overhead: float = 0.005
+    decode_cost: float = 0.01
+
+
+@dataclass(slots=True)
+class _Job:
+    index: int
+    arrival: float
+    view: RequestView
+    hashes: list[int]
+    prompt_tokens: int
+    max_tokens: int
+    replica: int = -1
+    cached_tokens: int = 0
+    ttft: float = 0.0
+    finish: float = 0.0
+
+
+class SimulatedReplica:
+    """One simulated vLLM replica: LRU prefix cache in blocks, concurrency limit, FIFO prefill."""
+
+    def __init__(self, replica_id: str, settings: SimSettings) -> None:
+        self.replica_id = replica_id
+        self.s = settings
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.running: list[_Job] = []
+        self.waiting: deque[_Job] = deque()
+        self.prefill_queue: deque[_Job] = deque()
+        self.prefilling: _Job | None = None
+        self.healthy = True
+        self._load_area = 0.0
+        self._last_t = 0.0
+        self._held_blocks = 0
+
+    # --- observable state
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def stats(self) -> ReplicaStats:
+        return ReplicaStats(
+            self.replica_id,
+            healthy=self.healthy,
+            in_flight=len(self.running),
+            queued=len(self.waiting),
+            kv_usage=min(1.0, self._held_blocks / self.s.cache_blocks),
+            max_concurrency=self.s.max_concurrency,
+        )
+
+    def cached_prefix(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of a chain that are in the cache."""
+        n = 0
+        for h in hashes:
+            if h not in self.cache:
+                break
+            n += 1
+        return n
+
+    def _account(self, now: float) -> None:
+        self._load_area += (len(self.running) + len(self.waiting)) * (now - self._last_t)
+        self._last_t = now
+
+    def _store(self, hashes: Sequence[int]) -> None:
+        cache = self.cache
+        for h in reversed(hashes[: self.s.cache_blocks]):
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = None
+        while len(cache) > self.s.cache_blocks:
+            cache.popitem(last=False)
+
+    # --- events; each returns (time, kind, job) events to schedule
+    def submit(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
+        self._account(now)
+        if len(self.running) < self.s.max_concurrency:
+            return self._admit(job, now)
+        self.waiting.append(job)
+        return []
+
+    def _admit(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
+        self.running.append(job)
+        self._held_blocks += len(job.hashes)
+        self.prefill_queue.append(job)
+        return self._next_prefill(now) if self.prefilling is None else []
+
+    def _next_prefill(self, now: float) -> list[tuple[float, str, _Job]]:
+        if not self.prefill_queue:
+            self.prefilling = None
+            return []
+        job = self.prefill_queue.popleft()
+        self.prefilling = job
+        cached = self.cached_prefix(job.hashes)
+        job.cached_tokens = min(job.prompt_tokens, cached * self.s.block_size)
+        uncached = job.prompt_tokens - job.cached_tokens
+        return [(now + self.s.prefill_overhead + self.s.prefill_cost * uncached, "prefilled", job)]
+
+    def prefilled(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
+        job.ttft = now - job.arrival
+        self._store(job.hashes)
+        done = (now + self.s.decode_cost * job.max_tokens, "finished", job)
+        return [done, *self._next_prefill(now)]
+
+    def finished(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
+        self._account(now)
+        job.finish = now
+        self.running.remove(job)
+        self._held_blocks -= len(job.hashes)
+        if self.waiting:
+            return self._admit(self.waiting.popleft(), now)
+        return []
+
+    def mean_load(self, end: float) -> float:
+        """Time-averaged in-flight plus waiting requests up to `end`."""
+        self._account(end)
+        return self._load_area / end if end > 0 else 0.0
+
+
+ReplicaSimulator = SimulatedReplica
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What one replay produced: per-request outcomes and per-replica loads."""
+
+    jobs: list[_Job]
+    mean_loads: list[float]
+    makespan: float
+    decisions: list[Decision] = field(default_factory=list)
+
+
+def replay(
+    requests: Sequence[TraceRequest],
+    policy: Policy,
+    replicas: int,
+    settings: SimSettings | None = None,
+    views: Sequence[RequestView] | None = None,
+) -> ReplayResult:
+    """Route every request of the trace with `policy` onto simulated replicas, in simulated time.
+
+    Policies hear of completions (`on_complete`) and, when they have the hook, of first tokens
+    (`on_first_token`, at the end of the prefill), as a streaming router would.
+    """
+    s = settings or SimSettings()
+    sims = [SimulatedReplica(f"replica-{i}", s) for i in range(replicas)]
+    index_of = {sim.replica_id: i for i, sim in enumerate(sims)}
+    views = views if views is not None else [r.view() for r in requests]
+    jobs = [
+        _Job(i, r.t, v, v.block_hashes(s.block_size), max(1, v.prompt_tokens), r.max_tokens)
+        for i, (r, v) in enumerate(zip(requests, views, strict=True))
+    ]
+    seq = itertools.count()
+    heap: list[tuple[float, int, str, _Job]] = [(j.arrival, next(seq), "arrive", j) for j in jobs]
+    heapq.heapify(heap)
+    decisions: list[Decision] = []
+    first_token = getattr(policy, "on_first_token", None)
+    end = 0.0
+    while heap:
+        now, _, kind, job = heapq.heappop(heap)
+        end = max(end, now)
+        if kind == "arrive":
+            decision = policy.choose(job.view, [sim.stats() for sim in sims])
+            decisions.append(decision)
+            job.replica = index_of[decision.replica_id]
+            new = sims[job.replica].submit(job, now)
+        elif kind == "prefilled":
+            new = sims[job.replica].prefilled(job, now)
+            if first_token is not None:
+                first_token(job.view, sims[job.replica].replica_id)
+        else:
+            new = sims[job.replica].finished(job, now)
+            policy.on_complete(job.view, sims[job.replica].replica_id)
+        for t, k, j in new:
+            heapq.heappush(heap, (t, next(seq), k, j))
+    start = jobs[0].arrival if jobs else 0.0
+    return ReplayResult(jobs, [sim.mean_load(end) for sim in sims], end - start, decisions)

@@ -1,0 +1,85 @@
+"""Trace files: JSONL, one request a line.
+
+Each line is `{"t": seconds, "model": str, "session": str | null, "max_tokens": int}` plus exactly
+one prompt field: `"prompt": str`, `"messages": [{"role", "content"}, ...]` (rendered as
+`role: content` lines) or `"tokens": [int, ...]`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.routing import RequestView
+
+
+@dataclass(slots=True)
+class TraceRequest:
+    """One request of a trace."""
+
+    t: float
+    model: str
+    prompt: str | None = None
+    tokens: list[int] | None = None
+    session: str | None = None
+    max_tokens: int = 64
+
+    def view(self) -> RequestView:
+        """The routing view of this request."""
+        return RequestView(
+            self.model, text=self.prompt, token_ids=self.tokens, session_key=self.session
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": round(self.t, 6), "model": self.model, "session": self.session}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
+        else:
+            out["prompt"] = self.prompt or ""
+        out["max_tokens"] = self.max_tokens
+        return out
+
+
+def render_messages(messages: list[dict[str, Any]]) -> str:
+    """Chat messages as one prompt text (`role: content` lines)."""
+    return "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages)
+
+
+def parse_line(line: str, lineno: int = 0) -> TraceRequest:
+    """One trace line; ValueError naming the line and the problem."""
+    try:
+        obj = json.loads(line)
+        prompts = [k for k in ("prompt", "messages", "tokens") if k in obj]
+        if len(prompts) != 1:
+            raise ValueError("needs exactly one of prompt, messages, tokens")
+        prompt = obj.get("prompt")
+        if "messages" in obj:
+            prompt = render_messages(obj["messages"])
+        tokens = [int(x) for x in obj["tokens"]] if "tokens" in obj else None
+        return TraceRequest(
+            t=float(obj["t"]),
+            model=str(obj.get("model", "default")),
+            prompt=prompt,
+            tokens=tokens,
+            session=obj.get("session"),
+            max_tokens=int(obj.get("max_tokens", 64)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"trace line {lineno}: {exc}") from None
+
+
+def read_trace(path: str | Path) -> list[TraceRequest]:
+    """A trace file's requests, sorted by time."""
+    with open(path, encoding="utf-8") as f:
+        reqs = [parse_line(line, i) for i, line in enumerate(f, 1) if line.strip()]
+    return sorted(reqs, key=lambda r: r.t)
+
+
+def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> None:
+    """Write requests as JSONL."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps(r.to_json(), separators=(",", ":")) + "\n")

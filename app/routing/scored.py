@@ -1,0 +1,196 @@
+"""The default policy: weighted prefix, load, queue and KV-utilisation scores, hotspot-guarded."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from app.routing.policies import PrefixPolicy, eligible
+from app.routing.tokens import DEFAULT_BLOCK_SIZE
+from app.routing.types import Decision, ReplicaStats, RequestView
+
+
+def _spread(values: list[float]) -> list[float]:
+    """Each value's place between the smallest (0) and the largest (1); all 0 if equal."""
+    lo, hi = min(values), max(values)
+    return [(v - lo) / (hi - lo) for v in values] if hi > lo else [0.0] * len(values)
+
+
+class ScoredPolicy(PrefixPolicy):
+    """Best weighted score among replicas that are neither load nor cache hotspots.
+
+    1. Keep the eligible replicas (healthy; LoRA holders first).
+    2. Hotspot guard, with means over the eligible replicas (never drops them all): drop
+       a. replicas whose in-flight plus queued count exceeds both `mean * hotspot_rel` and
+          `mean + hotspot_abs`;
+       b. replicas whose cache pressure (a moving average of the new, uncached blocks this
+          policy sent them) exceeds both `mean * pressure_rel` and `mean + pressure_abs`
+          (default: a quarter of `max_blocks`);
+       c. replicas busier than the mean whose share of recent requests (a moving average)
+          exceeds both `mean * share_rel` and `mean + share_abs`.
+    3. Score each remaining replica:
+       `w_prefix * match - w_load * load - w_queue * queued/max_concurrency - w_kv * kv_usage
+       - w_pressure * pressure - w_work * work / prompt_blocks`, where `match` is the share of
+       the prompt in the replica's cached prefix (the policy's own LRU index of chained block
+       hashes, bounded like an engine), `load` and `pressure` are scaled from 0 (least among
+       the replicas) to 1 (most), and
+       `work` is the uncached blocks of the requests this policy sent there whose first token
+       (`on_first_token`) or completion (`on_complete`) has not been reported yet: the prefill
+       queued ahead (reset when the replica reports nothing in flight).
+       When no replica holds `cold_match` of the prompt (mostly new content, e.g. a new
+       conversation after a shared system prompt), `w_prefix` is scaled by `cold_prefix_scale`:
+       spreading new content matters more than reusing a short shared part.
+    4. Pick the highest score; ties go to the fewest in-flight plus queued, then in turn.
+    5. Record the prompt's blocks under the chosen replica; add its new blocks to the replica's
+       pressure and outstanding work, and the request to its share.
+    Reasons: `prefix-match=<ratio>` when the chosen replica had a cached prefix,
+    `hotspot-guard` when a better-matching replica was skipped as a hotspot, else `least-load`.
+    """
+
+    name = "scored"
+
+    def __init__(
+        self,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_blocks: int = 100_000,
+        w_prefix: float = 3.0,
+        w_load: float = 0.5,
+        w_queue: float = 2.0,
+        w_kv: float = 1.0,
+        w_pressure: float = 0.25,
+        w_work: float = 1.5,
+        cold_match: float = 0.5,
+        cold_prefix_scale: float = 0.25,
+        hotspot_rel: float = 1.5,
+        hotspot_abs: float = 4.0,
+        pressure_rel: float = 1.25,
+        pressure_abs: float | None = None,
+        share_rel: float = 1.4,
+        share_abs: float = 4.0,
+        pressure_window: int = 1024,
+    ) -> None:
+        super().__init__(block_size, max_blocks, min_match=0.0)
+        self.w_prefix, self.w_load, self.w_queue, self.w_kv = w_prefix, w_load, w_queue, w_kv
+        self.w_pressure, self.w_work = w_pressure, w_work
+        self.cold_match, self.cold_prefix_scale = cold_match, cold_prefix_scale
+        self.hotspot_rel, self.hotspot_abs = hotspot_rel, hotspot_abs
+        self.pressure_rel, self.share_rel, self.share_abs = pressure_rel, share_rel, share_abs
+        self.pressure_abs = max_blocks / 4 if pressure_abs is None else pressure_abs
+        self._decay = 1.0 - 1.0 / max(1, pressure_window)
+        # Per model and replica: [pressure, share], kept inflated by `_gain` so that decaying
+        # every replica is one multiplication of the gain (renormalised when it grows large).
+        self._avg: dict[str, dict[str, list[float]]] = {}
+        self._gain: dict[str, float] = {}
+        # Uncached blocks sent to each replica by requests not yet complete (`on_complete`).
+        self._work: dict[tuple[str, str], float] = {}
+        self._open: OrderedDict[int, tuple[str, str, float]] = OrderedDict()
+        self._turn = 0
+
+    def on_first_token(self, request: RequestView, replica_id: str) -> None:
+        """The request's prefill is done: take its uncached blocks off the outstanding work."""
+        self.on_complete(request, replica_id)
+
+    def on_complete(self, request: RequestView, replica_id: str) -> None:
+        """Take the request's uncached blocks off the replica's outstanding work (if still on)."""
+        opened = self._open.pop(id(request), None)
+        if opened is not None:
+            key = (opened[0], opened[1])
+            self._work[key] = max(0.0, self._work.get(key, 0.0) - opened[2])
+
+    def forget_replica(self, replica_id: str) -> None:
+        super().forget_replica(replica_id)
+        for table in self._avg.values():
+            table.pop(replica_id, None)
+        for key in [k for k in self._work if k[1] == replica_id]:
+            del self._work[key]
+
+    def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
+        pool = eligible(request, candidates)
+        n = len(pool)
+        ratios = self._matches(request, pool)
+        model = request.model
+        avg = self._avg.get(model)
+        if avg is None:
+            avg = self._avg[model] = {}
+            self._gain[model] = 1.0
+        gain = self._gain[model]
+        pending: list[float] = []
+        pressure: list[float] = []
+        share: list[float] = []
+        work: list[float] = []
+        for c in pool:
+            busy = c.in_flight + c.queued
+            pending.append(busy)
+            key = (model, c.replica_id)
+            if not busy:
+                self._work.pop(key, None)  # self-healing when completions go unreported
+            work.append(self._work.get(key, 0.0))
+            entry = avg.get(c.replica_id)
+            if entry is None:
+                entry = avg[c.replica_id] = [0.0, 0.0]
+            pressure.append(entry[0])
+            share.append(entry[1])
+        mean = sum(pending) / n
+        p_mean = sum(pressure) / n
+        s_mean = sum(share) / n
+        limit = max(mean * self.hotspot_rel, mean + self.hotspot_abs)
+        p_limit = max(p_mean * self.pressure_rel, p_mean + self.pressure_abs * gain)
+        s_limit = max(s_mean * self.share_rel, s_mean + self.share_abs * gain)
+        not_hot = [p <= limit for p in pending]
+        allowed = [
+            ok and pressure[i] <= p_limit and (share[i] <= s_limit or pending[i] <= mean)
+            for i, ok in enumerate(not_hot)
+        ]
+        if not any(allowed):
+            allowed = not_hot if any(not_hot) else [True] * n
+        load, press = _spread(pending), _spread(pressure)
+        self._turn += 1
+        blocks = max(1, request.prompt_tokens / self.block_size)
+        w_prefix = self.w_prefix
+        if max(ratios) < self.cold_match:
+            w_prefix *= self.cold_prefix_scale
+        best_key: tuple[float, float, int] | None = None
+        chosen = 0
+        for j in range(n):
+            i = (j + self._turn) % n
+            if not allowed[i]:
+                continue
+            c = pool[i]
+            score = (
+                w_prefix * ratios[i]
+                - self.w_load * load[i]
+                - self.w_queue * c.queued / max(1, c.max_concurrency)
+                - self.w_kv * c.kv_usage
+                - self.w_pressure * press[i]
+                - self.w_work * work[i] / blocks
+            )
+            key = (score, -pending[i], -j)
+            if best_key is None or key > best_key:
+                best_key, chosen = key, i
+        if ratios[chosen] > 0:
+            reason = f"prefix-match={ratios[chosen]:.2f}"
+        elif any(ratios[i] > 0 and not allowed[i] for i in range(n)):
+            reason = "hotspot-guard"
+        else:
+            reason = "least-load"
+        rid = pool[chosen].replica_id
+        hashes = request.block_hashes(self.block_size)
+        new_blocks = len(hashes) - round(ratios[chosen] * request.prompt_tokens / self.block_size)
+        gain /= self._decay
+        entry = avg[rid]
+        new_blocks = max(0, new_blocks)
+        key = (model, rid)
+        self._work[key] = self._work.get(key, 0.0) + new_blocks
+        self._open[id(request)] = (model, rid, new_blocks)
+        if len(self._open) > 100_000:  # completions not reported: forget the oldest
+            self._open.popitem(last=False)
+        entry[0] += (new_blocks + 1) * gain
+        entry[1] += gain
+        if gain > 1e100:
+            for e in avg.values():
+                e[0] /= gain
+                e[1] /= gain
+            gain = 1.0
+        self._gain[model] = gain
+        self.index(model).insert(rid, hashes)
+        return Decision(rid, self.name, reason)
