@@ -20,7 +20,7 @@ def build_app(args: dict[str, Any] | StackConfig) -> Any:
     from app.ingress.deployment import Ingress
 
     config = load_config(args)
-    engines = {spec.name: build_engine(spec) for spec in config.models}
+    engines = {spec.name: build_engine(spec, config.router) for spec in config.models}
     server = config.server
     return Ingress.options(
         name="ingress",

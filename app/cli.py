@@ -10,10 +10,14 @@ import typer
 from rich.console import Console
 
 from app.config import ConfigError
+from app.k8s.cli import import_values_command, k8s_cli
+from app.lab.cli import lab
 from app.serve_config import read_serve_config
 
 cli = typer.Typer(help="vllm-ray-stack: vLLM on Ray Serve and KubeRay.", no_args_is_help=True)
 console = Console(stderr=True)
+cli.add_typer(k8s_cli, name="k8s")
+cli.command("import-values")(import_values_command)
 ConfigArg = Annotated[Path, typer.Argument(help="A serve config file (serve run format).")]
 
 
@@ -66,6 +70,9 @@ def up(
         if started_ray and not keep_ray:
             launcher.stop_ray()
     raise typer.Exit(code)
+
+
+cli.command("lab")(lab)
 
 
 def main() -> None:

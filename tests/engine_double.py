@@ -28,8 +28,10 @@ class SimulatedEngine:
     def options(self, **_: Any) -> SimulatedEngine:
         return self
 
-    def remote(self, endpoint: str, body: dict) -> _Generator:
+    def remote(self, endpoint: str, body: dict, route: dict | None = None) -> _Generator:
         self.calls.append((endpoint, body))
+        if route is not None:  # what the request router writes in the caller's process
+            route.update(replica_id=f"{self.name}-r1", policy="scored", reason="least-load")
         return _Generator(self, endpoint, body)
 
 

@@ -75,9 +75,18 @@ def test_invalid_model_fields_are_named(cpu_model, change, expected):
 
 def test_router_policy_lists_allowed_values(cpu_model):
     with pytest.raises(
-        ConfigError, match=r"router.policy: Input should be 'power_of_two'.*'fastest'"
+        ConfigError, match=r"router.policy: Input should be 'round_robin', .*'scored'.*'fastest'"
     ):
         load_config({"models": [cpu_model], "router": {"policy": "fastest"}})
+
+
+def test_router_settings_must_fit_the_policy(cpu_model):
+    router = {"policy": "scored", "settings": {"w_prefix": 2.0, "w_magic": 1}}
+    with pytest.raises(ConfigError, match=r"router: settings do not fit policy 'scored'.*w_magic"):
+        load_config({"models": [cpu_model], "router": router})
+    load_config(
+        {"models": [cpu_model], "router": {"policy": "prefix", "settings": {"block_size": 32}}}
+    )
 
 
 def test_names_and_aliases_are_unique(cpu_model):

@@ -257,3 +257,13 @@ async def test_embeddings_route(cpu_model):
     assert_openai_error(
         await client.post("/v1/embeddings", json={"model": "b", "input": []}), 400, "input"
     )
+
+
+async def test_routing_decision_becomes_headers(cpu_model):
+    client, _ = make_client(cpu_model)
+    for stream in (False, True):
+        body = {"model": "b", "prompt": "hi", "stream": stream}
+        response = await client.post("/v1/completions", json=body)
+        assert response.headers["x-route-policy"] == "scored"
+        assert response.headers["x-route-replica"] == "second-r1"
+        assert response.headers["x-route-reason"] == "least-load"

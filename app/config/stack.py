@@ -7,14 +7,32 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from app.config.models import ModelSpec, StrictModel
+from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
 
 
 class RouterSettings(StrictModel):
-    """How requests to one model's engine replicas are spread."""
+    """How requests to one model's engine replicas are spread (see `app.routing`)."""
 
-    policy: Literal["power_of_two"] = Field(
-        "power_of_two", description="Replica choice for each request."
+    policy: Literal[POLICY_NAMES] = Field(  # type: ignore[valid-type]
+        DEFAULT_POLICY, description="Replica choice for each request."
     )
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Policy settings, e.g. weights or block_size."
+    )
+    session_key: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Header carrying a session id (production-stack's sessionKey); "
+        "else the body's `user` field.",
+    )
+
+    @model_validator(mode="after")
+    def _policy_settings(self) -> RouterSettings:
+        try:
+            make_policy(self.policy, **self.settings)
+        except TypeError as exc:
+            raise ValueError(f"settings do not fit policy {self.policy!r}: {exc}") from None
+        return self
 
 
 class ServerSettings(StrictModel):

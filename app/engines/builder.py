@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.config import ModelSpec
+from app.config import ModelSpec, RouterSettings
 from app.engines import embedded
 
 DEPLOYMENT_PREFIX = "engine:"
@@ -41,17 +41,33 @@ def placement_bundles(spec: ModelSpec) -> list[dict[str, float]]:
     return [bundle]
 
 
-def deployment_config(spec: ModelSpec) -> dict[str, Any]:
+def router_config(spec: ModelSpec, router: RouterSettings) -> dict[str, Any]:
+    """Serve's `request_router_config`: our router class with the configured policy."""
+    from app.engines.router import ROUTER_CLASS
+
+    return {
+        "request_router_class": ROUTER_CLASS,
+        "request_router_kwargs": {"policy": router.policy, "model": spec.name, **router.settings},
+        "request_routing_stats_period_s": 2,
+    }
+
+
+def deployment_config(spec: ModelSpec, router: RouterSettings | None = None) -> dict[str, Any]:
     # The replica actor takes no CPU of its own, so the bundle is exactly `resources`.
     scaling: dict[str, Any] = (
         {"num_replicas": spec.replicas}
         if spec.autoscaling is None
         else {"autoscaling_config": spec.autoscaling.model_dump()}
     )
-    return {**scaling, "ray_actor_options": {"num_cpus": 0}}
+    options = {**scaling, "ray_actor_options": {"num_cpus": 0}}
+    if router is not None:
+        options["request_router_config"] = router_config(spec, router)
+    return options
 
 
-def llm_config(spec: ModelSpec, *, source: str | None = None) -> Any:
+def llm_config(
+    spec: ModelSpec, *, source: str | None = None, router: RouterSettings | None = None
+) -> Any:
     """The Ray Serve LLM `LLMConfig` for one model (source resolved unless given)."""
     from ray.serve.llm import LLMConfig
 
@@ -61,20 +77,20 @@ def llm_config(spec: ModelSpec, *, source: str | None = None) -> Any:
             "model_source": source or resolve_source(spec.source),
         },
         engine_kwargs=engine_kwargs(spec),
-        deployment_config=deployment_config(spec),
+        deployment_config=deployment_config(spec, router),
         placement_group_config={"bundles": placement_bundles(spec)},
         accelerator_type=spec.resources.accelerator_type,
         runtime_env={"env_vars": dict(spec.env)} if spec.env else None,
     )
 
 
-def build_engine(spec: ModelSpec) -> Any:
+def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
     """A bound Serve application hosting `spec`'s vLLM engine in `EngineServer` replicas."""
     from ray.serve.llm import build_llm_deployment
 
     from app.engines.server import EngineServer
 
-    config = llm_config(spec)
+    config = llm_config(spec, router=router)
     prepare = embedded.embedded_name(spec.source) if embedded.is_embedded(spec.source) else None
     return build_llm_deployment(
         config,

@@ -40,18 +40,25 @@ class EngineServer(LLMServer):
     async def __init__(
         self, llm_config: Any, *, embedded_model: str | None = None, **kwargs: Any
     ) -> None:
+        self._in_flight = 0
         if embedded_model:  # convert on this node, once; the engine then loads the folder
             await asyncio.to_thread(embedded.prepare, embedded_model)
         await super().__init__(llm_config, **kwargs)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Stats for `StackRequestRouter`: requests in this replica, from every ingress."""
+        return {**await super().record_routing_stats(), "in_flight": self._in_flight}
 
     async def start(self) -> None:
         await super().start()
         _enable_tokenization(self.engine)
 
     async def serve_openai(
-        self, endpoint: Endpoint, body: dict[str, Any]
+        self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
     ) -> AsyncGenerator[EngineItem, None]:
-        """Run one OpenAI request; yields plain items (see the module docstring)."""
+        """Run one OpenAI request; yields plain items (see the module docstring).
+
+        `route` is filled by the request router in the caller's process; unused here."""
         try:
             request = _request_class(endpoint, body).model_validate(body)
         except ValidationError as exc:
@@ -61,10 +68,13 @@ class EngineServer(LLMServer):
         except ValueError as exc:
             yield error_item(400, str(exc))
             return
-        method = getattr(self, endpoint)
-        async for item in await method(request):
-            for chunk in item if isinstance(item, list) else [item]:
-                yield _plain(chunk)
+        self._in_flight += 1
+        try:
+            async for item in await getattr(self, endpoint)(request):
+                for chunk in item if isinstance(item, list) else [item]:
+                    yield _plain(chunk)
+        finally:
+            self._in_flight -= 1
 
 
 def _enable_tokenization(engine: Any) -> None:

@@ -15,6 +15,7 @@ from app.config import ModelSpec, StackConfig
 from app.ingress.errors import OpenAIError
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
 from app.ingress.readiness import Readiness
+from app.routing import Decision
 from app.wire import Endpoint, EngineItem, error_body
 
 logger = logging.getLogger("vrstack.ingress")
@@ -85,26 +86,36 @@ class Gateway:
                 param="max_tokens",
             )
 
-    async def open(self, endpoint: Endpoint, request: OpenAIRequest) -> EngineStream:
-        """Check and send a request; the result has already received the engine's first item."""
+    async def open(
+        self,
+        endpoint: Endpoint,
+        request: OpenAIRequest,
+        *,
+        session: str | None = None,
+    ) -> EngineStream:
+        """Check and send a request; the result has already received the engine's first item.
+
+        `session` is the session id for session-aware routing. The request router writes its
+        decision into the `route` dict sent beside the request (see `app.engines.router`).
+        """
         spec = self.resolve(request.model)
         self.check_limits(request)
         await self.readiness.require(spec)
         handle = self._handles[spec.name]
+        if session:
+            handle = handle.options(session_id=session)
+        route: dict[str, str] = {}
         stream = EngineStream(
-            handle.remote(endpoint, request.engine_body(spec.name)),
+            handle.remote(endpoint, request.engine_body(spec.name), route=route),
             timeout_s=self.config.server.request_timeout_s,
         )
         await stream.start()
+        stream.decision = Decision(**route) if route else None
         return stream
 
     async def call(self, endpoint: Endpoint, request: OpenAIRequest) -> dict[str, Any]:
         """A non-streaming request: the engine's whole JSON answer."""
-        stream = await self.open(endpoint, request)
-        first = stream.first
-        if "body" not in first:
-            raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
-        return first["body"]
+        return (await self.open(endpoint, request)).body()
 
 
 class EngineStream:
@@ -115,6 +126,24 @@ class EngineStream:
         self._generator = generator
         self._timeout_s = timeout_s
         self.first: EngineItem = {}
+        self.decision: Decision | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The whole JSON answer of a non-streaming request."""
+        if "body" not in self.first:
+            self.cancel()
+            raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
+        return self.first["body"]
+
+    def route_headers(self) -> dict[str, str]:
+        """`x-route-policy`, `x-route-replica` and `x-route-reason` of the routing decision."""
+        if self.decision is None:
+            return {}
+        return {
+            "x-route-policy": self.decision.policy,
+            "x-route-replica": self.decision.replica_id,
+            "x-route-reason": self.decision.reason,
+        }
 
     async def start(self) -> None:
         try:

@@ -1,0 +1,77 @@
+"""Our request router under Ray Serve: two real CPU engine replicas of the embedded model.
+
+Checks that every answer carries the routing decision, that a repeated long prefix sticks to
+the replica that cached it, and that unrelated concurrent requests spread over both replicas.
+"""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from app.builder import build_app
+from app.serve_config import read_serve_config
+from tests.conftest import SERVE_CONFIGS
+from tests.e2e.conftest import wait_healthy
+
+pytestmark = pytest.mark.e2e
+
+SYSTEM = "You are a meticulous assistant for a railway company. " * 12
+
+
+@pytest.fixture(scope="module")
+def two_replicas(cluster):
+    (app,) = read_serve_config(SERVE_CONFIGS / "smollm2-cpu.yaml").apps
+    args = copy.deepcopy(app.config.model_dump(mode="json"))
+    args["models"][0]["replicas"] = 2
+    args["router"] = {"policy": "scored"}
+    serve.run(build_app(args), name="routing", route_prefix="/")
+    wait_healthy(cluster.base_url)
+    yield cluster.base_url
+    serve.delete("routing")
+
+
+def _complete(base: str, prompt: str) -> httpx.Response:
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_health_counts_two_replicas(two_replicas):
+    health = httpx.get(f"{two_replicas}/health").json()
+    assert health["models"]["smollm2"]["running_replicas"] == 2
+
+
+def test_decisions_are_in_headers_and_a_shared_prefix_sticks(two_replicas):
+    first = _complete(two_replicas, SYSTEM + "Question 0: when does the first train leave?")
+    assert first.headers["x-route-policy"] == "scored"
+    home = first.headers["x-route-replica"]
+    for i in range(1, 5):
+        again = _complete(two_replicas, SYSTEM + f"Question {i}: how long is the trip?")
+        assert again.headers["x-route-replica"] == home
+        assert again.headers["x-route-reason"].startswith("prefix-match=")
+        assert float(again.headers["x-route-reason"].split("=")[1]) > 0.5
+
+
+def test_unrelated_concurrent_requests_use_both_replicas(two_replicas):
+    prompts = [f"Topic {i}: " + ("lorem ipsum " * 5) + str(i * 7919) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replicas = {
+            r.headers["x-route-replica"]
+            for r in pool.map(lambda p: _complete(two_replicas, p), prompts)
+        }
+    assert len(replicas) == 2
+
+
+def test_streams_carry_route_headers(two_replicas):
+    body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{two_replicas}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["x-route-policy"] == "scored"
+        assert response.headers["x-route-replica"]
+        assert "data: [DONE]" in response.read().decode()
