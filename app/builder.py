@@ -27,4 +27,4 @@ def build_app(args: dict[str, Any] | StackConfig) -> Any:
         num_replicas=server.ingress_replicas,
         ray_actor_options={"num_cpus": server.ingress_cpus},
         max_ongoing_requests=1000,
-    ).bind(config.model_dump(mode="json"), engines)
+    ).bind(config.model_dump(), engines)  # python mode: API keys stay SecretStr, not masked

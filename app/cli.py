@@ -13,6 +13,7 @@ from app.config import ConfigError
 from app.k8s.cli import import_values_command, k8s_cli
 from app.lab.cli import lab
 from app.serve_config import read_serve_config
+from app.status import status_command
 
 cli = typer.Typer(help="vllm-ray-stack: vLLM on Ray Serve and KubeRay.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -73,6 +74,7 @@ def up(
 
 
 cli.command("lab")(lab)
+cli.command("status")(status_command)
 
 
 def main() -> None:

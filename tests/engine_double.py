@@ -19,7 +19,9 @@ class ActorDiedError(Exception):
 class SimulatedEngine:
     def __init__(self, name: str, *, mode: str = "ok", tokens: int = 3) -> None:
         self.name = name
-        self.mode = mode  # ok | error400 | hang | die | break_stream | hang_stream
+        self.mode = (
+            mode  # ok | error400 | hang | die | die_once | slow | break_stream | hang_stream
+        )
         self.tokens = tokens
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
@@ -53,8 +55,10 @@ class _Generator:
         mode = self._engine.mode
         if mode == "hang":
             await asyncio.sleep(3600)
-        if mode == "die":
+        if mode == "die" or (mode == "die_once" and len(self._engine.calls) == 1):
             raise ActorDiedError("replica actor died: pid=1234 node=abc")
+        if mode == "slow":
+            await asyncio.sleep(0.3)
         if mode == "error400":
             yield {
                 "status": 400,

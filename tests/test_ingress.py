@@ -267,3 +267,23 @@ async def test_routing_decision_becomes_headers(cpu_model):
         assert response.headers["x-route-policy"] == "scored"
         assert response.headers["x-route-replica"] == "second-r1"
         assert response.headers["x-route-reason"] == "least-load"
+
+
+async def test_replica_failure_before_any_byte_is_retried_elsewhere(cpu_model):
+    client, engines = make_client(cpu_model, modes={"smollm2": "die_once"})
+    response = await client.post("/v1/completions", json={"model": "smollm2", "prompt": "x"})
+    assert response.status_code == 200
+    assert len(engines["smollm2"].calls) == 2
+
+
+async def test_retries_are_bounded(cpu_model):
+    client, engines = make_client(cpu_model, modes={"smollm2": "die"})
+    response = await client.post("/v1/completions", json={"model": "smollm2", "prompt": "x"})
+    assert_openai_error(response, 503)
+    assert len(engines["smollm2"].calls) == 3  # the first try and server.retries (2) more
+
+
+async def test_engine_4xx_is_not_retried(cpu_model):
+    client, engines = make_client(cpu_model, modes={"smollm2": "error400"})
+    await client.post("/v1/completions", json={"model": "smollm2", "prompt": "x"})
+    assert len(engines["smollm2"].calls) == 1

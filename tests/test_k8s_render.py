@@ -18,6 +18,7 @@ from app.k8s.render import (
     GPU_BASE_IMAGE,
     GPU_IMAGE,
     RenderOptions,
+    companion_files,
     default_name,
     render_documents,
     render_file,
@@ -33,6 +34,7 @@ needs_crds = pytest.mark.skipif(
     reason=f"KubeRay CRD schemas not found in {CRDS} (test data kept outside the project)",
 )
 CONFIGS = sorted(SERVE_CONFIGS.glob("*.yaml"))
+STACK_MANIFESTS = [KUBERAY / f"{c.stem}.yaml" for c in CONFIGS]  # not the dashboard ConfigMap
 
 
 def _docs(path: Path) -> list[dict]:
@@ -53,7 +55,10 @@ def test_checked_in_manifest_matches_its_serve_config(config):
 
 
 def test_every_manifest_in_kuberay_comes_from_a_serve_config():
-    assert {p.stem for p in KUBERAY.glob("*.yaml")} == {p.stem for p in CONFIGS}
+    # ... or is a companion of every stack (the Grafana dashboard, tests/test_dashboard.py)
+    companions = {p.stem for p in companion_files(KUBERAY) if p.parent == KUBERAY}
+    assert companions == {"grafana-dashboard"}
+    assert {p.stem for p in KUBERAY.glob("*.yaml")} == {p.stem for p in CONFIGS} | companions
 
 
 def test_render_is_deterministic_and_check_mode_reports_drift(tmp_path, monkeypatch):
@@ -75,7 +80,7 @@ def test_render_is_deterministic_and_check_mode_reports_drift(tmp_path, monkeypa
 
 
 @needs_crds
-@pytest.mark.parametrize("manifest", sorted(KUBERAY.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("manifest", STACK_MANIFESTS, ids=lambda p: p.name)
 def test_every_document_validates_offline(manifest):
     assert file_errors(manifest, CRDS) == []
     kinds = [d["kind"] for d in _docs(manifest)]
@@ -194,7 +199,7 @@ def _pods(manifest: Path) -> dict[str, dict]:
     return pods
 
 
-@pytest.mark.parametrize("manifest", sorted(KUBERAY.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("manifest", STACK_MANIFESTS, ids=lambda p: p.name)
 def test_only_engine_pods_mount_the_model_cache(manifest):
     """An RWO claim cannot follow pods onto several nodes: head and ingress do not mount it."""
     cache_paths = set()
@@ -240,7 +245,7 @@ def test_every_image_has_a_documented_build():
     docs = (ROOT / "docs" / "kubernetes.md").read_text()
     images = {
         c["image"]
-        for manifest in KUBERAY.glob("*.yaml")
+        for manifest in STACK_MANIFESTS
         for spec in _pods(manifest).values()
         for c in spec["containers"]
     }

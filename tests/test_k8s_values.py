@@ -101,9 +101,9 @@ def test_two_models_with_lmcache():
         "max_num_seqs": 64,
         "disable_log_requests": True,
         "max_num_batched_tokens": 2048,
-        "kv_transfer_config": {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"},
     }
-    assert llama["env"]["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "20"
+    assert llama["kv_offload"] == {"backend": "lmcache", "cpu_gb": 20}
+    assert "env" not in llama
     assert llama["resources"] == {"cpu": 10, "gpu": 1, "memory": "40Gi", "storage": "50Gi"}
     assert mistral["engine_args"]["tensor_parallel_size"] == 2
     assert mistral["engine_args"]["enable_lora"] is True

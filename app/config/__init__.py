@@ -1,9 +1,11 @@
 """The configuration model: the one schema behind serve configs, manifests and the CLI."""
 
-from app.config.models import Autoscaling, ModelSpec, Resources
+from app.config.models import Autoscaling, KVOffload, ModelSpec, Resources
 from app.config.quantity import parse_quantity
 from app.config.stack import (
+    AuthSettings,
     ConfigError,
+    KeyLimits,
     Limits,
     RouterSettings,
     ServerSettings,
@@ -12,8 +14,11 @@ from app.config.stack import (
 )
 
 __all__ = [
+    "AuthSettings",
     "Autoscaling",
     "ConfigError",
+    "KVOffload",
+    "KeyLimits",
     "Limits",
     "ModelSpec",
     "Resources",

@@ -63,6 +63,33 @@ class Autoscaling(StrictModel):
         return self
 
 
+class KVOffload(StrictModel):
+    """KV-cache offload through LMCache (vLLM's `LMCacheConnectorV1`): CPU memory, local disk
+    and/or a remote cache server. production-stack's `lmcacheConfig` maps onto it. GPU only."""
+
+    backend: Literal["lmcache"] = "lmcache"
+    cpu_gb: float | None = Field(
+        None,
+        gt=0,
+        description="CPU memory for offloaded KV blocks (GB); default 5 unless disk "
+        "or remote is set.",
+    )
+    disk_gb: float | None = Field(None, gt=0, description="Local disk cache size (GB).")
+    disk_path: str | None = Field(None, description="Local disk cache folder (with disk_gb).")
+    remote_url: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9+.-]*://\S+$",
+        description="Remote cache, e.g. 'lm://cache-server:65432' or 'redis://host:6379'.",
+    )
+    chunk_size: int = Field(256, ge=1, description="Tokens per LMCache chunk.")
+
+    @model_validator(mode="after")
+    def _disk(self) -> KVOffload:
+        if (self.disk_gb is None) != (self.disk_path is None):
+            raise ValueError("disk_gb and disk_path go together: set both or neither")
+        return self
+
+
 class ModelSpec(StrictModel):
     """One served model: a name clients use, a source, engine settings and resources."""
 
@@ -80,6 +107,9 @@ class ModelSpec(StrictModel):
     replicas: int = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
     autoscaling: Autoscaling | None = None
     resources: Resources = Field(default_factory=Resources)
+    kv_offload: KVOffload | None = Field(
+        None, description="KV-cache offload (LMCache) to CPU memory, disk or a remote cache."
+    )
 
     @field_validator("name", "aliases")
     @classmethod
@@ -116,6 +146,18 @@ class ModelSpec(StrictModel):
                     f"engine_args.{key} has a field of its own: set `{OWN_FIELDS[key]}` instead"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _kv_offload(self) -> ModelSpec:
+        if self.kv_offload is None:
+            return self
+        if self.resources.gpu == 0:
+            raise ValueError("kv_offload (LMCache) needs a GPU; set resources.gpu >= 1")
+        if "kv_transfer_config" in self.engine_args:
+            raise ValueError(
+                "engine_args.kv_transfer_config and kv_offload both set the KV connector; keep one"
+            )
+        return self
 
     @property
     def names(self) -> list[str]:

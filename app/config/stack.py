@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from app.config.models import ModelSpec, StrictModel
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
@@ -43,14 +43,44 @@ class ServerSettings(StrictModel):
     request_timeout_s: float = Field(
         300, gt=0, description="Longest wait for an engine answer (first byte for streams)."
     )
+    retries: int = Field(
+        2, ge=0, le=10, description="Retries on another replica when one fails before answering."
+    )
+
+
+class KeyLimits(StrictModel):
+    """Limits for each API key (or for all anonymous callers together when auth is off)."""
+
+    requests_per_second: float | None = Field(None, gt=0, description="Sustained rate; 429.")
+    burst: int | None = Field(None, ge=1, description="Requests allowed at once above the rate.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt (estimated) plus max_tokens per minute; 429."
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight; 429.")
 
 
 class Limits(StrictModel):
-    """Caps on what one request may ask for."""
+    """Caps on what one request may ask for, and per-key rates."""
 
     max_body_bytes: int = Field(2 * 2**20, ge=1024, description="Larger bodies get 413.")
     max_tokens: int | None = Field(None, ge=1, description="Cap on max_tokens; above it -> 400.")
     max_n: int = Field(8, ge=1, description="Cap on n (choices per request).")
+    per_key: KeyLimits = Field(default_factory=KeyLimits)
+
+
+class AuthSettings(StrictModel):
+    """Bearer API keys. Auth is on when any source yields a key; keys are never logged."""
+
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Keys in the config itself (prefer env or file)."
+    )
+    api_keys_env: str | None = Field(
+        "VRSTACK_API_KEYS", description="Environment variable with comma-separated keys."
+    )
+    api_keys_file: str | None = Field(
+        None, description="File with one key per line (e.g. a mounted Kubernetes Secret)."
+    )
+    protect_metrics: bool = Field(False, description="Require a key for GET /metrics too.")
 
 
 class StackConfig(StrictModel):
@@ -60,6 +90,7 @@ class StackConfig(StrictModel):
     router: RouterSettings = Field(default_factory=RouterSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: Limits = Field(default_factory=Limits)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @model_validator(mode="after")
     def _unique_names(self) -> StackConfig:

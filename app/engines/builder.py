@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.config import ModelSpec, RouterSettings
+from app.config import KVOffload, ModelSpec, RouterSettings
 from app.engines import embedded
 
 DEPLOYMENT_PREFIX = "engine:"
@@ -27,7 +27,42 @@ def engine_kwargs(spec: ModelSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": spec.dtype, **spec.engine_args}
     if spec.max_model_len is not None:
         kwargs["max_model_len"] = spec.max_model_len
+    if spec.kv_offload is not None:
+        kwargs["kv_transfer_config"] = dict(LMCACHE_CONNECTOR)
     return kwargs
+
+
+LMCACHE_CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+LMCACHE_DEFAULT_CPU_GB = 5.0  # LMCache's own default for max_local_cpu_size
+
+
+def _gb(value: float) -> str:
+    return f"{value:g}"
+
+
+def kv_offload_env(offload: KVOffload) -> dict[str, str]:
+    """LMCache's `LMCACHE_*` settings for a `kv_offload` spec (read by the engine process)."""
+    env = {"LMCACHE_CHUNK_SIZE": str(offload.chunk_size)}
+    cpu_gb = offload.cpu_gb
+    if cpu_gb is None and offload.disk_gb is None and offload.remote_url is None:
+        cpu_gb = LMCACHE_DEFAULT_CPU_GB
+    # LMCache stages disk and remote writes through CPU memory, so it stays on with them.
+    env["LMCACHE_LOCAL_CPU"] = "True"
+    if cpu_gb is not None:
+        env["LMCACHE_MAX_LOCAL_CPU_SIZE"] = _gb(cpu_gb)
+    if offload.disk_gb is not None and offload.disk_path is not None:
+        env["LMCACHE_LOCAL_DISK"] = "file://" + offload.disk_path.rstrip("/") + "/"
+        env["LMCACHE_MAX_LOCAL_DISK_SIZE"] = _gb(offload.disk_gb)
+    if offload.remote_url is not None:
+        env["LMCACHE_REMOTE_URL"] = offload.remote_url
+        env["LMCACHE_REMOTE_SERDE"] = "naive"
+    return env
+
+
+def engine_env(spec: ModelSpec) -> dict[str, str]:
+    """The engine process's environment: `kv_offload`'s LMCache settings, then `env` (wins)."""
+    env = kv_offload_env(spec.kv_offload) if spec.kv_offload is not None else {}
+    return {**env, **spec.env}
 
 
 def placement_bundles(spec: ModelSpec) -> list[dict[str, float]]:
@@ -80,7 +115,7 @@ def llm_config(
         deployment_config=deployment_config(spec, router),
         placement_group_config={"bundles": placement_bundles(spec)},
         accelerator_type=spec.resources.accelerator_type,
-        runtime_env={"env_vars": dict(spec.env)} if spec.env else None,
+        runtime_env={"env_vars": env} if (env := engine_env(spec)) else None,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from app.engines import stats as engine_stats
 from app.routing import Decision, RequestView, make_policy
 from app.routing.types import NoReplicaError, ReplicaStats
 
@@ -74,6 +75,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._model = model
         self._in_flight: dict[str, int] = {}
         self._open: dict[str, tuple[str, RequestView]] = {}  # internal request id -> replica
+        engine_stats.register(model, self)  # the ingress's metrics read `curr_replicas`
 
     def _stats(self, replica: RunningReplica) -> ReplicaStats:
         replica_id = replica.replica_id.unique_id

@@ -11,6 +11,7 @@ back plain items, so nothing vLLM-specific crosses the process boundary:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -18,7 +19,10 @@ from pydantic import BaseModel, ValidationError
 from ray.serve.llm import LLMServer
 
 from app.engines import embedded
+from app.engines.stats import EngineStats, attach
 from app.wire import Endpoint, EngineItem, error_item, validation_message
+
+logger = logging.getLogger("vrstack.engine")
 
 
 def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
@@ -41,17 +45,26 @@ class EngineServer(LLMServer):
         self, llm_config: Any, *, embedded_model: str | None = None, **kwargs: Any
     ) -> None:
         self._in_flight = 0
+        self._engine_stats = EngineStats()
         if embedded_model:  # convert on this node, once; the engine then loads the folder
             await asyncio.to_thread(embedded.prepare, embedded_model)
         await super().__init__(llm_config, **kwargs)
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Stats for `StackRequestRouter`: requests in this replica, from every ingress."""
-        return {**await super().record_routing_stats(), "in_flight": self._in_flight}
+        """Stats for `StackRequestRouter` and the ingress's metrics: requests in this replica
+        (from every ingress), and the engine's running/queued requests, KV-cache usage and
+        prefix-cache hits (`app.engines.stats`)."""
+        return {
+            **await super().record_routing_stats(),
+            "in_flight": self._in_flight,
+            **self._engine_stats.as_dict(),
+        }
 
     async def start(self) -> None:
         await super().start()
         _enable_tokenization(self.engine)
+        if not attach(self.engine, self._engine_stats):
+            logger.warning("vLLM engine has no stat loggers; engine state metrics stay at 0")
 
     async def serve_openai(
         self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None

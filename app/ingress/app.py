@@ -5,10 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app import __version__
+from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.errors import install_error_handlers
 from app.ingress.gateway import Gateway
+from app.ingress.metrics import MetricsMiddleware, StackMetrics
 from app.ingress.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
+from app.ingress.routes import metrics as metrics_routes
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -21,7 +24,13 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     for module in (models, completions, chat, embeddings, tokenize, health):
         app.include_router(module.router)
+    app.include_router(metrics_routes.router)
+    app.state.metrics = StackMetrics(gateway.config)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=gateway.config.limits.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    config = gateway.config
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    keys = KeyStore.from_settings(config.auth)
+    app.add_middleware(AuthMiddleware, keys=keys, protect_metrics=config.auth.protect_metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer has an id
     return app

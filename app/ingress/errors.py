@@ -19,13 +19,20 @@ class OpenAIError(Exception):
     """An error answered as ``{"error": {...}}`` with an HTTP status."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     @classmethod
     def from_body(cls, status: int, body: dict[str, Any]) -> OpenAIError:
@@ -38,15 +45,19 @@ class OpenAIError(Exception):
         return error_body(self.status, self.message, param=self.param, code=self.code)
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep keyword fields across Ray's pickling
-        return (_rebuild, (self.status, self.message, self.param, self.code))
+        return (_rebuild, (self.status, self.message, self.param, self.code, self.headers))
 
 
-def _rebuild(status: int, message: str, param: str | None, code: str | None) -> OpenAIError:
-    return OpenAIError(status, message, param=param, code=code)
+def _rebuild(
+    status: int, message: str, param: str | None, code: str | None, headers: dict[str, str]
+) -> OpenAIError:
+    return OpenAIError(status, message, param=param, code=code, headers=headers)
 
 
 def error_response(exc: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(
+        exc.body(), status_code=exc.status, headers={**exc.headers, **(headers or {})}
+    )
 
 
 _HTTP_MESSAGES = {

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from app.config import ModelSpec, StackConfig
 from app.ingress.errors import OpenAIError
+from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
 from app.ingress.readiness import Readiness
 from app.routing import Decision
@@ -36,6 +38,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self.readiness = readiness
+        self.limiter = KeyLimiter(config.limits.per_key)
         self._handles = {
             name: handle.options(stream=True, method_name="serve_openai")
             for name, handle in engines.items()
@@ -72,6 +75,11 @@ class Gateway:
         ]
 
     # -- requests -----------------------------------------------------------------------------
+    def admit(self, key_id: str, request: OpenAIRequest) -> Lease:
+        """Per-key rate, token and concurrency limits (429 with Retry-After when over)."""
+        tokens = request.estimated_tokens() if isinstance(request, SamplingRequest) else 1
+        return self.limiter.acquire(key_id, tokens)
+
     def check_limits(self, request: OpenAIRequest) -> None:
         limits = self.config.limits
         if not isinstance(request, SamplingRequest):
@@ -104,14 +112,24 @@ class Gateway:
         handle = self._handles[spec.name]
         if session:
             handle = handle.options(session_id=session)
-        route: dict[str, str] = {}
-        stream = EngineStream(
-            handle.remote(endpoint, request.engine_body(spec.name), route=route),
-            timeout_s=self.config.server.request_timeout_s,
-        )
-        await stream.start()
-        stream.decision = Decision(**route) if route else None
-        return stream
+        body = request.engine_body(spec.name)
+        retries = self.config.server.retries
+        for attempt in range(retries + 1):
+            route: dict[str, str] = {}
+            stream = EngineStream(
+                handle.remote(endpoint, body, route=route),
+                timeout_s=self.config.server.request_timeout_s,
+            )
+            try:
+                await stream.start()
+            except OpenAIError as exc:  # nothing was sent yet: another replica may answer
+                if exc.code != REPLICA_FAILED or attempt == retries:
+                    raise
+                await asyncio.sleep(backoff_s(attempt))
+                continue
+            stream.decision = Decision(**route) if route else None
+            return stream
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def call(self, endpoint: Endpoint, request: OpenAIRequest) -> dict[str, Any]:
         """A non-streaming request: the engine's whole JSON answer."""
@@ -204,14 +222,25 @@ def _sse_text(item: EngineItem) -> str:
     return f"data: {json.dumps(item['body'])}\n\n"
 
 
+def backoff_s(attempt: int) -> float:
+    """50 ms doubling per attempt, with jitter, at most 2 s."""
+    return min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+
+
+REPLICA_FAILED = "replica_failed"
+
+
 def engine_failure(exc: BaseException) -> OpenAIError:
     """Map a failed engine call to a client error without leaking internals."""
     name = type(exc).__name__
     logger.warning("engine call failed: %s: %s", name, exc)
     if name in {"BackPressureError", "DeploymentUnavailableError"}:
-        return OpenAIError(503, "the model is overloaded; retry later", code="overloaded")
+        return OpenAIError(
+            503, "the model is overloaded; retry later", code="overloaded",
+            headers={"retry-after": "1"},
+        )  # fmt: skip
     if name in {"ActorDiedError", "RayActorError", "ActorUnavailableError"}:
-        return OpenAIError(503, "the model's replica failed; retry", code="replica_failed")
+        return OpenAIError(503, "the model's replica failed; retry", code=REPLICA_FAILED)
     if name in {"RequestCancelledError", "CancelledError", "TaskCancelledError"}:
         return OpenAIError(503, "the request was cancelled", code="cancelled")
     return OpenAIError(500, "the engine failed to answer", code="engine_error")

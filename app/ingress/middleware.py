@@ -14,15 +14,21 @@ REQUEST_ID = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-async def _send_json(
-    send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    payload = json.dumps(body).encode()
+    """Answer an OpenAI-shaped error from ASGI middleware (before the app runs)."""
+    payload = json.dumps(error_body(status, message, code=code)).encode()
     await send({
         "type": "http.response.start",
         "status": status,
         "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()), *headers],
+                    (b"content-length", str(len(payload)).encode()), *(headers or [])],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": payload})
 
@@ -68,7 +74,7 @@ class BodyLimitMiddleware:
 
     async def _reject(self, send: Send) -> None:
         message = f"request body is larger than the limit of {self.max_bytes} bytes"
-        await _send_json(send, 413, error_body(413, message, code="request_too_large"), [])
+        await send_error(send, 413, message, code="request_too_large")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -62,6 +62,32 @@ class SamplingRequest(OpenAIRequest):
     def output_tokens(self) -> int | None:
         return self.max_tokens
 
+    def estimated_tokens(self) -> int:
+        """Prompt tokens (about 4 characters each) plus the most output asked for, times n:
+        what a tokens-per-minute limit charges at admission, as OpenAI's limiter does."""
+        output = self.output_tokens() or DEFAULT_OUTPUT_TOKENS
+        return _approx_tokens(self.prompt_input()) + output * self.n
+
+    def prompt_input(self) -> object:
+        return None
+
+
+DEFAULT_OUTPUT_TOKENS = 16  # OpenAI's default max_tokens for completions
+
+
+def _approx_tokens(value: object) -> int:
+    if isinstance(value, str):
+        return len(value) // 4 + 1
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list | tuple):
+        return sum(_approx_tokens(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_approx_tokens(v) for v in value.values())
+    if isinstance(value, BaseModel):
+        return _approx_tokens(value.model_dump(exclude_none=True))
+    return 0
+
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
@@ -71,6 +97,9 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+    def prompt_input(self) -> object:
+        return self.prompt
 
 
 class ChatMessage(BaseModel):
@@ -90,6 +119,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     def output_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def prompt_input(self) -> object:
+        return [m.content for m in self.messages]
 
 
 class EmbeddingRequest(OpenAIRequest):

@@ -61,8 +61,9 @@ def render(
     ] = "NewCluster",
     hf_token_secret: Annotated[str, typer.Option(help="Secret with key 'token'.")] = "hf-token",
 ) -> None:
-    """Render serve configs into RayService manifests (kuberay/X.yaml)."""
-    from app.k8s.render import output_path, render_file
+    """Render serve configs into RayService manifests (kuberay/X.yaml); with --all also the
+    Grafana dashboard (kuberay/grafana-dashboard.yaml, docs/grafana/vrstack-dashboard.json)."""
+    from app.k8s.render import companion_files, output_path, render_file
 
     paths = sorted(SERVE_CONFIGS.glob("*.yaml")) if all_ else list(configs or [])
     if not paths:
@@ -76,18 +77,24 @@ def render(
             text = render_file(path, options)
         except (ConfigError, ValueError) as exc:
             raise _die(str(exc), 2) from None
-        target = output_path(path, out_dir)
-        if stdout:
-            sys.stdout.write(text)
-        elif check:
-            if not target.is_file() or target.read_text() != text:
-                drift.append(str(target))
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-            console.print(f"[green]✓[/] {path} -> {target}")
+        _emit(str(path), output_path(path, out_dir), text, stdout, check, drift)
+    if all_ and not stdout:
+        for target, text in companion_files(out_dir).items():
+            _emit("dashboard", target, text, stdout, check, drift)
     if drift:
         raise _die(f"out of date (run `vrstack k8s render --all`): {', '.join(drift)}", 1)
+
+
+def _emit(source: str, target: Path, text: str, stdout: bool, check: bool, drift: list) -> None:
+    if stdout:
+        sys.stdout.write(text)
+    elif check:
+        if not target.is_file() or target.read_text() != text:
+            drift.append(str(target))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        console.print(f"[green]✓[/] {source} -> {target}")
 
 
 @k8s_cli.command()

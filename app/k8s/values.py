@@ -83,24 +83,28 @@ def parse_extra_args(args: list[str] | str, where: str) -> tuple[dict[str, Any],
     return out, warnings
 
 
-def _lmcache(config: dict[str, Any], where: str) -> tuple[dict, dict[str, str], list[str]]:
-    """lmcacheConfig -> (engine_args, env, warnings): vLLM's LMCache connector, CPU/disk offload."""
+LMCACHE_DISK_PATH = "/home/ray/.cache/huggingface/lmcache"  # in the model cache volume
+
+
+def _lmcache(config: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """lmcacheConfig -> (our `kv_offload`, warnings): LMCache CPU/disk/remote KV offload."""
     if not config.get("enabled"):
-        return {}, {}, _leaf_warnings(config, where, "LMCache is not enabled; ignored")
-    engine = {"kv_transfer_config": {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}}
-    env = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True"}
+        return None, _leaf_warnings(config, where, "LMCache is not enabled; ignored")
+    offload: dict[str, Any] = {"backend": "lmcache"}
     warnings = []
     for key, value in config.items():
         if key == "enabled":
             continue
         if key == "cpuOffloadingBufferSize":
-            env["LMCACHE_MAX_LOCAL_CPU_SIZE"] = str(value)
+            offload["cpu_gb"] = _plain(float(value))
         elif key == "diskOffloadingBufferSize":
-            env["LMCACHE_LOCAL_DISK"] = "file:///home/ray/.cache/huggingface/lmcache/"
-            env["LMCACHE_MAX_LOCAL_DISK_SIZE"] = str(value)
+            offload["disk_gb"] = _plain(float(value))
+            offload["disk_path"] = LMCACHE_DISK_PATH
+        elif key == "remoteUrl" and _set(value):
+            offload["remote_url"] = str(value)
         else:
             warnings += _leaf_warnings(value, f"{where}.{key}", "no LMCache setting for it here")
-    return engine, env, warnings
+    return offload, warnings
 
 
 def _model(spec: dict[str, Any], where: str, imported: Imported) -> dict[str, Any]:
@@ -130,11 +134,9 @@ def _model(spec: dict[str, Any], where: str, imported: Imported) -> dict[str, An
             env["VLLM_USE_V1"] = "1" if value else "0"
         else:
             warn += _leaf_warnings(value, here, "unknown vllmConfig field; not carried")
-    lm_engine, lm_env, lm_warnings = _lmcache(
-        spec.get("lmcacheConfig") or {}, f"{where}.lmcacheConfig"
-    )
-    engine_args.update(lm_engine)
-    env.update(lm_env)
+    kv_offload, lm_warnings = _lmcache(spec.get("lmcacheConfig") or {}, f"{where}.lmcacheConfig")
+    if kv_offload is not None:
+        model["kv_offload"] = kv_offload
     warn += lm_warnings
     if spec.get("enableLoRA"):
         engine_args["enable_lora"] = True

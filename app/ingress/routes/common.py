@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from app.ingress.auth import ANONYMOUS
 from app.ingress.gateway import Gateway
+from app.ingress.limits import Lease
 from app.ingress.protocol import OpenAIRequest
 from app.wire import Endpoint
 
@@ -26,16 +29,31 @@ async def answer(
 
     The response carries the routing decision as `x-route-*` headers."""
     session_key = gateway.config.router.session_key
-    stream = await gateway.open(
-        endpoint,
-        body,
-        session=request.headers.get(session_key) if session_key else None,
-    )
-    headers = stream.route_headers()
-    if not getattr(body, "stream", False):
-        return JSONResponse(stream.body(), headers=headers)
-    return StreamingResponse(
-        stream.sse(),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
-    )
+    lease = gateway.admit(getattr(request.state, "api_key_id", ANONYMOUS), body)
+    streaming = False
+    try:
+        stream = await gateway.open(
+            endpoint,
+            body,
+            session=request.headers.get(session_key) if session_key else None,
+        )
+        headers = stream.route_headers()
+        if not getattr(body, "stream", False):
+            return JSONResponse(stream.body(), headers=headers)
+        streaming = True  # the lease now ends with the stream
+        return StreamingResponse(
+            _released_after(stream.sse(), lease),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
+        )
+    finally:
+        if not streaming:
+            lease.release()
+
+
+async def _released_after(chunks: AsyncIterator[str], lease: Lease) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        lease.release()

@@ -1,0 +1,87 @@
+"""Bearer API keys: from the config, an environment variable or a mounted secret file.
+
+Keys are kept only as SHA-256 digests and compared in constant time; a key is identified in
+limits and logs by a short digest prefix, never by its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import AuthSettings
+from app.ingress.middleware import send_error
+
+ANONYMOUS = "anonymous"
+OPEN_PATHS = frozenset({"/health", "/version"})
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class KeyStore:
+    """The accepted keys (as digests)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = [_digest(k) for k in dict.fromkeys(k.strip() for k in keys) if k]
+
+    @classmethod
+    def from_settings(cls, settings: AuthSettings) -> KeyStore:
+        keys = [k.get_secret_value() for k in settings.api_keys]
+        if settings.api_keys_env:
+            keys += os.environ.get(settings.api_keys_env, "").split(",")
+        if settings.api_keys_file:
+            keys += Path(settings.api_keys_file).read_text().splitlines()
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def identify(self, key: str) -> str | None:
+        """The key's id (a digest prefix) if accepted, else None; constant time per key."""
+        digest = _digest(key)
+        found = False
+        for known in self._digests:
+            found |= hmac.compare_digest(digest, known)
+        return digest.hex()[:12] if found else None
+
+
+class AuthMiddleware:
+    """401 in OpenAI's shape without a valid `Authorization: Bearer <key>`; sets the key id
+    in `scope["state"]["api_key_id"]` for per-key limits."""
+
+    def __init__(self, app: ASGIApp, *, keys: KeyStore, protect_metrics: bool = False) -> None:
+        self.app = app
+        self.keys = keys
+        self.open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key_id = ANONYMOUS
+        if self.keys.enabled and scope["path"] not in self.open_paths:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            found = self.keys.identify(token.strip()) if scheme.lower() == "bearer" else None
+            if found is None:
+                missing = scheme.lower() != "bearer" or not token.strip()
+                await send_error(
+                    send,
+                    401,
+                    "missing API key: send 'Authorization: Bearer <key>'"
+                    if missing
+                    else "invalid API key",
+                    code="missing_api_key" if missing else "invalid_api_key",
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
+                return
+            key_id = found
+        scope.setdefault("state", {})["api_key_id"] = key_id
+        await self.app(scope, receive, send)

@@ -1,0 +1,1 @@
+"""Observability artefacts built from the ingress's metrics: the Grafana dashboard."""

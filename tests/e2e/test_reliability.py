@@ -1,0 +1,122 @@
+"""Load and fault tests through the real Ray Serve proxy, ingress and request router, in front
+of simulated engine replicas (`app.engines.simulated`: a simulator, no model). Loopback only,
+bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import ray
+from ray import serve
+
+from app.config import load_config
+from app.engines.builder import router_config
+from app.engines.simulated import SimulatedEngineServer
+from app.ingress.deployment import Ingress
+from tests.e2e.conftest import wait_healthy
+
+pytestmark = pytest.mark.e2e
+MODEL = {"name": "sim", "source": "org/sim", "replicas": 2}
+BODY = {"model": "sim", "prompt": "hello", "max_tokens": 4}
+
+
+def deploy_simulated(name: str, *, delay_s: float, timeout_s: float = 300) -> None:
+    server = {"retries": 3, "request_timeout_s": timeout_s}
+    config = load_config({"models": [MODEL], "server": server})
+    spec = config.models[0]
+    engine = SimulatedEngineServer.options(
+        name="engine:sim",
+        num_replicas=2,
+        request_router_config=router_config(spec, config.router),
+    ).bind(delay_s=delay_s)
+    app = Ingress.options(name="ingress", max_ongoing_requests=2000).bind(
+        config.model_dump(), {"sim": engine}
+    )
+    serve.run(app, name=name, route_prefix="/")
+
+
+def ingress_rss_mb(app_name: str) -> float:
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(f"ServeReplica:{app_name}:ingress" in part for part in proc.info["cmdline"] or []):
+            return proc.memory_info().rss / 2**20
+    raise LookupError("ingress replica process not found")
+
+
+async def _fire(base: str, count: int, concurrency: int, body: dict) -> list[int]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+
+        async def one() -> int:
+            try:
+                return (await client.post("/v1/completions", json=body)).status_code
+            except httpx.HTTPError:
+                return -1
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_1000_concurrent_requests_all_answered_memory_bounded(cluster):
+    deploy_simulated("load", delay_s=0.5)
+    wait_healthy(cluster.base_url)
+    try:
+        asyncio.run(_fire(cluster.base_url, 100, 100, BODY))  # warm up
+        before = ingress_rss_mb("load")
+        started = time.monotonic()
+        codes = asyncio.run(_fire(cluster.base_url, 1000, 1000, BODY))
+        elapsed = time.monotonic() - started
+        after = ingress_rss_mb("load")
+        assert codes.count(200) == 1000, {c: codes.count(c) for c in set(codes)}
+        assert after - before < 300, f"ingress grew {after - before:.0f} MiB"
+        print(f"1000 concurrent: {elapsed:.1f} s, ingress RSS {before:.0f} -> {after:.0f} MiB")
+    finally:
+        serve.delete("load")
+
+
+def _replica_actor_names(app: str, deployment: str) -> list[str]:
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)]  # fmt: skip
+
+
+def test_killing_an_engine_replica_under_load_fails_no_request(cluster):
+    deploy_simulated("fault", delay_s=0.2)
+    wait_healthy(cluster.base_url)
+    try:
+        victims = _replica_actor_names("fault", "engine:sim")
+        assert len(victims) == 2
+
+        def kill_later() -> None:
+            time.sleep(1.5)
+            ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+
+        killer = threading.Thread(target=kill_later)
+        killer.start()
+        codes = asyncio.run(_fire(cluster.base_url, 300, 20, BODY))
+        killer.join()
+        assert codes.count(200) == 300, {c: codes.count(c) for c in set(codes)}
+        assert victims[0] not in _replica_actor_names("fault", "engine:sim")
+    finally:
+        serve.delete("fault")
+
+
+def test_redeploying_a_changed_config_under_load_loses_no_request(cluster):
+    deploy_simulated("redeploy", delay_s=0.2)
+    wait_healthy(cluster.base_url)
+    try:
+
+        def redeploy_later() -> None:
+            time.sleep(1.5)  # new engine and ingress replicas: both deployments change
+            deploy_simulated("redeploy", delay_s=0.1, timeout_s=120)
+
+        updater = threading.Thread(target=redeploy_later)
+        updater.start()
+        codes = asyncio.run(_fire(cluster.base_url, 400, 20, BODY))
+        updater.join()
+        assert codes.count(200) == 400, {c: codes.count(c) for c in set(codes)}
+    finally:
+        serve.delete("redeploy")
