@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vrstack-installed
 CONFIG ?= serve_configs/smollm2-cpu.yaml
 
-.PHONY: venv model serve test lint clean
+.PHONY: venv model serve test lint prometheus clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,15 @@ lint: venv
 	$(BIN)/ruff check app tests
 	$(BIN)/ruff format --check app tests
 
-test: lint
+# tests/e2e/test_metrics_prometheus.py scrapes the stack with a real Prometheus (Debian package).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo -n"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends prometheus; } >/dev/null 2>&1 \
+	  || echo "warning: could not install prometheus; its test will be skipped" >&2; }
+
+test: lint prometheus
 	$(BIN)/python -m pytest
 
 clean:
