@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from app.bench.cli import bench
 from app.config import ConfigError
 from app.k8s.cli import import_values_command, k8s_cli
 from app.lab.cli import lab
@@ -75,6 +76,7 @@ def up(
 
 cli.command("lab")(lab)
 cli.command("status")(status_command)
+cli.command("bench")(bench)
 
 
 def main() -> None:

@@ -140,3 +140,11 @@ def test_key_store_never_keeps_key_text():
     store = KeyStore(["sk-secret-value"])
     assert "sk-secret-value" not in repr(vars(store))
     assert store.identify("sk-secret-value") and store.identify("sk-other") is None
+
+
+async def test_metrics_open_by_default_and_protectable(cpu_model):
+    open_client = client_for(cpu_model, auth={"api_keys": ["sk-right"]})
+    assert (await open_client.get("/metrics")).status_code == 200
+    guarded = client_for(cpu_model, auth={"api_keys": ["sk-right"], "protect_metrics": True})
+    assert_openai_error(await guarded.get("/metrics"), 401)
+    assert (await guarded.get("/metrics", headers=bearer("sk-right"))).status_code == 200
