@@ -160,6 +160,7 @@ class PrefixPolicy(_Base):
     """
 
     name = "prefix"
+    _whole_chains = True  # every insert is a prompt's whole chain (see PrefixIndex)
 
     def __init__(
         self,
@@ -176,7 +177,7 @@ class PrefixPolicy(_Base):
         """The model's prefix index."""
         idx = self._indexes.get(model)
         if idx is None:
-            idx = self._indexes[model] = PrefixIndex(self.max_blocks)
+            idx = self._indexes[model] = PrefixIndex(self.max_blocks, self._whole_chains)
         return idx
 
     def forget_replica(self, replica_id: str) -> None:
@@ -188,8 +189,11 @@ class PrefixPolicy(_Base):
         if not hashes:
             return [0.0] * len(pool)
         found = self.index(request.model).match(hashes)
+        if not found:
+            return [0.0] * len(pool)
         total = max(request.prompt_tokens, 1)
-        return [min(1.0, found.get(c.replica_id, 0) * self.block_size / total) for c in pool]
+        bs = self.block_size
+        return [min(1.0, found.get(c.replica_id, 0) * bs / total) for c in pool]
 
     def _record(self, request: RequestView, replica_id: str) -> None:
         self.index(request.model).insert(replica_id, request.block_hashes(self.block_size))
@@ -220,6 +224,7 @@ class KvPolicy(PrefixPolicy):
     """
 
     name = "kv"
+    _whole_chains = False  # engine events store parts of chains
 
     def __init__(
         self, block_size: int = DEFAULT_BLOCK_SIZE, max_blocks: int = 1_000_000, **kw: float

@@ -1,0 +1,118 @@
+"""A tiny HTTP router running an `app.routing` policy in its own process (for benchmarks only).
+
+`python -m app.lab.http_router --port P --policy scored --worker-urls URL...` forwards
+`POST /v1/completions` and `/v1/chat/completions` to the replica the policy picks, streaming the
+answer back. It describes each replica by its own in-flight count (as the Ray Serve router does
+when replicas report nothing else), tells the policy of first tokens (`on_first_token`, at the
+first streamed chunk) and completions. It is NOT the stack's router: the stack routes inside
+Ray Serve (`app/engines/router.py`); this stands in for it so the same policy code can be put in
+front of simulated servers beside peer routers, over the same HTTP hops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+import httpx
+
+from app.lab.server import Receive, Send, _json, _prompt_text
+from app.routing import NoReplicaError, ReplicaStats, RequestView, make_policy
+
+
+class PolicyRouter:
+    """The ASGI app: one policy, a fixed list of worker URLs."""
+
+    def __init__(
+        self, policy: str, workers: list[str], max_concurrency: int = 32, cache_blocks: int = 2048
+    ) -> None:
+        settings: dict[str, Any] = {}
+        if policy in ("prefix", "scored"):  # sized like the replicas, as the lab does
+            settings = {"block_size": 16, "max_blocks": cache_blocks}
+        self.policy = make_policy(policy, **settings)
+        self.workers = workers
+        self.max_concurrency = max_concurrency
+        self.in_flight = dict.fromkeys(workers, 0)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=1000)
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        path = scope["path"]
+        if path in ("/health", "/v1/models"):
+            reply = await self.client.get(self.workers[0] + path)
+            await _json(send, reply.status_code, reply.json())
+            return
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            await _json(send, 404, {"error": {"message": f"no route {path}", "code": "not_found"}})
+            return
+        data = json.loads(body or b"{}")
+        view = RequestView(
+            str(data.get("model", "default")),
+            text=_prompt_text(data, path.endswith("chat/completions")),
+            session_key=data.get("user"),
+        )
+        stats = [
+            ReplicaStats(w, in_flight=self.in_flight[w], max_concurrency=self.max_concurrency)
+            for w in self.workers
+        ]
+        try:
+            worker = self.policy.choose(view, stats).replica_id
+        except NoReplicaError:
+            await _json(send, 503, {"error": {"message": "no replica", "code": "unavailable"}})
+            return
+        self.in_flight[worker] += 1
+        first = getattr(self.policy, "on_first_token", None)
+        try:
+            async with self.client.stream("POST", worker + path, content=body) as reply:
+                headers = [(b"content-type", reply.headers.get("content-type", "").encode())]
+                await send(
+                    {"type": "http.response.start", "status": reply.status_code, "headers": headers}
+                )
+                started = False
+                async for chunk in reply.aiter_raw():
+                    if not started and first is not None:
+                        first(view, worker)
+                    started = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            self.in_flight[worker] -= 1
+            self.policy.on_complete(view, worker)
+
+
+async def serve(
+    port: int, policy: str, workers: list[str], cache_blocks: int, host: str = "127.0.0.1"
+) -> None:
+    import uvicorn
+
+    app = PolicyRouter(policy, workers, cache_blocks=cache_blocks)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+    )
+    await uvicorn.Server(config).serve()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--policy", default="scored")
+    p.add_argument("--cache-blocks", type=int, default=2048)
+    p.add_argument("--worker-urls", nargs="+", required=True)
+    a = p.parse_args()
+    asyncio.run(serve(a.port, a.policy, a.worker_urls, a.cache_blocks, a.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""An OpenAI-compatible HTTP *simulator* of vLLM replicas, not an engine: `app.lab.server`.
+
+Each simulated replica listens on its own loopback port (all in one process and event loop) and
+keeps the cache model of the lab's `SimulatedReplica` (`app/lab/simulator.py`), in real time:
+- a block-level prefix cache of `cache_blocks` blocks with LRU eviction, keyed by the routing
+  layer's block hashes of the prompt text (one token per 4 UTF-8 bytes); a prompt's full blocks
+  are stored when its prefill ends, child-first; generated tokens are not cached;
+- at most `max_concurrency` admitted requests (more wait, FIFO);
+- one prefill at a time (FIFO), `prefill_overhead + prefill_cost * uncached prompt tokens`,
+  the cached tokens being the prompt's leading blocks found in the cache when its prefill starts;
+- decode beside other requests, `decode_cost * max_tokens` after the prefill.
+The modelled times are really slept, multiplied by `time_scale` (e.g. 0.25 to run 4x faster).
+Responses are OpenAI-shaped and report `usage.prompt_tokens_details.cached_tokens`; streams send
+the first token when the prefill ends. No text is generated: the output is `max_tokens` dummy
+words. It also answers what peer routers probe: `/health`, `/v1/models`, `/tokenize`,
+`/v1/completions/render`, `/server_info`, `/model_info`, `/get_server_info`, `/get_model_info`,
+`/metrics`; and `GET /sim/stats`, `POST /sim/reset` for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.lab.simulator import SimSettings
+from app.lab.trace import render_messages
+from app.routing import RequestView
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def token_ids(text: str) -> list[int]:
+    """Deterministic fake token ids: one per 4 UTF-8 bytes (the routing layer's approximation)."""
+    data = text.encode()
+    return [zlib.crc32(data[i : i + 4]) % 50_000 for i in range(0, len(data), 4)]
+
+
+class SimulatedServer:
+    """One simulated replica: the lab's cache and cost model behind OpenAI-shaped HTTP."""
+
+    def __init__(
+        self, name: str, settings: SimSettings, model: str = "default", time_scale: float = 1.0
+    ) -> None:
+        self.name = name
+        self.s = settings
+        self.model = model
+        self.time_scale = time_scale
+        self.reset()
+
+    def reset(self) -> None:
+        """Cold cache, zero counters."""
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.admission = asyncio.Semaphore(self.s.max_concurrency)
+        self.prefill_lock = asyncio.Lock()  # FIFO: one prefill at a time
+        self.requests = self.prompt_tokens = self.cached_tokens = 0
+        self.in_flight = self.max_in_flight = 0
+        self.calls: dict[str, int] = {}  # requests per path (what routers probe)
+        self._area = 0.0
+        self._since = self._last = time.monotonic()
+
+    def _account(self, delta: int) -> None:
+        now = time.monotonic()
+        self._area += self.in_flight * (now - self._last)
+        self._last = now
+        self.in_flight += delta
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def stats(self) -> dict[str, Any]:
+        self._account(0)
+        span = max(1e-9, self._last - self._since)
+        return {
+            "replica": self.name,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "max_in_flight": self.max_in_flight,
+            "mean_in_flight": self._area / span,
+            "cache_blocks_used": len(self.cache),
+            "calls": dict(self.calls),
+        }
+
+    def _cached_prefix(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.cache:
+                break
+            n += 1
+        return n
+
+    def _store(self, hashes: list[int]) -> None:
+        cache = self.cache
+        for h in reversed(hashes[: self.s.cache_blocks]):
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = None
+        while len(cache) > self.s.cache_blocks:
+            cache.popitem(last=False)
+
+    async def run(self, text: str, max_tokens: int, on_first_token: Callable[[], Awaitable[None]]):
+        """Admit, prefill, call `on_first_token`, decode; returns (prompt, cached) tokens."""
+        view = RequestView(self.model, text=text)
+        hashes = view.block_hashes(self.s.block_size)
+        prompt = max(1, view.prompt_tokens)
+        self._account(+1)
+        try:
+            async with self.admission:
+                async with self.prefill_lock:
+                    cached = min(prompt, self._cached_prefix(hashes) * self.s.block_size)
+                    cost = self.s.prefill_overhead + self.s.prefill_cost * (prompt - cached)
+                    await asyncio.sleep(cost * self.time_scale)
+                    self._store(hashes)
+                self.requests += 1
+                self.prompt_tokens += prompt
+                self.cached_tokens += cached
+                await on_first_token()
+                await asyncio.sleep(self.s.decode_cost * max_tokens * self.time_scale)
+        finally:
+            self._account(-1)
+        return prompt, cached
+
+
+def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    if chat:
+        messages = body.get("messages")
+        return render_messages(messages) if isinstance(messages, list) else ""
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        if prompt and isinstance(prompt[0], int):
+            return " ".join(map(str, prompt))
+        return str(prompt[0]) if prompt else ""
+    return str(prompt)
+
+
+def _usage(prompt: int, cached: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+class App:
+    """The ASGI app of one simulated replica."""
+
+    def __init__(self, server: SimulatedServer) -> None:
+        self.server = server
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        try:
+            data = json.loads(body) if body else {}
+        except ValueError:
+            await _json(send, 400, _error("invalid JSON body"))
+            return
+        if not isinstance(data, dict):
+            data = {}
+        srv = self.server
+        if not path.startswith("/sim/"):
+            srv.calls[path] = srv.calls.get(path, 0) + 1
+        if path in ("/v1/completions", "/v1/chat/completions", "/completions") and method == "POST":
+            await self.generate(send, data, chat=path.endswith("chat/completions"))
+        elif path in ("/health", "/healthz", "/ping", "/health_generate"):
+            await _json(send, 200, {"status": "ok"})
+        elif path in ("/v1/models", "/models"):
+            model = {"id": srv.model, "object": "model", "owned_by": "simulator", "root": srv.model}
+            await _json(send, 200, {"object": "list", "data": [model]})
+        elif path in ("/tokenize", "/v1/tokenize"):
+            text = str(data.get("prompt", "")) if "prompt" in data else _prompt_text(data, True)
+            ids = token_ids(text)
+            await _json(send, 200, {"count": len(ids), "max_model_len": 1 << 20, "tokens": ids})
+        elif path == "/v1/completions/render":
+            ids = token_ids(_prompt_text(data, False))
+            await _json(send, 200, [{"prompt_token_ids": ids, "token_ids": ids}])
+        elif path == "/v1/chat/completions/render":
+            ids = token_ids(_prompt_text(data, True))
+            await _json(send, 200, [{"prompt_token_ids": ids, "token_ids": ids}])
+        elif path in ("/server_info", "/get_server_info"):
+            await _json(send, 200, self.info())
+        elif path in ("/model_info", "/get_model_info"):
+            await _json(
+                send, 200, {"model_path": srv.model, "tokenizer_path": None, "is_generation": True}
+            )
+        elif path == "/metrics":
+            text = f"vllm:num_requests_running {srv.in_flight}\nvllm:num_requests_waiting 0\n"
+            await _raw(send, 200, text.encode(), b"text/plain")
+        elif path == "/sim/stats":
+            await _json(send, 200, srv.stats())
+        elif path == "/sim/reset" and method == "POST":
+            srv.reset()
+            await _json(send, 200, {"reset": True})
+        else:
+            await _json(send, 404, _error(f"no route {method} {path}", "not_found"))
+
+    def info(self) -> dict[str, Any]:
+        s = self.server.s
+        return {
+            "simulator": True,
+            "model_path": self.server.model,
+            "served_model_name": self.server.model,
+            "tokenizer_path": None,
+            "skip_tokenizer_init": True,
+            "page_size": s.block_size,
+            "max_running_requests": s.max_concurrency,
+            "max_total_num_tokens": s.cache_blocks * s.block_size,
+        }
+
+    async def generate(self, send: Send, data: dict[str, Any], chat: bool) -> None:
+        srv = self.server
+        text = _prompt_text(data, chat)
+        max_tokens = data.get("max_tokens") or data.get("max_completion_tokens") or 16
+        try:
+            max_tokens = max(1, int(max_tokens))
+        except (TypeError, ValueError):
+            await _json(send, 400, _error("max_tokens must be an integer"))
+            return
+        stream = bool(data.get("stream"))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = str(data.get("model") or srv.model)
+        kind = "chat.completion" if chat else "text_completion"
+        words = "sim " * max_tokens
+
+        def choice(piece: str, finish: str | None) -> dict[str, Any]:
+            if chat:
+                key = "delta" if stream else "message"
+                return {
+                    "index": 0,
+                    key: {"role": "assistant", "content": piece},
+                    "finish_reason": finish,
+                }
+            return {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+
+        async def first_token() -> None:
+            if stream:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")],
+                    }
+                )
+                chunk = {
+                    "id": rid,
+                    "object": kind + (".chunk" if chat else ""),
+                    "created": created,
+                    "model": model,
+                    "choices": [choice("sim ", None)],
+                }
+                await _event(send, chunk)
+
+        prompt, cached = await srv.run(text, max_tokens, first_token)
+        usage = _usage(prompt, cached, max_tokens)
+        if not stream:
+            await _json(
+                send,
+                200,
+                {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": model,
+                    "choices": [choice(words, "length")],
+                    "usage": usage,
+                },
+            )
+            return
+        last = {
+            "id": rid,
+            "object": kind + (".chunk" if chat else ""),
+            "created": created,
+            "model": model,
+            "choices": [choice(words[4:], "length")],
+            "usage": usage,
+        }
+        await _event(send, last)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _error(message: str, code: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": code, "param": None, "code": code}}
+
+
+async def _event(send: Send, obj: dict[str, Any]) -> None:
+    body = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _json(send: Send, status: int, obj: Any) -> None:
+    await _raw(send, status, json.dumps(obj, separators=(",", ":")).encode(), b"application/json")
+
+
+async def _raw(send: Send, status: int, body: bytes, ctype: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def serve(
+    ports: list[int],
+    settings: SimSettings,
+    model: str = "default",
+    time_scale: float = 1.0,
+    host: str = "127.0.0.1",
+) -> None:
+    """Serve one simulated replica per port until cancelled."""
+    import uvicorn
+
+    servers = []
+    for port in ports:
+        app = App(SimulatedServer(f"sim-{port}", settings, model, time_scale))
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        )
+        servers.append(uvicorn.Server(config))
+    await asyncio.gather(*(s.serve() for s in servers))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ports", type=int, nargs="+", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model", default="default")
+    p.add_argument("--time-scale", type=float, default=1.0, help="Sleep this x the modelled time.")
+    p.add_argument("--cache-blocks", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-concurrency", type=int, default=32)
+    p.add_argument("--prefill-cost", type=float, default=0.0002)
+    p.add_argument("--prefill-overhead", type=float, default=0.005)
+    p.add_argument("--decode-cost", type=float, default=0.01)
+    a = p.parse_args()
+    settings = SimSettings(
+        cache_blocks=a.cache_blocks,
+        block_size=a.block_size,
+        max_concurrency=a.max_concurrency,
+        prefill_cost=a.prefill_cost,
+        prefill_overhead=a.prefill_overhead,
+        decode_cost=a.decode_cost,
+    )
+    asyncio.run(serve(a.ports, settings, a.model, a.time_scale, a.host))
+
+
+if __name__ == "__main__":
+    main()
