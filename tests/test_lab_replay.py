@@ -43,7 +43,7 @@ def test_concurrency_limit_queues():
 
 def test_cache_stays_within_capacity():
     sim = SimulatedReplica("x", SimSettings(cache_blocks=5))
-    sim._store(list(range(20)))
+    sim.cache.store(list(range(20)))
     assert len(sim.cache) == 5
 
 

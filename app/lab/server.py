@@ -25,11 +25,10 @@ import json
 import time
 import uuid
 import zlib
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.lab.simulator import SimSettings
+from app.lab.simulator import BlockCache, SimSettings
 from app.lab.trace import render_messages
 from app.routing import RequestView
 
@@ -57,7 +56,7 @@ class SimulatedServer:
 
     def reset(self) -> None:
         """Cold cache, zero counters."""
-        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.cache = BlockCache(self.s.cache_blocks)
         self.admission = asyncio.Semaphore(self.s.max_concurrency)
         self.prefill_lock = asyncio.Lock()  # FIFO: one prefill at a time
         self.requests = self.prompt_tokens = self.cached_tokens = 0
@@ -87,24 +86,6 @@ class SimulatedServer:
             "calls": dict(self.calls),
         }
 
-    def _cached_prefix(self, hashes: list[int]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self.cache:
-                break
-            n += 1
-        return n
-
-    def _store(self, hashes: list[int]) -> None:
-        cache = self.cache
-        for h in reversed(hashes[: self.s.cache_blocks]):
-            if h in cache:
-                cache.move_to_end(h)
-            else:
-                cache[h] = None
-        while len(cache) > self.s.cache_blocks:
-            cache.popitem(last=False)
-
     async def run(self, text: str, max_tokens: int, on_first_token: Callable[[], Awaitable[None]]):
         """Admit, prefill, call `on_first_token`, decode; returns (prompt, cached) tokens."""
         view = RequestView(self.model, text=text)
@@ -114,10 +95,10 @@ class SimulatedServer:
         try:
             async with self.admission:
                 async with self.prefill_lock:
-                    cached = min(prompt, self._cached_prefix(hashes) * self.s.block_size)
+                    cached = min(prompt, self.cache.prefix(hashes) * self.s.block_size)
                     cost = self.s.prefill_overhead + self.s.prefill_cost * (prompt - cached)
                     await asyncio.sleep(cost * self.time_scale)
-                    self._store(hashes)
+                    self.cache.store(hashes)
                 self.requests += 1
                 self.prompt_tokens += prompt
                 self.cached_tokens += cached

@@ -49,13 +49,40 @@ class _Job:
     finish: float = 0.0
 
 
+class BlockCache(OrderedDict[int, None]):
+    """Block hashes with LRU eviction at `capacity` blocks: the engines' prefix-cache model."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def prefix(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of a chain that are in the cache."""
+        n = 0
+        for h in hashes:
+            if h not in self:
+                break
+            n += 1
+        return n
+
+    def store(self, hashes: Sequence[int]) -> None:
+        """Insert (or refresh) a chain's blocks, then evict the least recently used."""
+        for h in reversed(hashes[: self.capacity]):
+            if h in self:
+                self.move_to_end(h)
+            else:
+                self[h] = None
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
 class SimulatedReplica:
     """One simulated vLLM replica: LRU prefix cache in blocks, concurrency limit, FIFO prefill."""
 
     def __init__(self, replica_id: str, settings: SimSettings) -> None:
         self.replica_id = replica_id
         self.s = settings
-        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.cache = BlockCache(settings.cache_blocks)
         self.running: list[_Job] = []
         self.waiting: deque[_Job] = deque()
         self.prefill_queue: deque[_Job] = deque()
@@ -82,26 +109,11 @@ class SimulatedReplica:
 
     def cached_prefix(self, hashes: Sequence[int]) -> int:
         """Leading blocks of a chain that are in the cache."""
-        n = 0
-        for h in hashes:
-            if h not in self.cache:
-                break
-            n += 1
-        return n
+        return self.cache.prefix(hashes)
 
     def _account(self, now: float) -> None:
         self._load_area += (len(self.running) + len(self.waiting)) * (now - self._last_t)
         self._last_t = now
-
-    def _store(self, hashes: Sequence[int]) -> None:
-        cache = self.cache
-        for h in reversed(hashes[: self.s.cache_blocks]):
-            if h in cache:
-                cache.move_to_end(h)
-            else:
-                cache[h] = None
-        while len(cache) > self.s.cache_blocks:
-            cache.popitem(last=False)
 
     # --- events; each returns (time, kind, job) events to schedule
     def submit(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
@@ -130,7 +142,7 @@ class SimulatedReplica:
 
     def prefilled(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
         job.ttft = now - job.arrival
-        self._store(job.hashes)
+        self.cache.store(job.hashes)
         done = (now + self.s.decode_cost * job.max_tokens, "finished", job)
         return [done, *self._next_prefill(now)]
 
