@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from app.lab.server import Receive, Send, _json, _prompt_text
+from app.lab.server import Receive, Send, _json, _prompt_text, read_body
 from app.routing import NoReplicaError, ReplicaStats, RequestView, make_policy
 
 
@@ -42,12 +42,7 @@ class PolicyRouter:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         path = scope["path"]
         if path in ("/health", "/v1/models"):
             reply = await self.client.get(self.workers[0] + path)

@@ -148,12 +148,7 @@ class App:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         try:
             data = json.loads(body) if body else {}
         except ValueError:
@@ -290,6 +285,16 @@ def _error(message: str, code: str = "invalid_request_error") -> dict[str, Any]:
 async def _event(send: Send, obj: dict[str, Any]) -> None:
     body = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
     await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body of an ASGI HTTP request."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
 
 
 async def _json(send: Send, status: int, obj: Any) -> None:
