@@ -5,8 +5,9 @@
 answer back. It describes each replica by its own in-flight count (as the Ray Serve router does
 when replicas report nothing else), tells the policy of first tokens (`on_first_token`, at the
 first streamed chunk) and completions. It is NOT the stack's router: the stack routes inside
-Ray Serve (`app/engines/router.py`); this stands in for it so the same policy code can be put in
-front of simulated servers beside peer routers, over the same HTTP hops.
+Ray Serve (`app/engines/router.py`; `ours-stack` in `app.lab.peer_bench` runs it over HTTP via
+`app.lab.ray_fronts`). This stand-in puts the same policy code in front of the simulated servers
+without Ray Serve's hops, to separate the policy's effect from the stack's overhead.
 """
 
 from __future__ import annotations

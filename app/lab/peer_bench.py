@@ -6,12 +6,22 @@ with the simulated caches reset before each, replays the same trace (open loop, 
 multiplied by `--time-scale`, streamed `POST /v1/completions`) through:
 - `vllm-router` (PyPI `vllm-router==0.1.17`), policies `cache_aware` and `round_robin`;
 - `sglang-router` (PyPI `sglang-router==0.3.2`), policy `cache_aware`;
-- ours: `app.routing` policies `scored` and `round_robin` in the tiny HTTP router of
-  `app.lab.http_router` (not the Ray Serve stack).
-The peers run from a separate virtualenv (`--peer-venv`, default /tmp/peer-venv). Per router it
-reports the prefix hit rate from the servers' cached / prompt tokens, TTFT p50/p99 (client side,
-first streamed chunk, wall ms), throughput, and in-flight per replica (peak and time-averaged,
-max/mean across replicas). Every router gets `--router-timeout` seconds; it stops by itself.
+- `ray:prefix_cache_affinity`: stock Ray Serve LLM (`OpenAiIngress`) with Ray's
+  `PrefixCacheAffinityRouter` (default settings) in front of simulator fronts
+  (`app.lab.ray_fronts`: one Serve replica per simulated replica, forwarding over HTTP);
+- `ours-stack:POLICY`: our stack (Ray Serve proxy, our `Ingress`, our request router with that
+  `app.routing` policy) in front of the same kind of simulator fronts;
+- `ours:POLICY`: the same policy code in the tiny HTTP router of `app.lab.http_router` (a
+  stand-in without Ray Serve: the policy without the stack's overhead).
+The peers run from a separate virtualenv (`--peer-venv`, default /tmp/peer-venv); the Ray fronts
+run in a Ray cluster started in this process (`ray.init(address="local")`, Serve on a free
+loopback port). Every router gets `--warmup` sequential requests with short unrelated prompts
+before the simulated caches are reset (Ray Serve creates its request router on the first
+request). Per router it reports the prefix hit rate from the servers' cached / prompt tokens,
+TTFT p50/p99 (client side, first streamed chunk, wall ms), throughput, and in-flight per replica
+(peak and time-averaged, max/mean across replicas), then checks `--target` (default
+`ours-stack:scored`) against the pooled-cache oracle and the peers. Every router gets
+`--router-timeout` seconds for its replay; the run stops by itself.
 """
 
 from __future__ import annotations
@@ -20,12 +30,16 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +47,8 @@ from typing import Any
 import httpx
 
 from app.lab.metrics import percentile
+from app.lab.oracle import pooled_oracle
+from app.lab.ray_fronts import FRONT_KINDS, RayFronts
 from app.lab.trace import TraceRequest
 from app.lab.workloads import WORKLOADS
 
@@ -40,9 +56,12 @@ ROUTERS = (
     "vllm-router:cache_aware",
     "vllm-router:round_robin",
     "sglang-router:cache_aware",
+    "ray:prefix_cache_affinity",
+    "ours-stack:scored",
     "ours:scored",
-    "ours:round_robin",
 )
+PEER_KINDS = ("vllm-router", "sglang-router", "ray")
+TARGETS = ("ours-stack:scored", "ours:scored")
 
 
 def free_port() -> int:
@@ -60,6 +79,10 @@ class Outcome:
     prompt: int = 0
     cached: int = -1
     error: str = ""
+
+
+class FrontError(RuntimeError):
+    """A router that could not be started."""
 
 
 def router_command(name: str, port: int, workers: list[str], venv: Path, cache_blocks: int):
@@ -168,7 +191,10 @@ async def _one(client: httpx.AsyncClient, url: str, req: TraceRequest, at: float
     return out
 
 
-async def _replay(url: str, trace: list[TraceRequest], scale: float, timeout: float):
+async def replay(
+    url: str, trace: list[TraceRequest], scale: float, timeout: float
+) -> list[Outcome] | None:
+    """The trace sent open-loop (arrival times x `scale`); None if not done within `timeout`."""
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
         t0 = time.monotonic() + 0.5
@@ -179,7 +205,20 @@ async def _replay(url: str, trace: list[TraceRequest], scale: float, timeout: fl
             return None
 
 
-def _stats(workers: list[str], reset: bool = False) -> list[dict[str, Any]]:
+async def warm_up(url: str, count: int, model: str, timeout: float) -> str:
+    """`count` sequential requests with short prompts unrelated to any trace; the first error."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
+        for i in range(count):
+            text = f"{uuid.uuid4().hex} warm-up request {i} of the peer bench"
+            req = TraceRequest(0.0, model, prompt=text, max_tokens=1)
+            out = await _one(client, url, req, 0.0)
+            if not out.ok:
+                return out.error
+    return ""
+
+
+def sim_stats(workers: list[str], reset: bool = False) -> list[dict[str, Any]]:
+    """Each simulated replica's `/sim/stats` (or reset them all, returning [])."""
     out = []
     with httpx.Client(timeout=10) as client:
         for w in workers:
@@ -190,13 +229,14 @@ def _stats(workers: list[str], reset: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def run_router(name: str, workers: list[str], trace: list[TraceRequest], a) -> dict[str, Any]:
-    """Start one router, replay the trace through it, stop it; its figures (or its error)."""
-    _stats(workers, reset=True)
+@contextmanager
+def router_process(
+    name: str, workers: list[str], venv: Path, cache_blocks: int, log: Path, start_timeout: float
+) -> Iterator[tuple[str, str]]:
+    """A peer or stand-in router (`router_command`) ready on a loopback port: (URL, command
+    line); stopped on exit. FrontError if it does not start or get healthy."""
     port = free_port()
-    argv, env = router_command(name, port, workers, Path(a.peer_venv), a.cache_blocks)
-    log = Path(a.log_dir) / f"{name.replace(':', '-')}.log"
-    result: dict[str, Any] = {"router": name, "command": " ".join(argv)}
+    argv, env = router_command(name, port, workers, venv, cache_blocks)
     with open(log, "w") as logf:
         try:
             proc = subprocess.Popen(
@@ -207,52 +247,137 @@ def run_router(name: str, workers: list[str], trace: list[TraceRequest], a) -> d
                 start_new_session=True,
             )
         except OSError as exc:
-            return {**result, "error": f"cannot start: {exc}"}
+            raise FrontError(f"cannot start: {exc}") from None
         try:
             url = f"http://127.0.0.1:{port}"
-            problem = asyncio.run(_wait_ready(url, proc, a.start_timeout))
+            problem = asyncio.run(_wait_ready(url, proc, start_timeout))
             if problem:
-                return {**result, "error": f"{problem}; log tail: {_tail(log)}"}
-            _stats(workers, reset=True)
-            t0 = time.monotonic()
-            outcomes = asyncio.run(_replay(url, trace, a.time_scale, a.router_timeout))
-            wall = time.monotonic() - t0
+                raise FrontError(f"{problem}; log tail: {_tail(log)}")
+            yield url, " ".join([*(f"{k}={v}" for k, v in env.items()), *argv])
         finally:
             _stop(proc)
+
+
+@contextmanager
+def ray_front(
+    name: str, workers: list[str], cache_blocks: int, fronts: RayFronts
+) -> Iterator[tuple[str, str]]:
+    """A Ray Serve front (`app.lab.ray_fronts`) deployed over `workers`: (URL, description);
+    deleted on exit. FrontError if the deploy fails."""
+    kind, policy = name.split(":")
+    try:
+        url = fronts.deploy(kind, policy, workers, cache_blocks)
+    except Exception as exc:  # a failed deploy is reported in the results, not fatal
+        with contextlib.suppress(Exception):
+            fronts.delete()
+        raise FrontError(f"deploy failed: {type(exc).__name__}: {exc}") from None
+    try:
+        yield url, f"in-process Ray Serve application ({name}), see app.lab.ray_fronts"
+    finally:
+        fronts.delete()
+
+
+def run_router(
+    name: str, workers: list[str], trace: list[TraceRequest], a, fronts: RayFronts | None = None
+) -> dict[str, Any]:
+    """Start one router, warm it up, replay the trace through it, stop it; its figures (or
+    its error)."""
+    sim_stats(workers, reset=True)
+    if name.split(":")[0] in FRONT_KINDS:
+        if fronts is None:
+            return {"router": name, "error": "no Ray cluster"}
+        front = ray_front(name, workers, a.cache_blocks, fronts)
+    else:
+        log = Path(a.log_dir) / f"{name.replace(':', '-')}.log"
+        front = router_process(
+            name, workers, Path(a.peer_venv), a.cache_blocks, log, a.start_timeout
+        )
+    try:
+        with front as (url, command):
+            result: dict[str, Any] = {"router": name, "command": command}
+            problem = asyncio.run(warm_up(url, a.warmup, trace[0].model, a.start_timeout))
+            if problem:
+                return {**result, "error": f"warm-up failed: {problem}"}
+            sim_stats(workers, reset=True)
+            t0 = time.monotonic()
+            outcomes = asyncio.run(replay(url, trace, a.time_scale, a.router_timeout))
+            wall = time.monotonic() - t0
+    except FrontError as exc:
+        return {"router": name, "error": str(exc)}
     if outcomes is None:
         return {**result, "error": f"replay not finished within {a.router_timeout} s"}
-    servers = _stats(workers)
+    return {**result, **figures(outcomes, sim_stats(workers)), "wall_s": wall}
+
+
+def figures(outcomes: list[Outcome], servers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Hit rate, TTFT, throughput and per-replica load of one replay."""
     good = [o for o in outcomes if o.ok]
     errors = [o.error for o in outcomes if not o.ok]
     prompt = sum(s["prompt_tokens"] for s in servers)
     cached = sum(s["cached_tokens"] for s in servers)
     means = [s["mean_in_flight"] for s in servers]
-    counts = [s["requests"] for s in servers]
     reported = [o for o in good if o.cached >= 0]
+    reported_prompt = sum(o.prompt for o in reported)
     span = (max(o.end for o in good) - min(o.start for o in good)) if good else 0.0
     ttfts = [o.ttft * 1000 for o in good]
     return {
-        **result,
-        "requests": len(trace),
+        "requests": len(outcomes),
         "ok": len(good),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "hit_rate": cached / prompt if prompt else 0.0,
-        "client_hit_rate": (sum(o.cached for o in reported) / sum(o.prompt for o in reported))
-        if reported and sum(o.prompt for o in reported)
+        "client_hit_rate": sum(o.cached for o in reported) / reported_prompt
+        if reported_prompt
         else None,
         "ttft_p50_ms": percentile(ttfts, 50),
         "ttft_p99_ms": percentile(ttfts, 99),
         "throughput_rps": len(good) / span if span else 0.0,
-        "requests_per_replica": counts,
+        "requests_per_replica": [s["requests"] for s in servers],
         "peak_in_flight": max(s["max_in_flight"] for s in servers),
         "in_flight_max_over_mean": max(means) / (sum(means) / len(means)) if sum(means) else 1.0,
-        "wall_s": wall,
         "calls_per_path": {
             k: sum(s["calls"].get(k, 0) for s in servers)
             for k in sorted({k for s in servers for k in s["calls"]})
         },
     }
+
+
+def check_targets(
+    results: list[dict[str, Any]], target: str, oracle: float, time_scale: float
+) -> dict[str, Any] | None:
+    """Issue #3's targets for `target` against the oracle and every peer that ran."""
+    ours = next((r for r in results if r["router"] == target and "error" not in r), None)
+    peers = [r for r in results if r["router"].split(":")[0] in PEER_KINDS and "error" not in r]
+    if ours is None or not peers:
+        return None
+    hit_gap = ours["hit_rate"] - max(p["hit_rate"] for p in peers)
+    p99_gap = ours["ttft_p99_ms"] - min(p["ttft_p99_ms"] for p in peers)
+    ratio = ours["hit_rate"] / oracle if oracle else 1.0
+    imbalance = ours["in_flight_max_over_mean"]
+    return {
+        "router": target,
+        "hit_vs_oracle": ratio,
+        "hit_minus_best_peer": hit_gap,
+        "in_flight_max_over_mean": imbalance,
+        "ttft_p99_minus_best_peer_ms": p99_gap,
+        "modelled_ttft_p99_minus_best_peer_ms": p99_gap / time_scale,
+        "met": {
+            "hit_vs_oracle": ratio >= 0.95,
+            "hit_vs_peers": hit_gap >= 0,
+            "load": imbalance <= 1.25,
+            "ttft_p99": p99_gap <= 0,
+        },
+    }
+
+
+def targets_line(t: dict[str, Any]) -> str:
+    return (
+        f"{t['router']} vs targets: hit/oracle {t['hit_vs_oracle']:.3f} (>= 0.95), "
+        f"hit - best peer {t['hit_minus_best_peer']:+.3f} (>= 0), "
+        f"in-flight max/mean {t['in_flight_max_over_mean']:.2f} (<= 1.25), "
+        f"TTFT p99 - best peer's {t['ttft_p99_minus_best_peer_ms']:+.0f} ms wall, "
+        f"{t['modelled_ttft_p99_minus_best_peer_ms']:+.0f} ms modelled (<= 0)"
+    )
 
 
 def _tail(path: Path, n: int = 600) -> str:
@@ -272,23 +397,52 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def table(results: list[dict[str, Any]], oracle: float) -> str:
+    """Markdown table of the routers' figures (hit / oracle: hit rate over the pooled oracle)."""
     rows = [
-        "| router | hit rate | TTFT p50 (ms) | TTFT p99 (ms) | req/s | peak in-flight | "
-        "in-flight max/mean | requests per replica | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| router | hit rate | hit / oracle | TTFT p50 (ms) | TTFT p99 (ms) | req/s | "
+        "peak in-flight | in-flight max/mean | requests per replica | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['router']} | could not run: {r['error']} |||||||")
+            rows.append(f"| {r['router']} | could not run: {r['error']} ||||||||")
             continue
+        ratio = r["hit_rate"] / oracle if oracle else 1.0
         rows.append(
-            f"| {r['router']} | {r['hit_rate']:.3f} | {r['ttft_p50_ms']:.0f} | "
+            f"| {r['router']} | {r['hit_rate']:.3f} | {ratio:.3f} | {r['ttft_p50_ms']:.0f} | "
             f"{r['ttft_p99_ms']:.0f} | {r['throughput_rps']:.2f} | {r['peak_in_flight']} | "
             f"{r['in_flight_max_over_mean']:.2f} | "
             f"{'/'.join(map(str, r['requests_per_replica']))} | {r['errors']} |"
         )
     return "\n".join(rows)
+
+
+def start_simulator(
+    ports: list[int], log_dir: Path, time_scale: float, cache_blocks: int, max_concurrency: int
+) -> subprocess.Popen:
+    """The HTTP simulator (`app.lab.server`), one loopback port per simulated replica; ready."""
+    argv = [
+        sys.executable,
+        "-m",
+        "app.lab.server",
+        "--ports",
+        *map(str, ports),
+        "--time-scale",
+        str(time_scale),
+        "--cache-blocks",
+        str(cache_blocks),
+        "--max-concurrency",
+        str(max_concurrency),
+    ]
+    with open(log_dir / "simulator.log", "w") as logf:
+        sim = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    for port in ports:
+        problem = asyncio.run(_wait_ready(f"http://127.0.0.1:{port}", sim, 30))
+        if problem:
+            _stop(sim)
+            raise SystemExit(f"simulator on port {port}: {problem}")
+    return sim
 
 
 def main() -> None:
@@ -299,53 +453,44 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--requests", type=int, default=300, help="First N requests of the trace.")
     p.add_argument("--routers", nargs="+", default=list(ROUTERS))
+    p.add_argument("--target", nargs="+", default=list(TARGETS), help="Routers to check.")
     p.add_argument("--time-scale", type=float, default=0.25)
     p.add_argument("--cache-blocks", type=int, default=2048)
     p.add_argument("--max-concurrency", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=8, help="Warm-up requests per router.")
     p.add_argument("--peer-venv", default="/tmp/peer-venv")
     p.add_argument("--start-timeout", type=float, default=60)
     p.add_argument("--router-timeout", type=float, default=180)
     p.add_argument("--log-dir", default="/tmp/peer-bench-logs")
     p.add_argument("--json", dest="json_out", help="Write all results to this file.")
     a = p.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     kwargs: dict[str, Any] = {}
     for item in a.param:
         key, _, value = item.partition("=")
         kwargs[key.replace("-", "_")] = float(value) if "." in value else int(value)
     trace = WORKLOADS[a.workload](seed=a.seed, **kwargs)[: a.requests]
-    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    oracle = pooled_oracle([r.view() for r in trace], a.replicas * a.cache_blocks, 16)
+    log_dir = Path(a.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
     ports = [free_port() for _ in range(a.replicas)]
     workers = [f"http://127.0.0.1:{port}" for port in ports]
-    sim_argv = [
-        sys.executable,
-        "-m",
-        "app.lab.server",
-        "--ports",
-        *map(str, ports),
-        "--time-scale",
-        str(a.time_scale),
-        "--cache-blocks",
-        str(a.cache_blocks),
-        "--max-concurrency",
-        str(a.max_concurrency),
-    ]
-    with open(Path(a.log_dir) / "simulator.log", "w") as logf:
-        sim = subprocess.Popen(
-            sim_argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
+    fronts: RayFronts | None = None
     results = []
     try:
-        for w in workers:
-            problem = asyncio.run(_wait_ready(w, sim, 30))
-            if problem:
-                raise SystemExit(f"simulator {w}: {problem}")
+        if any(name.split(":")[0] in FRONT_KINDS for name in a.routers):
+            fronts = RayFronts.start(free_port())
         for name in a.routers:
             print(f"-- {name}", file=sys.stderr, flush=True)
-            res = run_router(name, workers, trace, a)
+            res = run_router(name, workers, trace, a, fronts)
             print(json.dumps(res), file=sys.stderr, flush=True)
             results.append(res)
     finally:
+        if fronts is not None:
+            fronts.close()
         _stop(sim)
+    checks = [t for name in a.target if (t := check_targets(results, name, oracle, a.time_scale))]
     summary = {
         "workload": a.workload,
         "params": kwargs,
@@ -354,15 +499,19 @@ def main() -> None:
         "requests": len(trace),
         "time_scale": a.time_scale,
         "cache_blocks": a.cache_blocks,
+        "oracle_hit_rate": oracle,
         "results": results,
+        "targets": checks,
     }
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(summary, indent=1))
     print(
         f"{a.workload}, {a.replicas} simulated replicas, {len(trace)} requests, "
-        f"time scale {a.time_scale}"
+        f"time scale {a.time_scale}, oracle hit rate {oracle:.3f}"
     )
-    print(table(results))
+    print(table(results, oracle))
+    for t in checks:
+        print(targets_line(t))
 
 
 if __name__ == "__main__":
