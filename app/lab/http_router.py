@@ -22,6 +22,10 @@ import httpx
 from app.lab.server import Receive, Send, _json, _prompt_text, read_body
 from app.routing import NoReplicaError, ReplicaStats, RequestView, make_policy
 
+# Idle connections to the simulators are dropped after 1 s, well before uvicorn's 5 s keep-alive
+# timeout closes them from its side (reusing one as it closes fails the request).
+KEEPALIVE_LIMITS = httpx.Limits(max_connections=1000, keepalive_expiry=1.0)
+
 
 class PolicyRouter:
     """The ASGI app: one policy, a fixed list of worker URLs."""
@@ -36,9 +40,7 @@ class PolicyRouter:
         self.workers = workers
         self.max_concurrency = max_concurrency
         self.in_flight = dict.fromkeys(workers, 0)
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=1000)
-        )
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=KEEPALIVE_LIMITS)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

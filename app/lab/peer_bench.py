@@ -445,12 +445,61 @@ def start_simulator(
     return sim
 
 
+def run_config(
+    workload: str, replicas: int, a, fronts: RayFronts | None, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Every router of `a.routers` in turn over one trace and `replicas` simulated replicas."""
+    trace = WORKLOADS[workload](seed=a.seed, **params)[: a.requests]
+    oracle = pooled_oracle([r.view() for r in trace], replicas * a.cache_blocks, 16)
+    log_dir = Path(a.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ports = [free_port() for _ in range(replicas)]
+    workers = [f"http://127.0.0.1:{port}" for port in ports]
+    sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
+    results = []
+    try:
+        for name in a.routers:
+            print(f"-- {workload}, {replicas} replicas: {name}", file=sys.stderr, flush=True)
+            res = run_router(name, workers, trace, a, fronts)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+            results.append(res)
+    finally:
+        _stop(sim)
+    checks = [t for name in a.target if (t := check_targets(results, name, oracle, a.time_scale))]
+    return {
+        "workload": workload,
+        "params": params,
+        "seed": a.seed,
+        "replicas": replicas,
+        "requests": len(trace),
+        "time_scale": a.time_scale,
+        "cache_blocks": a.cache_blocks,
+        "oracle_hit_rate": oracle,
+        "results": results,
+        "targets": checks,
+    }
+
+
+def report(summary: dict[str, Any]) -> str:
+    """A markdown heading, the routers' table and the target checks of one configuration."""
+    lines = [
+        f"#### {summary['workload']}, {summary['replicas']} simulated replicas, "
+        f"{summary['requests']} requests (seed {summary['seed']}, time scale "
+        f"{summary['time_scale']:g}, oracle hit rate {summary['oracle_hit_rate']:.3f})",
+        "",
+        table(summary["results"], summary["oracle_hit_rate"]),
+        "",
+    ]
+    lines += [targets_line(t) + "  " for t in summary["targets"]]
+    return "\n".join(lines).rstrip()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workload", default="shared-prefix", choices=list(WORKLOADS))
+    p.add_argument("--workload", nargs="+", default=["shared-prefix"], choices=list(WORKLOADS))
     p.add_argument("--param", "-p", action="append", default=[], help="Generator NAME=VALUE.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--replicas", type=int, nargs="+", default=[4])
     p.add_argument("--requests", type=int, default=300, help="First N requests of the trace.")
     p.add_argument("--routers", nargs="+", default=list(ROUTERS))
     p.add_argument("--target", nargs="+", default=list(TARGETS), help="Routers to check.")
@@ -462,56 +511,31 @@ def main() -> None:
     p.add_argument("--start-timeout", type=float, default=60)
     p.add_argument("--router-timeout", type=float, default=180)
     p.add_argument("--log-dir", default="/tmp/peer-bench-logs")
-    p.add_argument("--json", dest="json_out", help="Write all results to this file.")
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        help="Write each configuration's results here ({workload} and {replicas} are filled in).",
+    )
     a = p.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    kwargs: dict[str, Any] = {}
+    params: dict[str, Any] = {}
     for item in a.param:
         key, _, value = item.partition("=")
-        kwargs[key.replace("-", "_")] = float(value) if "." in value else int(value)
-    trace = WORKLOADS[a.workload](seed=a.seed, **kwargs)[: a.requests]
-    oracle = pooled_oracle([r.view() for r in trace], a.replicas * a.cache_blocks, 16)
-    log_dir = Path(a.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in range(a.replicas)]
-    workers = [f"http://127.0.0.1:{port}" for port in ports]
-    sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
+        params[key.replace("-", "_")] = float(value) if "." in value else int(value)
     fronts: RayFronts | None = None
-    results = []
     try:
         if any(name.split(":")[0] in FRONT_KINDS for name in a.routers):
             fronts = RayFronts.start(free_port())
-        for name in a.routers:
-            print(f"-- {name}", file=sys.stderr, flush=True)
-            res = run_router(name, workers, trace, a, fronts)
-            print(json.dumps(res), file=sys.stderr, flush=True)
-            results.append(res)
+        for workload in a.workload:
+            for replicas in a.replicas:
+                summary = run_config(workload, replicas, a, fronts, params)
+                if a.json_out:
+                    path = a.json_out.format(workload=workload, replicas=replicas)
+                    Path(path).write_text(json.dumps(summary, indent=1))
+                print(report(summary) + "\n", flush=True)
     finally:
         if fronts is not None:
             fronts.close()
-        _stop(sim)
-    checks = [t for name in a.target if (t := check_targets(results, name, oracle, a.time_scale))]
-    summary = {
-        "workload": a.workload,
-        "params": kwargs,
-        "seed": a.seed,
-        "replicas": a.replicas,
-        "requests": len(trace),
-        "time_scale": a.time_scale,
-        "cache_blocks": a.cache_blocks,
-        "oracle_hit_rate": oracle,
-        "results": results,
-        "targets": checks,
-    }
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(summary, indent=1))
-    print(
-        f"{a.workload}, {a.replicas} simulated replicas, {len(trace)} requests, "
-        f"time scale {a.time_scale}, oracle hit rate {oracle:.3f}"
-    )
-    print(table(results, oracle))
-    for t in checks:
-        print(targets_line(t))
 
 
 if __name__ == "__main__":

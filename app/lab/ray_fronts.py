@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -31,6 +32,7 @@ import httpx
 import ray
 from ray import serve
 
+from app.lab.http_router import KEEPALIVE_LIMITS
 from app.wire import Endpoint, EngineItem, error_item
 
 PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -68,9 +70,7 @@ class SimulatorFront:
         ctx = serve.get_replica_context()
         self.url: str = await pool.claim.remote(ctx.rank.rank, ctx.replica_id.unique_id)
         self._in_flight = 0
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=1000)
-        )
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=KEEPALIVE_LIMITS)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         return {"in_flight": self._in_flight}
@@ -202,6 +202,7 @@ class RayFronts:
         self.bindings: dict[str, str] = {}
         self._owns_cluster = owns_cluster
         self._pool: Any = None
+        self.app_name = ""
 
     @classmethod
     def start(cls, http_port: int) -> RayFronts:
@@ -231,7 +232,11 @@ class RayFronts:
             app = ray_prefix_app(pool, len(workers), model)
         else:
             raise ValueError(f"unknown Ray front {kind}:{policy}")
-        serve.run(app, name="front", route_prefix="/")
+        # A fresh application name each time: Ray's prefix tree actor is named after the
+        # application and deployment and outlives `serve.delete`, so a reused name would
+        # inherit the previous front's tree.
+        self.app_name = f"front-{uuid.uuid4().hex[:8]}"
+        serve.run(app, name=self.app_name, route_prefix="/")
         self.bindings = ray.get(pool.bindings.remote())
         if sorted(self.bindings) != sorted(workers) or len(set(self.bindings.values())) != len(
             workers
@@ -242,7 +247,7 @@ class RayFronts:
 
     def delete(self) -> None:
         """Remove the current front (and its request router state)."""
-        serve.delete("front")
+        serve.delete(self.app_name)
         time.sleep(1.0)
 
     def close(self) -> None:
