@@ -61,7 +61,7 @@ def up(
     from app.engines.embedded import cache_root
 
     loaded = _load(config)
-    launcher.prepare_models(loaded)
+    launcher.prepare_models_in_background(loaded)  # overlaps the Ray head and `serve run`
     started_ray = not launcher.ray_running()
     if started_ray:
         launcher.start_ray_head(num_cpus)

@@ -26,15 +26,41 @@ def tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def prepare_models(config: ServeConfigFile) -> None:
-    """Convert embedded models once, before any engine starts."""
-    for app in config.apps:
-        for spec in app.config.models:
-            if embedded.is_embedded(spec.source):
-                name = embedded.embedded_name(spec.source)
-                with console.status(f"Preparing embedded model {name} (once, ~30 s)..."):
-                    path = embedded.prepare(name)
-                console.print(f"[green]✓[/] model {spec.name}: {path}")
+def _embedded_to_convert(config: ServeConfigFile) -> list[str]:
+    names = {
+        embedded.embedded_name(spec.source)
+        for app in config.apps
+        for spec in app.config.models
+        if embedded.is_embedded(spec.source)
+    }
+    return sorted(n for n in names if not embedded.is_prepared(n))
+
+
+def prepare_models_in_background(config: ServeConfigFile) -> list[threading.Thread]:
+    """Start converting the embedded models that need it, each in a `vrstack prepare-model`
+    process, so the conversion overlaps the Ray head's start and `serve run`'s deployment.
+    An engine replica that needs a model meanwhile waits on the model's file lock
+    (`embedded.prepare`). Returns threads that end when each conversion has."""
+    threads = []
+    for name in _embedded_to_convert(config):
+        proc = subprocess.Popen(
+            [tool("vrstack"), "prepare-model", name],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        console.print(f"Preparing embedded model {name} in the background (once, ~30 s)...")
+        thread = threading.Thread(target=_report_conversion, args=(name, proc), daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _report_conversion(name: str, proc: subprocess.Popen) -> None:
+    output = proc.communicate()[0] or ""
+    if proc.returncode == 0:
+        console.print(f"[green]✓[/] model {name}: {output.strip().splitlines()[-1]}")
+    else:
+        console.print(f"[red]✗[/] model {name}: conversion failed")
+        console.print(output[-2000:], markup=False, highlight=False)
 
 
 def ray_running() -> bool:
@@ -58,9 +84,15 @@ def stop_ray() -> None:
     subprocess.run([tool("ray"), "stop"], capture_output=True, timeout=120)
 
 
+def stamp(at: float | None = None) -> str:
+    """Wall-clock prefix of each log line (`app.bench.startup` reads it back)."""
+    at = time.time() if at is None else at
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
+
+
 def _pump(stream, log, tail: deque[str]) -> None:
     for line in stream:
-        log.write(line)
+        log.write(f"{stamp()} {line}")
         log.flush()
         if line.strip():
             tail.append(line.rstrip())

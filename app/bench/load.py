@@ -42,6 +42,7 @@ class BenchConfig:
     timeout: float = 300.0
     max_duration: float | None = None
     seed: int = 0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # e.g. temperature, ignore_eos
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -121,6 +122,7 @@ def build_body(
     if cfg.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    body.update(cfg.extra_body)
     return path, body
 
 

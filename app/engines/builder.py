@@ -101,11 +101,21 @@ def deployment_config(spec: ModelSpec, router: RouterSettings | None = None) -> 
 
 
 def llm_config(
-    spec: ModelSpec, *, source: str | None = None, router: RouterSettings | None = None
+    spec: ModelSpec,
+    *,
+    source: str | None = None,
+    router: RouterSettings | None = None,
+    skip_noop_download: bool = True,
 ) -> Any:
-    """The Ray Serve LLM `LLMConfig` for one model (source resolved unless given)."""
+    """The Ray Serve LLM `LLMConfig` for one model (source resolved unless given).
+
+    `skip_noop_download`: skip Ray's per-node download task where it has nothing to download
+    (`app.engines.node_init`); off, the config is Ray Serve LLM's default."""
     from ray.serve.llm import LLMConfig
 
+    from app.engines.node_init import CALLBACK_CLASS
+
+    extra = {"callback_config": {"callback_class": CALLBACK_CLASS}} if skip_noop_download else {}
     return LLMConfig(
         model_loading_config={
             "model_id": spec.name,
@@ -116,6 +126,7 @@ def llm_config(
         placement_group_config={"bundles": placement_bundles(spec)},
         accelerator_type=spec.resources.accelerator_type,
         runtime_env={"env_vars": env} if (env := engine_env(spec)) else None,
+        **extra,
     )
 
 

@@ -51,6 +51,11 @@ def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
+def is_prepared(name: str) -> bool:
+    """Whether the embedded model's converted folder is complete."""
+    return (model_dir(name) / _DONE_MARKER).is_file()
+
+
 def prepare(name: str) -> Path:
     """Convert the embedded model to a Hugging Face folder once; return that folder.
 
@@ -60,7 +65,7 @@ def prepare(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
     target = model_dir(name)
-    if (target / _DONE_MARKER).is_file():
+    if is_prepared(name):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:

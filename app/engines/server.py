@@ -60,6 +60,18 @@ class EngineServer(LLMServer):
             **self._engine_stats.as_dict(),
         }
 
+    async def _start_engine(self) -> None:
+        """The engine start of `LLMServer`, minus its usage-telemetry push when Ray's usage
+        stats are disabled (`ray start --disable-usage-stats`, as `vrstack up` starts Ray): that
+        push creates a detached telemetry actor and waits for it, ~5 s of a 2-core start-up,
+        for data that is never sent."""
+        from ray._common.usage.usage_lib import usage_stats_enabled
+
+        if usage_stats_enabled():
+            await super()._start_engine()
+        else:
+            await self.engine.start()
+
     async def start(self) -> None:
         await super().start()
         _enable_tokenization(self.engine)
