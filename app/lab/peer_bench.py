@@ -20,8 +20,11 @@ before the simulated caches are reset (Ray Serve creates its request router on t
 request). Per router it reports the prefix hit rate from the servers' cached / prompt tokens,
 TTFT p50/p99 (client side, first streamed chunk, wall ms), throughput, and in-flight per replica
 (peak and time-averaged, max/mean across replicas), then checks `--target` (default
-`ours-stack:scored`) against the pooled-cache oracle and the peers. Every router gets
-`--router-timeout` seconds for its replay; the run stops by itself.
+`ours-stack:scored`) against the pooled-cache oracle and the peers. Several `--workload`s and
+`--replicas` counts run in one go: one simulator process per replica count (reset between
+routers), one Ray cluster for the whole run; Ray's front is deployed once per replica count and
+its prefix tree emptied before each trace. Every router gets `--router-timeout` seconds for its
+replay; the run stops by itself.
 """
 
 from __future__ import annotations
@@ -265,8 +268,8 @@ def ray_front(
     """A Ray Serve front (`app.lab.ray_fronts`) deployed over `workers`: (URL, description);
     deleted on exit. FrontError if the deploy fails."""
     kind, policy = name.split(":")
-    try:
-        url = fronts.deploy(kind, policy, workers, cache_blocks)
+    try:  # Ray's front is kept for the next trace over the same simulators (tree emptied)
+        url = fronts.deploy(kind, policy, workers, cache_blocks, keep=kind == "ray")
     except Exception as exc:  # a failed deploy is reported in the results, not fatal
         with contextlib.suppress(Exception):
             fronts.delete()
@@ -446,31 +449,23 @@ def start_simulator(
 
 
 def run_config(
-    workload: str, replicas: int, a, fronts: RayFronts | None, params: dict[str, Any]
+    workload: str, workers: list[str], a, fronts: RayFronts | None, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """Every router of `a.routers` in turn over one trace and `replicas` simulated replicas."""
+    """Every router of `a.routers` in turn over one trace and the simulated replicas."""
     trace = WORKLOADS[workload](seed=a.seed, **params)[: a.requests]
-    oracle = pooled_oracle([r.view() for r in trace], replicas * a.cache_blocks, 16)
-    log_dir = Path(a.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in range(replicas)]
-    workers = [f"http://127.0.0.1:{port}" for port in ports]
-    sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
+    oracle = pooled_oracle([r.view() for r in trace], len(workers) * a.cache_blocks, 16)
     results = []
-    try:
-        for name in a.routers:
-            print(f"-- {workload}, {replicas} replicas: {name}", file=sys.stderr, flush=True)
-            res = run_router(name, workers, trace, a, fronts)
-            print(json.dumps(res), file=sys.stderr, flush=True)
-            results.append(res)
-    finally:
-        _stop(sim)
+    for name in a.routers:
+        print(f"-- {workload}, {len(workers)} replicas: {name}", file=sys.stderr, flush=True)
+        res = run_router(name, workers, trace, a, fronts)
+        print(json.dumps(res), file=sys.stderr, flush=True)
+        results.append(res)
     checks = [t for name in a.target if (t := check_targets(results, name, oracle, a.time_scale))]
     return {
         "workload": workload,
         "params": params,
         "seed": a.seed,
-        "replicas": replicas,
+        "replicas": len(workers),
         "requests": len(trace),
         "time_scale": a.time_scale,
         "cache_blocks": a.cache_blocks,
@@ -522,17 +517,27 @@ def main() -> None:
     for item in a.param:
         key, _, value = item.partition("=")
         params[key.replace("-", "_")] = float(value) if "." in value else int(value)
+    log_dir = Path(a.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
     fronts: RayFronts | None = None
     try:
         if any(name.split(":")[0] in FRONT_KINDS for name in a.routers):
             fronts = RayFronts.start(free_port())
-        for workload in a.workload:
-            for replicas in a.replicas:
-                summary = run_config(workload, replicas, a, fronts, params)
-                if a.json_out:
-                    path = a.json_out.format(workload=workload, replicas=replicas)
-                    Path(path).write_text(json.dumps(summary, indent=1))
-                print(report(summary) + "\n", flush=True)
+        for replicas in a.replicas:
+            ports = [free_port() for _ in range(replicas)]
+            workers = [f"http://127.0.0.1:{port}" for port in ports]
+            sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
+            try:
+                for workload in a.workload:
+                    summary = run_config(workload, workers, a, fronts, params)
+                    if a.json_out:
+                        path = a.json_out.format(workload=workload, replicas=replicas)
+                        Path(path).write_text(json.dumps(summary, indent=1))
+                    print(report(summary) + "\n", flush=True)
+            finally:
+                if fronts is not None:
+                    fronts.clear()
+                _stop(sim)
     finally:
         if fronts is not None:
             fronts.close()

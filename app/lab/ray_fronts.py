@@ -195,14 +195,18 @@ def _ray_llm_max_ongoing() -> int:
 
 
 class RayFronts:
-    """Deploys one front at a time on a running Ray Serve (`start` starts one in this process)."""
+    """Deploys fronts on a running Ray Serve (`start` starts one in this process), one in use
+    at a time. A Ray front deployed with `keep=True` stays up for the next `deploy` over the
+    same simulators, its prefix tree emptied (deploying it costs minutes on a small machine:
+    each replica imports vLLM's request models); `clear` removes it."""
 
     def __init__(self, base_url: str, *, owns_cluster: bool = False) -> None:
         self.base_url = base_url
         self.bindings: dict[str, str] = {}
-        self._owns_cluster = owns_cluster
-        self._pool: Any = None
         self.app_name = ""
+        self._owns_cluster = owns_cluster
+        self._kept: dict[tuple[str, str, tuple[str, ...]], tuple[str, Any, dict[str, str]]] = {}
+        self._pool: Any = None
 
     @classmethod
     def start(cls, http_port: int) -> RayFronts:
@@ -220,11 +224,23 @@ class RayFronts:
         return cls(f"http://127.0.0.1:{http_port}", owns_cluster=True)
 
     def deploy(
-        self, kind: str, policy: str, workers: list[str], cache_blocks: int, model: str = "default"
+        self,
+        kind: str,
+        policy: str,
+        workers: list[str],
+        cache_blocks: int,
+        model: str = "default",
+        *,
+        keep: bool = False,
     ) -> str:
         """Deploy one front (`ours-stack` with our `policy`, or `ray`) over `workers`; its URL.
 
         Raises RuntimeError unless each worker URL is bound to exactly one front replica."""
+        key = (kind, policy, tuple(workers))
+        if key in self._kept:
+            self.app_name, self._pool, self.bindings = self._kept[key]
+            reset_prefix_tree(self.app_name, model)
+            return f"{self.base_url}/{self.app_name}"
         pool = BackendPool.remote(workers)
         if kind == "ours-stack":
             app = stack_app(pool, len(workers), policy, cache_blocks, model)
@@ -232,26 +248,51 @@ class RayFronts:
             app = ray_prefix_app(pool, len(workers), model)
         else:
             raise ValueError(f"unknown Ray front {kind}:{policy}")
-        # A fresh application name each time: Ray's prefix tree actor is named after the
-        # application and deployment and outlives `serve.delete`, so a reused name would
-        # inherit the previous front's tree.
+        # A fresh application name (and route prefix) each time: Ray's prefix tree actor is
+        # named after the application and outlives `serve.delete`.
         self.app_name = f"front-{uuid.uuid4().hex[:8]}"
-        serve.run(app, name=self.app_name, route_prefix="/")
+        serve.run(app, name=self.app_name, route_prefix=f"/{self.app_name}")
         self.bindings = ray.get(pool.bindings.remote())
         if sorted(self.bindings) != sorted(workers) or len(set(self.bindings.values())) != len(
             workers
         ):
+            serve.delete(self.app_name)
             raise RuntimeError(f"simulator URLs not bound one-to-one: {self.bindings}")
         self._pool = pool  # kept alive while the front runs
-        return self.base_url
+        if keep:
+            self._kept[key] = (self.app_name, pool, self.bindings)
+        return f"{self.base_url}/{self.app_name}"
 
     def delete(self) -> None:
-        """Remove the current front (and its request router state)."""
-        serve.delete(self.app_name)
-        time.sleep(1.0)
+        """Remove the front in use, unless it is kept."""
+        if self.app_name and all(self.app_name != k[0] for k in self._kept.values()):
+            serve.delete(self.app_name)
+            time.sleep(1.0)
+        self.app_name = ""
+
+    def clear(self) -> None:
+        """Remove the kept fronts (before their simulators go)."""
+        for app_name, _, _ in self._kept.values():
+            serve.delete(app_name)
+        self._kept.clear()
 
     def close(self) -> None:
         """Shut Serve and Ray down if `start` started them."""
         if self._owns_cluster:
             serve.shutdown()
             ray.shutdown()
+
+
+def reset_prefix_tree(app_name: str, deployment: str) -> None:
+    """Empty the prefix tree of Ray's `PrefixCacheAffinityRouter` for an engine deployment
+    (remove and re-add every replica), as a fresh deployment would start."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    namespace = f"{SERVE_NAMESPACE}::{app_name}::{deployment}"
+    tree = ray.get_actor("LlmPrefixTreeActor", namespace=namespace)
+    tenants = list(ray.get(tree.getattr.remote("tenant_to_char_count")))
+    ray.get(tree.remove_tenants.remote(tenants))
+    ray.get(tree.add_tenants.remote(tenants, time.time()))
+    counts = ray.get(tree.getattr.remote("tenant_to_char_count"))
+    if sorted(counts) != sorted(tenants) or any(counts.values()):
+        raise RuntimeError(f"prefix tree not emptied: {counts}")
