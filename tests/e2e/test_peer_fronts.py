@@ -67,9 +67,9 @@ def test_front_answers_reports_cache_and_uses_every_replica(
         fronts.delete()
 
 
-def test_front_non_streaming_and_chat(cluster: Cluster, workers: list[str]) -> None:
+def test_front_non_streaming_chat_and_kept_front(cluster: Cluster, workers: list[str]) -> None:
     fronts = RayFronts(cluster.base_url)
-    url = fronts.deploy("ray", "prefix_cache_affinity", workers, cache_blocks=2048)
+    url = fronts.deploy("ray", "prefix_cache_affinity", workers, cache_blocks=2048, keep=True)
     try:
         body = {"model": "default", "prompt": "one two three four", "max_tokens": 3}
         reply = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -79,5 +79,9 @@ def test_front_non_streaming_and_chat(cluster: Cluster, workers: list[str]) -> N
         with httpx.stream("POST", url + "/v1/chat/completions", json=chat, timeout=60) as r:
             assert r.status_code == 200
             assert r.read().decode().rstrip().endswith("data: [DONE]")
+        fronts.delete()  # kept: still serving, its prefix tree emptied on the next deploy
+        assert fronts.deploy("ray", "prefix_cache_affinity", workers, 2048, keep=True) == url
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
     finally:
-        fronts.delete()
+        fronts.clear()
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 404
