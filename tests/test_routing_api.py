@@ -12,6 +12,7 @@ from app.routing import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    ChainIndex,
     Decision,
     DecisionCounts,
     NoReplicaError,
@@ -176,6 +177,18 @@ def test_prefix_index_match_insert_remove():
     assert idx.size() == 3
 
 
+def test_chain_index_splits_runs_and_evicts_the_oldest_leaf():
+    idx = ChainIndex(max_blocks=5)
+    idx.insert("a", [1, 2, 3, 4])
+    idx.insert("a", [1, 2, 5])  # diverges inside the first run: split after block 2
+    assert idx.match([1, 2, 3, 4]) == {"a": 4}
+    assert idx.match([1, 2, 5, 6]) == {"a": 3}
+    assert idx.blocks("a") == [4, 3, 5, 2, 1]
+    idx.insert("a", [7, 8])  # two over the bound: blocks 4 then 3 go (the oldest leaf run)
+    assert idx.match([1, 2, 3, 4]) == {"a": 2}
+    assert idx.size("a") == 5
+
+
 def test_prefix_index_evicts_children_before_parents():
     idx = PrefixIndex(max_blocks=4)
     idx.insert("a", [1, 2, 3])
@@ -206,18 +219,19 @@ def test_scored_tracks_outstanding_prefill_work():
     reps = [ReplicaStats("r0", in_flight=1), ReplicaStats("r1", in_flight=1)]
     req = RequestView("m", text="new content " * 40)
     rid = policy.choose(req, reps).replica_id
-    assert policy._work[("m", rid)] > 0
+    assert policy.outstanding_work("m", rid) > 0
     policy.on_first_token(req, rid)
-    assert policy._work[("m", rid)] == 0
+    assert policy.outstanding_work("m", rid) == 0
     policy.on_complete(req, rid)  # a second report changes nothing
-    assert policy._work[("m", rid)] == 0
+    assert policy.outstanding_work("m", rid) == 0
 
 
 def test_forget_replica_drops_its_index_and_state():
     policy = make_policy("scored", block_size=4)
     text = "context " * 50
     rid = policy.choose(RequestView("m", text=text), _replicas(2)).replica_id
+    assert policy.outstanding_work("m", rid) > 0
     policy.forget_replica(rid)
     assert policy.index("m").size(rid) == 0
-    assert all(key[1] != rid for key in policy._work)
+    assert policy.outstanding_work("m", rid) == 0
     assert policy.choose(RequestView("m", text=text), _replicas(2)).reason == "least-load"

@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.routing import POLICY_NAMES, PrefixIndex, ReplicaStats, RequestView, make_policy
+from app.routing import (
+    POLICY_NAMES,
+    ChainIndex,
+    PrefixIndex,
+    ReplicaStats,
+    RequestView,
+    make_policy,
+)
 from app.routing.policies import SessionPolicy
 
 KEYS = [f"session-{i}" for i in range(400)]
@@ -64,10 +71,34 @@ def test_prefix_index_stays_within_its_bound(bound, ops):
         for r in ("a", "b", "c"):
             assert idx.size(r) <= bound
     for r in ("a", "b", "c"):
-        for h in idx._lru.get(r, ()):
+        for h in idx.blocks(r):
             assert r in idx.holders(h)
-    for h in idx._holders:
-        assert all(h in idx._lru[r] for r in idx.holders(h))
+
+
+# A random tree of chains: each chain extends a prefix of an earlier one by fresh blocks.
+chain_trees = st.lists(
+    st.tuples(st.integers(0, 1000), st.floats(0, 1), st.integers(0, 12), st.sampled_from("ab")),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bound=st.integers(1, 40), steps=chain_trees)
+def test_chain_index_holds_exactly_what_the_block_lru_holds(bound, steps):
+    chains: list[list[int]] = [[]]
+    fresh = iter(range(10**6, 2 * 10**6))
+    exact, fast = PrefixIndex(bound), ChainIndex(bound)
+    for pick, cut, extra, replica in steps:
+        base = chains[pick % len(chains)]
+        chain = base[: round(cut * len(base))] + [next(fresh) for _ in range(extra)]
+        chains.append(chain)
+        exact.insert(replica, chain)
+        fast.insert(replica, chain)
+        for r in "ab":
+            assert fast.blocks(r) == exact.blocks(r)
+            assert fast.size(r) == exact.size(r) <= bound
+        probe = chains[(pick * 7 + extra) % len(chains)]
+        assert fast.match(probe) == exact.match(probe)
 
 
 replica_sets = st.lists(

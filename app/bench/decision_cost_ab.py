@@ -52,6 +52,7 @@ def main() -> None:
     for side, results in runs.items():
         p50 = [r["p50_us"] for r in results]
         p99 = [r["p99_us"] for r in results]
+        cpu = [r.get("cpu_p50_us", float("nan")) for r in results]
         summary = {
             "side": side,
             "rev": a.rev if side == "before" else "working tree",
@@ -59,6 +60,7 @@ def main() -> None:
             "p50_us_median": statistics.median(p50),
             "p50_us_best": min(p50),
             "p99_us_median": statistics.median(p99),
+            "cpu_p50_us_median": statistics.median(cpu),
         }
         print(json.dumps(summary))
 

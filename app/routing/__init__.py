@@ -5,7 +5,7 @@
 """
 
 from app.routing.counts import DecisionCounts
-from app.routing.index import PrefixIndex
+from app.routing.index import ChainIndex, PrefixIndex
 from app.routing.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from app.routing.policies import (
     KvPolicy,
@@ -26,6 +26,7 @@ __all__ = [
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
+    "ChainIndex",
     "Decision",
     "DecisionCounts",
     "KvEvent",

@@ -9,7 +9,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from app.routing.index import PrefixIndex
+from app.routing.index import ChainIndex, PrefixIndex
 from app.routing.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from app.routing.tokens import DEFAULT_BLOCK_SIZE, block_hash, root_hash
 from app.routing.types import Decision, NoReplicaError, ReplicaStats, RequestView
@@ -160,7 +160,7 @@ class PrefixPolicy(_Base):
     """
 
     name = "prefix"
-    _whole_chains = True  # every insert is a prompt's whole chain (see PrefixIndex)
+    _index_class: type[ChainIndex] | type[PrefixIndex] = ChainIndex  # records whole chains
 
     def __init__(
         self,
@@ -171,13 +171,13 @@ class PrefixPolicy(_Base):
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.min_match = min_match
-        self._indexes: dict[str, PrefixIndex] = {}
+        self._indexes: dict[str, ChainIndex | PrefixIndex] = {}
 
-    def index(self, model: str) -> PrefixIndex:
+    def index(self, model: str) -> ChainIndex | PrefixIndex:
         """The model's prefix index."""
         idx = self._indexes.get(model)
         if idx is None:
-            idx = self._indexes[model] = PrefixIndex(self.max_blocks, self._whole_chains)
+            idx = self._indexes[model] = self._index_class(self.max_blocks)
         return idx
 
     def forget_replica(self, replica_id: str) -> None:
@@ -186,14 +186,11 @@ class PrefixPolicy(_Base):
 
     def _matches(self, request: RequestView, pool: list[ReplicaStats]) -> list[float]:
         hashes = request.block_hashes(self.block_size)
-        if not hashes:
-            return [0.0] * len(pool)
-        found = self.index(request.model).match(hashes)
+        found = self.index(request.model).match(hashes) if hashes else None
         if not found:
             return [0.0] * len(pool)
-        total = max(request.prompt_tokens, 1)
-        bs = self.block_size
-        return [min(1.0, found.get(c.replica_id, 0) * bs / total) for c in pool]
+        scale = self.block_size / max(request.prompt_tokens, 1)
+        return [min(1.0, found.get(c.replica_id, 0) * scale) for c in pool]
 
     def _record(self, request: RequestView, replica_id: str) -> None:
         self.index(request.model).insert(replica_id, request.block_hashes(self.block_size))
@@ -224,7 +221,7 @@ class KvPolicy(PrefixPolicy):
     """
 
     name = "kv"
-    _whole_chains = False  # engine events store parts of chains
+    _index_class = PrefixIndex  # engine events store and remove parts of chains
 
     def __init__(
         self, block_size: int = DEFAULT_BLOCK_SIZE, max_blocks: int = 1_000_000, **kw: float

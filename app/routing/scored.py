@@ -77,13 +77,13 @@ class ScoredPolicy(PrefixPolicy):
         self.pressure_rel, self.share_rel, self.share_abs = pressure_rel, share_rel, share_abs
         self.pressure_abs = max_blocks / 4 if pressure_abs is None else pressure_abs
         self._decay = 1.0 - 1.0 / max(1, pressure_window)
-        # Per model and replica: [pressure, share], kept inflated by `_gain` so that decaying
-        # every replica is one multiplication of the gain (renormalised when it grows large).
-        self._avg: dict[str, dict[str, list[float]]] = {}
+        # Per model and replica: [pressure, share, work]. Pressure and share are kept inflated
+        # by `_gain` so that decaying every replica is one multiplication of the gain
+        # (renormalised when it grows large); work is the uncached blocks sent there by requests
+        # whose first token or completion has not been reported yet.
+        self._state: dict[str, dict[str, list[float]]] = {}
         self._gain: dict[str, float] = {}
-        # Uncached blocks sent to each replica by requests not yet complete (`on_complete`).
-        self._work: dict[tuple[str, str], float] = {}
-        self._open: OrderedDict[int, tuple[str, str, float]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[list[float], float]] = OrderedDict()
         self._turn = 0
 
     def on_first_token(self, request: RequestView, replica_id: str) -> None:
@@ -94,42 +94,40 @@ class ScoredPolicy(PrefixPolicy):
         """Take the request's uncached blocks off the replica's outstanding work (if still on)."""
         opened = self._open.pop(id(request), None)
         if opened is not None:
-            key = (opened[0], opened[1])
-            self._work[key] = max(0.0, self._work.get(key, 0.0) - opened[2])
+            entry, blocks = opened
+            entry[2] = max(0.0, entry[2] - blocks)
+
+    def outstanding_work(self, model: str, replica_id: str) -> float:
+        """Uncached blocks sent to the replica whose prefill has not been reported done."""
+        entry = self._state.get(model, {}).get(replica_id)
+        return entry[2] if entry is not None else 0.0
 
     def forget_replica(self, replica_id: str) -> None:
         super().forget_replica(replica_id)
-        for table in self._avg.values():
+        for table in self._state.values():
             table.pop(replica_id, None)
-        for key in [k for k in self._work if k[1] == replica_id]:
-            del self._work[key]
 
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         n = len(pool)
         ratios = self._matches(request, pool)
         model = request.model
-        avg = self._avg.get(model)
-        if avg is None:
-            avg = self._avg[model] = {}
+        table = self._state.get(model)
+        if table is None:
+            table = self._state[model] = {}
             self._gain[model] = 1.0
         gain = self._gain[model]
-        pending: list[float] = []
-        pressure: list[float] = []
-        share: list[float] = []
-        work: list[float] = []
-        for c in pool:
-            busy = c.in_flight + c.queued
-            pending.append(busy)
-            key = (model, c.replica_id)
-            if not busy:
-                self._work.pop(key, None)  # self-healing when completions go unreported
-            work.append(self._work.get(key, 0.0))
-            entry = avg.get(c.replica_id)
-            if entry is None:
-                entry = avg[c.replica_id] = [0.0, 0.0]
-            pressure.append(entry[0])
-            share.append(entry[1])
+        try:
+            entries = [table[c.replica_id] for c in pool]
+        except KeyError:
+            entries = [table.setdefault(c.replica_id, [0.0, 0.0, 0.0]) for c in pool]
+        pending = [c.in_flight + c.queued for c in pool]
+        if not all(pending):
+            for entry, busy in zip(entries, pending, strict=True):
+                if not busy:
+                    entry[2] = 0.0  # self-healing when completions go unreported
+        pressure = [e[0] for e in entries]
+        share = [e[1] for e in entries]
         mean = sum(pending) / n
         p_mean = sum(pressure) / n
         s_mean = sum(share) / n
@@ -149,45 +147,48 @@ class ScoredPolicy(PrefixPolicy):
         w_prefix = self.w_prefix
         if max(ratios) < self.cold_match:
             w_prefix *= self.cold_prefix_scale
+        w_load, w_queue, w_kv = self.w_load, self.w_queue, self.w_kv
+        w_pressure, w_work = self.w_pressure, self.w_work
         best_key: tuple[float, float, int] | None = None
         chosen = 0
+        turn = self._turn
         for j in range(n):
-            i = (j + self._turn) % n
+            i = (j + turn) % n
             if not allowed[i]:
                 continue
             c = pool[i]
             score = (
                 w_prefix * ratios[i]
-                - self.w_load * load[i]
-                - self.w_queue * c.queued / max(1, c.max_concurrency)
-                - self.w_kv * c.kv_usage
-                - self.w_pressure * press[i]
-                - self.w_work * work[i] / blocks
+                - w_load * load[i]
+                - w_queue * c.queued / max(1, c.max_concurrency)
+                - w_kv * c.kv_usage
+                - w_pressure * press[i]
+                - w_work * entries[i][2] / blocks
             )
             key = (score, -pending[i], -j)
             if best_key is None or key > best_key:
                 best_key, chosen = key, i
-        if ratios[chosen] > 0:
-            reason = f"prefix-match={ratios[chosen]:.2f}"
+        ratio = ratios[chosen]
+        if ratio > 0:
+            reason = f"prefix-match={ratio:.2f}"
         elif any(ratios[i] > 0 and not allowed[i] for i in range(n)):
             reason = "hotspot-guard"
         else:
             reason = "least-load"
         rid = pool[chosen].replica_id
         hashes = request.block_hashes(self.block_size)
-        new_blocks = len(hashes) - round(ratios[chosen] * request.prompt_tokens / self.block_size)
+        new_blocks = len(hashes) - round(ratio * request.prompt_tokens / self.block_size)
         gain /= self._decay
-        entry = avg[rid]
+        entry = entries[chosen]
         new_blocks = max(0, new_blocks)
-        key = (model, rid)
-        self._work[key] = self._work.get(key, 0.0) + new_blocks
-        self._open[id(request)] = (model, rid, new_blocks)
+        entry[2] += new_blocks
+        self._open[id(request)] = (entry, new_blocks)
         if len(self._open) > 100_000:  # completions not reported: forget the oldest
             self._open.popitem(last=False)
         entry[0] += (new_blocks + 1) * gain
         entry[1] += gain
         if gain > 1e100:
-            for e in avg.values():
+            for e in table.values():
                 e[0] /= gain
                 e[1] /= gain
             gain = 1.0
