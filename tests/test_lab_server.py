@@ -64,3 +64,26 @@ def test_second_identical_prompt_hits_the_cache_and_answers_are_openai_shaped():
     assert models["data"][0]["id"] == "default"
     assert tokens["count"] == len(tokens["tokens"]) > 0
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_modelled_ttft_counts_the_prefill_queue_and_shrinks_with_cached_blocks():
+    from app.lab.server import SimulatedServer
+
+    settings = SimSettings(cache_blocks=256, prefill_cost=0.001, prefill_overhead=0.0)
+    server = SimulatedServer("r0", settings, time_scale=0.05)
+    prompt = "word " * 320  # 400 tokens: 0.4 s modelled prefill, 20 ms wall
+
+    async def first_token() -> None:
+        return None
+
+    async def scenario() -> None:
+        await server.run(prompt, 1, first_token)  # cold
+        await server.run(prompt, 1, first_token)  # all full blocks cached
+        # two new 400-token prompts at once: one prefill waits for the other
+        await asyncio.gather(*(server.run(w * 320, 1, first_token) for w in ("abcd ", "wxyz ")))
+
+    asyncio.run(scenario())
+    cold, warm, *pair = server.stats()["ttft_s"]
+    assert 0.4 <= cold < 0.7
+    assert warm < 0.1
+    assert min(pair) >= 0.4 and max(pair) >= 0.8  # the second prefill queued behind the first

@@ -9,10 +9,10 @@ interleaved over `--rounds` rounds so every target sees the same machine load:
 - `direct`: the client to the backend;
 - `vllm-router`: `vllm-router --policy round_robin` (PyPI, Rust) in front of the backend;
 - `ours`: Ray Serve proxy -> our `Ingress` -> our request router (policy `scored`) ->
-  `SimulatedEngineServer` replicas emitting `max_tokens` chunks with zero delay, one Ray stream
-  item per token (as `EngineServer` forwards vLLM's output today);
-- `ours-batched`: the same, with the engine gathering its chunks into one item per 50 ms (stock
-  `LLMServer`'s `Batcher`), i.e. what `EngineServer` would send if it kept `LLMServer`'s batches;
+  `SimulatedEngineServer` replicas emitting `max_tokens` chunks with zero delay, gathered into
+  one Ray stream item per 50 ms by stock's `Batcher` (as `EngineServer` forwards `LLMServer`'s
+  batches);
+- `ours-per-token`: the same without the `Batcher` (one item per token);
 - `stock`: Ray Serve proxy -> stock Ray Serve LLM `OpenAiIngress` (as `build_openai_app` wires
   it) -> `SimulatedLLMServer` replicas (stock `LLMServer`'s `completions` method, zero delay,
   its 50 ms `Batcher`);
@@ -48,16 +48,16 @@ import psutil
 
 from app.bench.load import BenchConfig, run_fixed
 from app.bench.stats import RequestRecord, percentile, summarize
-from app.lab.peer_bench import _stop, _wait_ready, free_port, router_command
+from app.lab.peer_bench import _stop, _wait_ready, free_port, router_subprocess
 from app.lab.server import App, Send, SimulatedServer
 from app.lab.simulator import SimSettings
 
-TARGETS = ("direct", "vllm-router", "ours", "ours-batched", "stock", "stock-per-token")
+TARGETS = ("direct", "vllm-router", "ours", "ours-per-token", "stock", "stock-per-token")
 MODEL = "sim"
-# The model each target asks for (default MODEL): our stack's engines for `sim` send one item per
-# token (as `EngineServer` does today), for `sim-batched` one item per 50 ms batch; stock's
-# servers for `sim` batch (as `LLMServer` does), for `sim-per-token` they do not.
-MODELS = {"ours-batched": "sim-batched", "stock-per-token": "sim-per-token"}
+# The model each target asks for (default MODEL): both stacks' engines for `sim` send one item
+# per 50 ms batch (as `LLMServer` and our `EngineServer` do), for `sim-per-token` one per token.
+PER_TOKEN = "sim-per-token"
+MODELS = {"ours-per-token": PER_TOKEN, "stock-per-token": PER_TOKEN}
 OURS_APP, STOCK_APP = "overhead-ours", "overhead-stock"
 STOCK_PREFIX = "/stock"
 
@@ -122,7 +122,7 @@ async def serve_backend(ports: list[int], host: str = "127.0.0.1") -> None:
 # -- Ray Serve targets ------------------------------------------------------------------------
 def deploy_ours(replicas: int) -> None:
     """Our Ingress + request router (default policy) over zero-delay simulated engines: model
-    `sim` streams one item per token, `sim-batched` one per 50 ms batch."""
+    `sim` streams one item per 50 ms batch, `sim-per-token` one per token."""
     from ray import serve
     from ray.llm._internal.serve.constants import MODEL_RESPONSE_BATCH_TIMEOUT_MS
 
@@ -131,7 +131,7 @@ def deploy_ours(replicas: int) -> None:
     from app.engines.simulated import SimulatedEngineServer
     from app.ingress.deployment import Ingress
 
-    models = {MODEL: 0, MODELS["ours-batched"]: MODEL_RESPONSE_BATCH_TIMEOUT_MS}
+    models = {MODEL: MODEL_RESPONSE_BATCH_TIMEOUT_MS, PER_TOKEN: 0}
     config = load_config(
         {"models": [{"name": m, "source": f"org/{m}", "replicas": replicas} for m in models]}
     )
@@ -168,7 +168,7 @@ def deploy_stock(replicas: int) -> None:
         MODEL: SimulatedLLMServer.options(name="stock-server", num_replicas=replicas).bind(
             batch_ms=MODEL_RESPONSE_BATCH_TIMEOUT_MS
         ),
-        MODELS["stock-per-token"]: SimulatedLLMServer.options(
+        PER_TOKEN: SimulatedLLMServer.options(
             name="stock-server-per-token", num_replicas=replicas
         ).bind(batch_ms=0),
     }
@@ -487,25 +487,12 @@ def backend(ports: list[int]) -> Iterator[subprocess.Popen]:
 
 @contextmanager
 def vllm_router(workers: list[str], venv: Path, log_dir: Path) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    argv, env = router_command("vllm-router:round_robin", port, workers, venv, 0)
+    """`vllm-router --policy round_robin` over the workers: (URL, pid)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "vllm-router.log", "w") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            problem = asyncio.run(_wait_ready(url, proc, 60))
-            if problem:
-                raise RuntimeError(f"vllm-router: {problem}")
-            yield url, proc.pid
-        finally:
-            _stop(proc)
+    log = log_dir / "vllm-router.log"
+    with router_subprocess("vllm-router:round_robin", workers, venv, 0, log, 60) as started:
+        url, _, proc = started
+        yield url, proc.pid
 
 
 @contextmanager
@@ -577,7 +564,7 @@ def run(a: argparse.Namespace, serve_port: int | None = None) -> dict[str, Any]:
             except (OSError, RuntimeError) as exc:
                 failed["vllm-router"] = {"error": str(exc)}
         profile_pids: dict[str, int] = {}
-        ours = [t for t in ("ours", "ours-batched") if t in a.targets]
+        ours = [t for t in ("ours", "ours-per-token") if t in a.targets]
         stock = [t for t in ("stock", "stock-per-token") if t in a.targets]
         if ours or stock:
             port = stack.enter_context(serve_cluster(serve_port))

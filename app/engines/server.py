@@ -96,8 +96,8 @@ class EngineServer(LLMServer):
         self._in_flight += 1
         try:
             async for item in await getattr(self, endpoint)(request):
-                for chunk in item if isinstance(item, list) else [item]:
-                    yield _plain(chunk)
+                for plain in _plain_items(item):
+                    yield plain
         finally:
             self._in_flight -= 1
 
@@ -108,6 +108,15 @@ def _enable_tokenization(engine: Any) -> None:
     state = getattr(engine, "_app_state", None)
     if getattr(engine, "_oai_serving_tokenization", True) is None and state is not None:
         engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)
+
+
+def _plain_items(item: Any) -> list[EngineItem]:
+    """`LLMServer` streams lists of SSE strings gathered every 50 ms: each list stays one item
+    (one Ray stream message per batch, not per token); anything else becomes one item each."""
+    chunks = item if isinstance(item, list) else [item]
+    if chunks and all(isinstance(chunk, str) for chunk in chunks):
+        return [{"sse": "".join(chunks)}]
+    return [_plain(chunk) for chunk in chunks]
 
 
 def _plain(item: Any) -> EngineItem:

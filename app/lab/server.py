@@ -61,6 +61,7 @@ class SimulatedServer:
         self.prefill_lock = asyncio.Lock()  # FIFO: one prefill at a time
         self.requests = self.prompt_tokens = self.cached_tokens = 0
         self.in_flight = self.max_in_flight = 0
+        self.ttfts: list[float] = []  # modelled seconds, arrival here to first token
         self.calls: dict[str, int] = {}  # requests per path (what routers probe)
         self._area = 0.0
         self._since = self._last = time.monotonic()
@@ -83,11 +84,16 @@ class SimulatedServer:
             "max_in_flight": self.max_in_flight,
             "mean_in_flight": self._area / span,
             "cache_blocks_used": len(self.cache),
+            "ttft_s": list(self.ttfts),
             "calls": dict(self.calls),
         }
 
     async def run(self, text: str, max_tokens: int, on_first_token: Callable[[], Awaitable[None]]):
-        """Admit, prefill, call `on_first_token`, decode; returns (prompt, cached) tokens."""
+        """Admit, prefill, call `on_first_token`, decode; returns (prompt, cached) tokens.
+
+        Records the request's modelled TTFT: from its arrival at this replica to its first
+        token (admission wait, prefill queue and prefill), wall time / `time_scale`."""
+        arrived = time.monotonic()
         view = RequestView(self.model, text=text)
         hashes = view.block_hashes(self.s.block_size)
         prompt = max(1, view.prompt_tokens)
@@ -102,6 +108,7 @@ class SimulatedServer:
                 self.requests += 1
                 self.prompt_tokens += prompt
                 self.cached_tokens += cached
+                self.ttfts.append((time.monotonic() - arrived) / self.time_scale)
                 await on_first_token()
                 await asyncio.sleep(self.s.decode_cost * max_tokens * self.time_scale)
         finally:

@@ -10,12 +10,6 @@ from app.routing.tokens import DEFAULT_BLOCK_SIZE
 from app.routing.types import Decision, ReplicaStats, RequestView
 
 
-def _spread(values: list[float]) -> list[float]:
-    """Each value's place between the smallest (0) and the largest (1); all 0 if equal."""
-    lo, hi = min(values), max(values)
-    return [(v - lo) / (hi - lo) for v in values] if hi > lo else [0.0] * len(values)
-
-
 class ScoredPolicy(PrefixPolicy):
     """Best weighted score among replicas that are neither load nor cache hotspots.
 
@@ -38,8 +32,10 @@ class ScoredPolicy(PrefixPolicy):
        (`on_first_token`) or completion (`on_complete`) has not been reported yet: the prefill
        queued ahead (reset when the replica reports nothing in flight).
        When no replica holds `cold_match` of the prompt (mostly new content, e.g. a new
-       conversation after a shared system prompt), `w_prefix` is scaled by `cold_prefix_scale`:
-       spreading new content matters more than reusing a short shared part.
+       conversation after a shared system prompt), `w_prefix` is scaled by `cold_prefix_scale`
+       and `w_pressure` by `cold_pressure_scale`: new content goes where the least new content
+       went lately (as SGLang's smallest-tree rule), so prefix groups spread evenly and later
+       requests of a group need not be split off a crowded replica.
     4. Pick the highest score; ties go to the fewest in-flight plus queued, then in turn.
     5. Record the prompt's blocks under the chosen replica; add its new blocks to the replica's
        pressure and outstanding work, and the request to its share.
@@ -58,21 +54,23 @@ class ScoredPolicy(PrefixPolicy):
         w_queue: float = 2.0,
         w_kv: float = 1.0,
         w_pressure: float = 0.25,
-        w_work: float = 1.5,
+        w_work: float = 1.0,
         cold_match: float = 0.5,
         cold_prefix_scale: float = 0.25,
+        cold_pressure_scale: float = 10.0,
         hotspot_rel: float = 1.5,
-        hotspot_abs: float = 4.0,
+        hotspot_abs: float = 6.0,
         pressure_rel: float = 1.25,
         pressure_abs: float | None = None,
-        share_rel: float = 1.4,
-        share_abs: float = 4.0,
+        share_rel: float = 2.0,
+        share_abs: float = 8.0,
         pressure_window: int = 1024,
     ) -> None:
         super().__init__(block_size, max_blocks, min_match=0.0)
         self.w_prefix, self.w_load, self.w_queue, self.w_kv = w_prefix, w_load, w_queue, w_kv
         self.w_pressure, self.w_work = w_pressure, w_work
         self.cold_match, self.cold_prefix_scale = cold_match, cold_prefix_scale
+        self.cold_pressure_scale = cold_pressure_scale
         self.hotspot_rel, self.hotspot_abs = hotspot_rel, hotspot_abs
         self.pressure_rel, self.share_rel, self.share_abs = pressure_rel, share_rel, share_abs
         self.pressure_abs = max_blocks / 4 if pressure_abs is None else pressure_abs
@@ -110,22 +108,29 @@ class ScoredPolicy(PrefixPolicy):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         n = len(pool)
-        ratios = self._matches(request, pool)
-        model = request.model
+        model, block_size = request.model, self.block_size
+        hashes = request.block_hashes(block_size)
+        index = self.index(model)
+        found = index.match(hashes) if hashes else {}
         table = self._state.get(model)
         if table is None:
             table = self._state[model] = {}
             self._gain[model] = 1.0
         gain = self._gain[model]
-        try:
-            entries = [table[c.replica_id] for c in pool]
-        except KeyError:
-            entries = [table.setdefault(c.replica_id, [0.0, 0.0, 0.0]) for c in pool]
-        pending = [c.in_flight + c.queued for c in pool]
-        if not all(pending):
-            for entry, busy in zip(entries, pending, strict=True):
-                if not busy:
-                    entry[2] = 0.0  # self-healing when completions go unreported
+        # One pass for the per-replica inputs: match ratio, in-flight plus queued, state.
+        scale = block_size / max(request.prompt_tokens, 1)
+        ratios, pending, entries = [0.0] * n, [0] * n, [None] * n
+        for i, c in enumerate(pool):
+            rid = c.replica_id
+            if found and rid in found:
+                ratios[i] = min(1.0, found[rid] * scale)
+            entry = table.get(rid)
+            if entry is None:
+                entry = table[rid] = [0.0, 0.0, 0.0]
+            busy = pending[i] = c.in_flight + c.queued
+            if not busy:
+                entry[2] = 0.0  # self-healing when completions go unreported
+            entries[i] = entry
         pressure = [e[0] for e in entries]
         share = [e[1] for e in entries]
         mean = sum(pending) / n
@@ -134,53 +139,57 @@ class ScoredPolicy(PrefixPolicy):
         limit = max(mean * self.hotspot_rel, mean + self.hotspot_abs)
         p_limit = max(p_mean * self.pressure_rel, p_mean + self.pressure_abs * gain)
         s_limit = max(s_mean * self.share_rel, s_mean + self.share_abs * gain)
-        not_hot = [p <= limit for p in pending]
         allowed = [
-            ok and pressure[i] <= p_limit and (share[i] <= s_limit or pending[i] <= mean)
-            for i, ok in enumerate(not_hot)
+            p <= limit and pr <= p_limit and (sh <= s_limit or p <= mean)
+            for p, pr, sh in zip(pending, pressure, share, strict=True)
         ]
         if not any(allowed):
-            allowed = not_hot if any(not_hot) else [True] * n
-        load, press = _spread(pending), _spread(pressure)
+            allowed = [p <= limit for p in pending]
+            if not any(allowed):
+                allowed = [True] * n
+        lo, hi = min(pending), max(pending)
+        p_lo, p_hi = min(pressure), max(pressure)
         self._turn += 1
-        blocks = max(1, request.prompt_tokens / self.block_size)
-        w_prefix = self.w_prefix
-        if max(ratios) < self.cold_match:
+        blocks = max(1, request.prompt_tokens / block_size)
+        best_ratio = max(ratios)
+        w_prefix, w_pressure = self.w_prefix, self.w_pressure
+        if best_ratio < self.cold_match:
             w_prefix *= self.cold_prefix_scale
-        w_load, w_queue, w_kv = self.w_load, self.w_queue, self.w_kv
-        w_pressure, w_work = self.w_pressure, self.w_work
-        best_key: tuple[float, float, int] | None = None
-        chosen = 0
+            w_pressure *= self.cold_pressure_scale
+        w_load, w_queue, w_kv, w_work = self.w_load, self.w_queue, self.w_kv, self.w_work
+        # Highest score; ties: fewest in-flight plus queued, then the first in turn order.
+        # Load and pressure are scaled from 0 (least) to 1 (most) over the eligible replicas.
+        best_score, best_pending, chosen = 0.0, 0, -1
         turn = self._turn
         for j in range(n):
             i = (j + turn) % n
             if not allowed[i]:
                 continue
             c = pool[i]
+            busy = pending[i]
             score = (
                 w_prefix * ratios[i]
-                - w_load * load[i]
+                - w_load * ((busy - lo) / (hi - lo) if hi > lo else 0.0)
                 - w_queue * c.queued / max(1, c.max_concurrency)
                 - w_kv * c.kv_usage
-                - w_pressure * press[i]
+                - w_pressure * ((pressure[i] - p_lo) / (p_hi - p_lo) if p_hi > p_lo else 0.0)
                 - w_work * entries[i][2] / blocks
             )
-            key = (score, -pending[i], -j)
-            if best_key is None or key > best_key:
-                best_key, chosen = key, i
+            if chosen < 0 or score > best_score or (score == best_score and busy < best_pending):
+                best_score, best_pending, chosen = score, busy, i
         ratio = ratios[chosen]
         if ratio > 0:
             reason = f"prefix-match={ratio:.2f}"
-        elif any(ratios[i] > 0 and not allowed[i] for i in range(n)):
+        elif best_ratio > 0 and any(
+            r > 0 and not ok for r, ok in zip(ratios, allowed, strict=True)
+        ):
             reason = "hotspot-guard"
         else:
             reason = "least-load"
         rid = pool[chosen].replica_id
-        hashes = request.block_hashes(self.block_size)
-        new_blocks = len(hashes) - round(ratio * request.prompt_tokens / self.block_size)
+        new_blocks = max(0, len(hashes) - round(ratio * request.prompt_tokens / block_size))
         gain /= self._decay
         entry = entries[chosen]
-        new_blocks = max(0, new_blocks)
         entry[2] += new_blocks
         self._open[id(request)] = (entry, new_blocks)
         if len(self._open) > 100_000:  # completions not reported: forget the oldest
@@ -193,5 +202,5 @@ class ScoredPolicy(PrefixPolicy):
                 e[1] /= gain
             gain = 1.0
         self._gain[model] = gain
-        self.index(model).insert(rid, hashes)
+        index.insert(rid, hashes)
         return Decision(rid, self.name, reason)

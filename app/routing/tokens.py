@@ -60,7 +60,7 @@ def text_chain(data: bytes, step: int, root: int) -> list[int]:
     words = np.frombuffer(data, dtype=_U8 if wide else _U4, count=n * per_block)
     if not wide:
         words = words.astype(np.uint64)
-    digests = words.reshape(n, per_block) @ _MULTIPLIERS[:per_block]
+    digests = np.dot(words.reshape(n, per_block), _MULTIPLIERS[:per_block])
     digests ^= digests >> _SHIFT
     if n > len(_POSITIONS):
         digests ^= np.resize(_POSITIONS, n) ^ np.arange(n, dtype=np.uint64)
