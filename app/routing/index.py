@@ -161,7 +161,8 @@ class ChainIndex:
         rep = self._replicas.get(replica_id)
         if rep is None:
             rep = self._replicas[replica_id] = _Replica()
-        hashes = hashes[: self.max_blocks]
+        if len(hashes) > self.max_blocks:
+            hashes = hashes[: self.max_blocks]
         heads, lru = rep.heads, rep.lru
         path: list[_Run] = []
         held = rep.walk(hashes, path)
@@ -173,14 +174,16 @@ class ChainIndex:
             tail.depth = held
             heads[head.blocks[0]] = head
             heads[tail.blocks[0]] = tail
+            lru[head] = None
         if held < len(hashes):
-            run = _Run(list(hashes[held:]), held)
+            new = hashes[held:]
+            run = _Run(new if isinstance(new, list) else list(new), held)
             heads[run.blocks[0]] = run
             lru[run] = None
             rep.size += len(run.blocks)
+        touch = lru.move_to_end
         for run in reversed(path):
-            lru[run] = None
-            lru.move_to_end(run)
+            touch(run)
         excess = rep.size - self.max_blocks
         while excess > 0:
             run = next(iter(lru))

@@ -167,14 +167,18 @@ class ScoredPolicy(PrefixPolicy):
                 continue
             c = pool[i]
             busy = pending[i]
-            score = (
-                w_prefix * ratios[i]
-                - w_load * ((busy - lo) / (hi - lo) if hi > lo else 0.0)
-                - w_queue * c.queued / max(1, c.max_concurrency)
-                - w_kv * c.kv_usage
-                - w_pressure * ((pressure[i] - p_lo) / (p_hi - p_lo) if p_hi > p_lo else 0.0)
-                - w_work * entries[i][2] / blocks
-            )
+            score = w_prefix * ratios[i]
+            if hi > lo:
+                score -= w_load * ((busy - lo) / (hi - lo))
+            if c.queued:
+                score -= w_queue * c.queued / max(1, c.max_concurrency)
+            if c.kv_usage:
+                score -= w_kv * c.kv_usage
+            if p_hi > p_lo:
+                score -= w_pressure * ((pressure[i] - p_lo) / (p_hi - p_lo))
+            work = entries[i][2]
+            if work:
+                score -= w_work * work / blocks
             if chosen < 0 or score > best_score or (score == best_score and busy < best_pending):
                 best_score, best_pending, chosen = score, busy, i
         ratio = ratios[chosen]
