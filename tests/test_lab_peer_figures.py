@@ -50,3 +50,10 @@ def test_without_modelled_ttfts_the_ttft_target_is_not_met():
     assert t["modelled_ttft_p99_minus_best_peer_ms"] is None
     assert not t["met"]["modelled_ttft_p99"]
     assert "| - |" in table([ours], 0.5)
+
+
+def test_free_ports_are_distinct():
+    from app.lab.peer_bench import free_ports
+
+    ports = free_ports(16)
+    assert len(set(ports)) == 16 and all(1024 <= p < 65536 for p in ports)

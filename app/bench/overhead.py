@@ -48,7 +48,7 @@ import psutil
 
 from app.bench.load import BenchConfig, run_fixed
 from app.bench.stats import RequestRecord, percentile, summarize
-from app.lab.peer_bench import _stop, _wait_ready, free_port, router_subprocess
+from app.lab.peer_bench import _stop, _wait_ready, free_port, free_ports, router_subprocess
 from app.lab.server import App, Send, SimulatedServer
 from app.lab.simulator import SimSettings
 
@@ -545,7 +545,7 @@ def run(a: argparse.Namespace, serve_port: int | None = None) -> dict[str, Any]:
     unknown = set(a.targets) - set(TARGETS)
     if unknown:
         raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}")
-    ports = [free_port() for _ in range(a.backend_replicas)]
+    ports = free_ports(a.backend_replicas)
     workers = [f"http://127.0.0.1:{p}" for p in ports]
     meter = CpuMeter()
     meter.add("load generator", [os.getpid()])

@@ -70,9 +70,16 @@ TARGETS = ("ours-stack:scored", "ours:scored")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all held open while choosing, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 @dataclass
@@ -550,7 +557,7 @@ def main() -> None:
         if any(name.split(":")[0] in FRONT_KINDS for name in a.routers):
             fronts = RayFronts.start(free_port())
         for replicas in a.replicas:
-            ports = [free_port() for _ in range(replicas)]
+            ports = free_ports(replicas)
             workers = [f"http://127.0.0.1:{port}" for port in ports]
             sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
             try:

@@ -14,7 +14,7 @@ import pytest
 from app.lab.peer_bench import (
     _stop,
     figures,
-    free_port,
+    free_ports,
     replay,
     sim_stats,
     start_simulator,
@@ -32,7 +32,7 @@ TRACE = shared_prefix(groups=4, prompts_per_group=4, system_prompt=400, question
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    ports = [free_port() for _ in range(REPLICAS)]
+    ports = free_ports(REPLICAS)
     logs = tmp_path_factory.mktemp("sim")
     sim = start_simulator(ports, logs, time_scale=0.1, cache_blocks=2048, max_concurrency=32)
     try:
