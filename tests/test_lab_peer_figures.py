@@ -31,7 +31,7 @@ def test_modelled_ttft_is_pooled_from_the_replicas_and_decides_the_ttft_target()
     assert ours["modelled_ttft_p99_ms"] == pytest.approx(500)
     peer_servers = [_server(100, 70, [0.6] * 10, 10), _server(100, 70, [0.6] * 10, 10)]
     peer = {"router": "vllm-router:cache_aware", **figures(_outcomes(20, 0.1), peer_servers)}
-    t = check_targets([peer, ours], "ours-stack:scored", oracle=0.7, time_scale=0.5)
+    t = check_targets([peer, ours], "ours-stack:scored", oracle=0.7)
     # Faster where the routing decides (modelled), slower at the client (the path's own cost).
     assert t["modelled_ttft_p99_minus_best_peer_ms"] == pytest.approx(-100)
     assert t["ttft_p99_minus_best_peer_ms"] == pytest.approx(800)
@@ -45,7 +45,7 @@ def test_without_modelled_ttfts_the_ttft_target_is_not_met():
     servers = [{**_server(100, 50, [], 5)}]
     ours = {"router": "ours-stack:scored", **figures(_outcomes(5, 0.1), servers)}
     peer = {"router": "sglang-router:cache_aware", **figures(_outcomes(5, 0.1), servers)}
-    t = check_targets([peer, ours], "ours-stack:scored", oracle=0.5, time_scale=1.0)
+    t = check_targets([peer, ours], "ours-stack:scored", oracle=0.5)
     assert ours["modelled_ttft_p99_ms"] is None
     assert t["modelled_ttft_p99_minus_best_peer_ms"] is None
     assert not t["met"]["modelled_ttft_p99"]

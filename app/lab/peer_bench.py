@@ -367,7 +367,7 @@ def figures(outcomes: list[Outcome], servers: list[dict[str, Any]]) -> dict[str,
 
 
 def check_targets(
-    results: list[dict[str, Any]], target: str, oracle: float, time_scale: float
+    results: list[dict[str, Any]], target: str, oracle: float
 ) -> dict[str, Any] | None:
     """Issue #3's targets for `target` against the oracle and every peer that ran."""
     ours = next((r for r in results if r["router"] == target and "error" not in r), None)
@@ -376,7 +376,7 @@ def check_targets(
         return None
     hit_gap = ours["hit_rate"] - max(p["hit_rate"] for p in peers)
     p99_gap = ours["ttft_p99_ms"] - min(p["ttft_p99_ms"] for p in peers)
-    modelled = [p["modelled_ttft_p99_ms"] for p in peers if p.get("modelled_ttft_p99_ms")]
+    modelled = [m for p in peers if (m := p.get("modelled_ttft_p99_ms")) is not None]
     ours_modelled = ours.get("modelled_ttft_p99_ms")
     modelled_gap = ours_modelled - min(modelled) if modelled and ours_modelled is not None else None
     ratio = ours["hit_rate"] / oracle if oracle else 1.0
@@ -493,7 +493,7 @@ def run_config(
         res = run_router(name, workers, trace, a, fronts)
         print(json.dumps(res), file=sys.stderr, flush=True)
         results.append(res)
-    checks = [t for name in a.target if (t := check_targets(results, name, oracle, a.time_scale))]
+    checks = [t for name in a.target if (t := check_targets(results, name, oracle))]
     return {
         "workload": workload,
         "params": params,

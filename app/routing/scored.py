@@ -109,21 +109,16 @@ class ScoredPolicy(PrefixPolicy):
         pool = eligible(request, candidates)
         n = len(pool)
         model, block_size = request.model, self.block_size
-        hashes = request.block_hashes(block_size)
-        index = self.index(model)
-        found = index.match(hashes) if hashes else {}
+        ratios = self._matches(request, pool)
         table = self._state.get(model)
         if table is None:
             table = self._state[model] = {}
             self._gain[model] = 1.0
         gain = self._gain[model]
-        # One pass for the per-replica inputs: match ratio, in-flight plus queued, state.
-        scale = block_size / max(request.prompt_tokens, 1)
-        ratios, pending, entries = [0.0] * n, [0] * n, [None] * n
+        # One pass for the per-replica inputs: in-flight plus queued, and state.
+        pending, entries = [0] * n, [None] * n
         for i, c in enumerate(pool):
             rid = c.replica_id
-            if found and rid in found:
-                ratios[i] = min(1.0, found[rid] * scale)
             entry = table.get(rid)
             if entry is None:
                 entry = table[rid] = [0.0, 0.0, 0.0]
@@ -191,6 +186,7 @@ class ScoredPolicy(PrefixPolicy):
         else:
             reason = "least-load"
         rid = pool[chosen].replica_id
+        hashes = request.block_hashes(block_size)
         new_blocks = max(0, len(hashes) - round(ratio * request.prompt_tokens / block_size))
         gain /= self._decay
         entry = entries[chosen]
@@ -206,5 +202,5 @@ class ScoredPolicy(PrefixPolicy):
                 e[1] /= gain
             gain = 1.0
         self._gain[model] = gain
-        index.insert(rid, hashes)
+        self.index(model).insert(rid, hashes)
         return Decision(rid, self.name, reason)
