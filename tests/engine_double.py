@@ -33,7 +33,12 @@ class SimulatedEngine:
     def remote(self, endpoint: str, body: dict, route: dict | None = None) -> _Generator:
         self.calls.append((endpoint, body))
         if route is not None:  # what the request router writes in the caller's process
-            route.update(replica_id=f"{self.name}-r1", policy="scored", reason="least-load")
+            route.update(
+                replica_id=f"{self.name}-r1",
+                policy="scored",
+                reason="least-load",
+                request_id=f"{self.name}-{len(self.calls)}",
+            )
         return _Generator(self, endpoint, body)
 
 

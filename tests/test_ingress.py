@@ -15,6 +15,7 @@ from app.config import load_config
 from app.ingress.app import create_app
 from app.ingress.gateway import Gateway
 from app.ingress.readiness import Readiness
+from app.routing import ReplicaStats, RequestView
 from tests.engine_double import SimulatedEngine
 
 pytestmark = pytest.mark.anyio
@@ -267,6 +268,30 @@ async def test_routing_decision_becomes_headers(cpu_model):
         assert response.headers["x-route-policy"] == "scored"
         assert response.headers["x-route-replica"] == "second-r1"
         assert response.headers["x-route-reason"] == "least-load"
+
+
+async def test_first_item_reaches_the_routers_policy_as_its_first_token(cpu_model):
+    from app.engines import stats as engine_stats
+    from app.engines.router import StackRequestRouter
+
+    router = StackRequestRouter.__new__(StackRequestRouter)  # Serve's own set-up is not needed
+    router.initialize_state(policy="scored", model="second")
+    try:
+        view = RequestView("second", text="x" * 400)  # 6 uncached blocks
+        router._policy.choose(view, [ReplicaStats("second-r1")])
+        router._track("second-1", "second-r1", view)  # what the engine double's first call reports
+        engine_stats.first_token("second", "not-routed-here")  # ignored
+        assert router._policy.outstanding_work("second", "second-r1") == 6
+        client, _ = make_client(cpu_model)
+        response = await client.post("/v1/completions", json={"model": "b", "prompt": "hi"})
+        assert response.status_code == 200 and response.headers["x-route-reason"] == "least-load"
+        assert "x-route-request-id" not in response.headers
+        assert router._policy.outstanding_work("second", "second-r1") == 6  # noted, not applied
+        router._apply_first_tokens()  # Serve runs this on the router's thread, at its next choice
+        assert router._policy.outstanding_work("second", "second-r1") == 0
+        assert "second-1" in router._open  # still in flight until it completes
+    finally:
+        engine_stats.forget_all()
 
 
 async def test_replica_failure_before_any_byte_is_retried_elsewhere(cpu_model):

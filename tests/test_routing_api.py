@@ -151,6 +151,22 @@ def test_chain_hashes_share_a_prefix_and_diverge_after():
     assert approx_tokens("abcd" * 8) == 8
 
 
+def test_text_hashes_see_changes_in_the_high_bytes_of_words():
+    # Bytes 7 and 15 are the top bytes of the block's first two 64-bit words: a plain
+    # multiply-and-add hash keeps only their top 8 bits (at most 256 distinct values here).
+    texts = {
+        "a" * 7 + chr(x) + "a" * 7 + chr(y) + "a" * 48 for x in range(48, 88) for y in range(48, 88)
+    }
+    firsts = {chain_hashes(t, 16)[0] for t in texts}
+    assert len(texts) == 1600 and len(firsts) == len(texts)
+
+
+def test_text_hashes_depend_on_block_order():
+    a, b = "x" * 64, "y" * 64
+    assert chain_hashes(a + b, 16)[1] != chain_hashes(b + a, 16)[1]
+    assert chain_hashes(a * 3, 16)[0] != chain_hashes(a * 3, 16)[1]
+
+
 def test_hashes_are_stable_across_processes():
     code = (
         "from app.routing import chain_hashes;"

@@ -99,6 +99,8 @@ def test_chain_index_holds_exactly_what_the_block_lru_holds(bound, steps):
             assert fast.size(r) == exact.size(r) <= bound
         probe = chains[(pick * 7 + extra) % len(chains)]
         assert fast.match(probe) == exact.match(probe)
+        leaving = [*probe[: len(probe) // 2], -1]  # leaves the tree inside a node
+        assert fast.match(leaving) == exact.match(leaving)
 
 
 replica_sets = st.lists(

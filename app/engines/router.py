@@ -2,13 +2,17 @@
 
 The router runs inside the calling (ingress) process, once per engine deployment. The ingress
 passes an empty dict as the `route` keyword of each engine call; the router writes its decision
-there (`replica_id`, `policy`, `reason`) before the call leaves the process, and the ingress
-turns it into `x-route-*` headers. (Module-level state is no channel: Serve loads the router
-class apart from the ingress's own imports.)
+there (`replica_id`, `policy`, `reason`, and the call's `request_id`) before the call leaves the
+process, and the ingress turns it into `x-route-*` headers. When the engine's first item
+arrives, the ingress notes the request id with the model's routers
+(`app.engines.stats.first_token`, from the ingress's thread); the router applies the notes on
+its own thread at its next choice, as the policy's `on_first_token`. (Module-level state is no
+channel: Serve loads the router class apart from the ingress's own imports.)
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
@@ -52,7 +56,12 @@ def request_view(model: str, pending: PendingRequest | None) -> RequestView:
 def _report(pending: PendingRequest, decision: Decision) -> None:
     slot = pending.kwargs.get("route")
     if isinstance(slot, dict):
-        slot.update(replica_id=decision.replica_id, policy=decision.policy, reason=decision.reason)
+        slot.update(
+            replica_id=decision.replica_id,
+            policy=decision.policy,
+            reason=decision.reason,
+            request_id=pending.metadata.internal_request_id,
+        )
 
 
 class StackRequestRouter(FIFOMixin, RequestRouter):
@@ -65,7 +74,8 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
        `record_routing_stats`, and its concurrency limit.
     3. Ask the policy; the chosen replica is the first rank, the others follow by load as
        fallbacks when it cannot take the request.
-    4. Track in-flight requests and tell the policy when each completes. (Serve calls
+    4. Track in-flight requests and tell the policy when each has its first token (noted by
+       the ingress, applied before the next choice) and when it completes. (Serve calls
        `on_request_routed` only for routers that probe queue lengths, so the choice is
        recorded when it is made.)
     """
@@ -75,6 +85,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._model = model
         self._in_flight: dict[str, int] = {}
         self._open: dict[str, tuple[str, RequestView]] = {}  # internal request id -> replica
+        self._first_tokens: deque[str] = deque(maxlen=100_000)  # ids noted by the ingress
         engine_stats.register(model, self)  # the ingress's metrics read `curr_replicas`
 
     def _stats(self, replica: RunningReplica) -> ReplicaStats:
@@ -95,6 +106,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        self._apply_first_tokens()
         view = request_view(self._model, pending_request)
         try:
             decision = self._policy.choose(view, [self._stats(r) for r in candidate_replicas])
@@ -111,6 +123,19 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
             _report(pending_request, decision)
             self._track(pending_request.metadata.internal_request_id, decision.replica_id, view)
         return [[chosen], rest] if rest else [[chosen]]
+
+    def first_token(self, internal_request_id: str) -> None:
+        """The ingress got the request's first item (from any thread): noted for the policy."""
+        if internal_request_id in self._open:
+            self._first_tokens.append(internal_request_id)
+
+    def _apply_first_tokens(self) -> None:
+        hook = getattr(self._policy, "on_first_token", None)
+        notes = self._first_tokens
+        while notes:
+            opened = self._open.get(notes.popleft())
+            if opened is not None and hook is not None:
+                hook(opened[1], opened[0])
 
     def _track(self, internal_request_id: str, replica_id: str, view: RequestView) -> None:
         self._release(internal_request_id)  # routed again (the first choice was full)

@@ -141,6 +141,14 @@ def register(model: str, router: Any) -> None:
         _routers.setdefault(model, weakref.WeakSet()).add(router)
 
 
+def first_token(model: str, request_id: str) -> None:
+    """Tell the model's routers that a request they routed got its first item (any thread)."""
+    with _lock:
+        found = list(_routers.get(model, ()))
+    for router in found:
+        router.first_token(request_id)
+
+
 def snapshot() -> dict[str, dict[str, dict[str, Any]]]:
     """model -> replica id -> last reported stats, for every replica the routers see.
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from app.config import ModelSpec, StackConfig
+from app.engines import stats as engine_stats
 from app.ingress.errors import OpenAIError
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
@@ -127,7 +128,10 @@ class Gateway:
                     raise
                 await asyncio.sleep(backoff_s(attempt))
                 continue
+            request_id = route.pop("request_id", None)
             stream.decision = Decision(**route) if route else None
+            if request_id:  # the first item is in: the policy's prefill estimate can drop it
+                engine_stats.first_token(spec.name, request_id)
             return stream
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -184,13 +184,20 @@ class PrefixPolicy(_Base):
         for idx in self._indexes.values():
             idx.forget_replica(replica_id)
 
-    def _matches(self, request: RequestView, pool: list[ReplicaStats]) -> list[float]:
+    def _matched_blocks(
+        self, request: RequestView
+    ) -> tuple[Sequence[int], dict[str, int] | None, float]:
+        """The prompt's block hashes, the leading blocks of them held per replica, and the
+        share of the prompt one block is (a replica's match ratio is `min(1, blocks * share)`)."""
         hashes = request.block_hashes(self.block_size)
         found = self.index(request.model).match(hashes) if hashes else None
+        return hashes, found, self.block_size / max(request.prompt_tokens, 1)
+
+    def _matches(self, request: RequestView, pool: list[ReplicaStats]) -> list[float]:
+        _, found, share = self._matched_blocks(request)
         if not found:
             return [0.0] * len(pool)
-        scale = self.block_size / max(request.prompt_tokens, 1)
-        return [min(1.0, found.get(c.replica_id, 0) * scale) for c in pool]
+        return [min(1.0, found.get(c.replica_id, 0) * share) for c in pool]
 
     def _record(self, request: RequestView, replica_id: str) -> None:
         self.index(request.model).insert(replica_id, request.block_hashes(self.block_size))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from app.routing.policies import PrefixPolicy, eligible
@@ -81,7 +80,7 @@ class ScoredPolicy(PrefixPolicy):
         # whose first token or completion has not been reported yet.
         self._state: dict[str, dict[str, list[float]]] = {}
         self._gain: dict[str, float] = {}
-        self._open: OrderedDict[int, tuple[list[float], float]] = OrderedDict()
+        self._open: dict[int, tuple[list[float], float]] = {}  # id(request) -> work added
         self._turn = 0
 
     def on_first_token(self, request: RequestView, replica_id: str) -> None:
@@ -108,92 +107,105 @@ class ScoredPolicy(PrefixPolicy):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         n = len(pool)
-        model, block_size = request.model, self.block_size
-        ratios = self._matches(request, pool)
+        model = request.model
+        hashes, found, share = self._matched_blocks(request)
         table = self._state.get(model)
         if table is None:
             table = self._state[model] = {}
             self._gain[model] = 1.0
         gain = self._gain[model]
-        # One pass for the per-replica inputs: in-flight plus queued, and state.
-        pending, entries = [0] * n, [None] * n
-        for i, c in enumerate(pool):
-            rid = c.replica_id
-            entry = table.get(rid)
-            if entry is None:
-                entry = table[rid] = [0.0, 0.0, 0.0]
-            busy = pending[i] = c.in_flight + c.queued
-            if not busy:
-                entry[2] = 0.0  # self-healing when completions go unreported
-            entries[i] = entry
+        # Per-replica inputs (comprehensions: this is the hot path).
+        pending = [c.in_flight + c.queued for c in pool]
+        entries = [table.get(c.replica_id) for c in pool]
+        if None in entries:
+            for i, c in enumerate(pool):
+                if entries[i] is None:
+                    entries[i] = table[c.replica_id] = [0.0, 0.0, 0.0]
+        if 0 in pending:  # self-healing when completions go unreported
+            for busy, entry in zip(pending, entries, strict=False):  # same lengths
+                if not busy:
+                    entry[2] = 0.0
+        ratios = [found.get(c.replica_id, 0) * share for c in pool] if found else [0.0] * n
+        best_ratio = max(ratios)
+        if best_ratio > 1.0:  # rounding: a ratio is at most 1
+            ratios = [min(1.0, r) for r in ratios]
+            best_ratio = 1.0
         pressure = [e[0] for e in entries]
-        share = [e[1] for e in entries]
         mean = sum(pending) / n
         p_mean = sum(pressure) / n
-        s_mean = sum(share) / n
-        limit = max(mean * self.hotspot_rel, mean + self.hotspot_abs)
-        p_limit = max(p_mean * self.pressure_rel, p_mean + self.pressure_abs * gain)
-        s_limit = max(s_mean * self.share_rel, s_mean + self.share_abs * gain)
-        allowed = [
-            p <= limit and pr <= p_limit and (sh <= s_limit or p <= mean)
-            for p, pr, sh in zip(pending, pressure, share, strict=True)
-        ]
-        if not any(allowed):
-            allowed = [p <= limit for p in pending]
-            if not any(allowed):
-                allowed = [True] * n
+        s_mean = sum([e[1] for e in entries]) / n
+        # The larger of the relative and the absolute bound (conditionals: cheaper than max()).
+        limit, bound = mean * self.hotspot_rel, mean + self.hotspot_abs
+        limit = limit if limit >= bound else bound
+        p_limit, bound = p_mean * self.pressure_rel, p_mean + self.pressure_abs * gain
+        p_limit = p_limit if p_limit >= bound else bound
+        s_limit, bound = s_mean * self.share_rel, s_mean + self.share_abs * gain
+        s_limit = s_limit if s_limit >= bound else bound
         lo, hi = min(pending), max(pending)
         p_lo, p_hi = min(pressure), max(pressure)
+        span, p_span = hi - lo, p_hi - p_lo
         self._turn += 1
-        blocks = max(1, request.prompt_tokens / block_size)
-        best_ratio = max(ratios)
+        rows = list(zip(pool, pending, entries, ratios, pressure, strict=False))  # equal lengths
+        k = self._turn % n
+        if k:
+            rows = rows[k:] + rows[:k]
+        blocks = request.prompt_tokens / self.block_size
+        if blocks < 1:
+            blocks = 1
         w_prefix, w_pressure = self.w_prefix, self.w_pressure
         if best_ratio < self.cold_match:
             w_prefix *= self.cold_prefix_scale
             w_pressure *= self.cold_pressure_scale
         w_load, w_queue, w_kv, w_work = self.w_load, self.w_queue, self.w_kv, self.w_work
-        # Highest score; ties: fewest in-flight plus queued, then the first in turn order.
-        # Load and pressure are scaled from 0 (least) to 1 (most) over the eligible replicas.
-        best_score, best_pending, chosen = 0.0, 0, -1
-        turn = self._turn
-        for j in range(n):
-            i = (j + turn) % n
-            if not allowed[i]:
-                continue
-            c = pool[i]
-            busy = pending[i]
-            score = w_prefix * ratios[i]
-            if hi > lo:
-                score -= w_load * ((busy - lo) / (hi - lo))
-            if c.queued:
-                score -= w_queue * c.queued / max(1, c.max_concurrency)
-            if c.kv_usage:
-                score -= w_kv * c.kv_usage
-            if p_hi > p_lo:
-                score -= w_pressure * ((pressure[i] - p_lo) / (p_hi - p_lo))
-            work = entries[i][2]
-            if work:
-                score -= w_work * work / blocks
-            if chosen < 0 or score > best_score or (score == best_score and busy < best_pending):
-                best_score, best_pending, chosen = score, busy, i
-        ratio = ratios[chosen]
+        # Highest score among the allowed (the guard of step 2, relaxed when it drops all);
+        # ties: fewest in-flight plus queued, then the first in turn order. Load and pressure
+        # are scaled from 0 (least) to 1 (most) over the eligible replicas.
+        chosen = None
+        for guard in (2, 1, 0):
+            best_score, best_pending, skipped = 0.0, 0, False
+            for c, busy, entry, ratio, pr in rows:
+                if guard and (
+                    busy > limit
+                    or (guard == 2 and (pr > p_limit or (entry[1] > s_limit and busy > mean)))
+                ):
+                    skipped = skipped or ratio > 0
+                    continue
+                score = w_prefix * ratio
+                if span:
+                    score -= w_load * ((busy - lo) / span)
+                if c.queued:
+                    score -= w_queue * c.queued / max(1, c.max_concurrency)
+                if c.kv_usage:
+                    score -= w_kv * c.kv_usage
+                if p_span:
+                    score -= w_pressure * ((pr - p_lo) / p_span)
+                work = entry[2]
+                if work:
+                    score -= w_work * work / blocks
+                if (
+                    chosen is None
+                    or score > best_score
+                    or (score == best_score and busy < best_pending)
+                ):
+                    best_score, best_pending, chosen = score, busy, (c, entry, ratio)
+            if chosen is not None:
+                break
+        replica, entry, ratio = chosen  # type: ignore[misc]  # set: some replica passes guard 0
         if ratio > 0:
             reason = f"prefix-match={ratio:.2f}"
-        elif best_ratio > 0 and any(
-            r > 0 and not ok for r, ok in zip(ratios, allowed, strict=True)
-        ):
+        elif skipped:
             reason = "hotspot-guard"
         else:
             reason = "least-load"
-        rid = pool[chosen].replica_id
-        hashes = request.block_hashes(block_size)
-        new_blocks = max(0, len(hashes) - round(ratio * request.prompt_tokens / block_size))
+        rid = replica.replica_id
+        new_blocks = len(hashes) - round(ratio / share)
+        if new_blocks < 0:
+            new_blocks = 0
         gain /= self._decay
-        entry = entries[chosen]
         entry[2] += new_blocks
         self._open[id(request)] = (entry, new_blocks)
         if len(self._open) > 100_000:  # completions not reported: forget the oldest
-            self._open.popitem(last=False)
+            del self._open[next(iter(self._open))]
         entry[0] += (new_blocks + 1) * gain
         entry[1] += gain
         if gain > 1e100:

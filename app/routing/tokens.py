@@ -10,17 +10,20 @@ processes (no `str` or `bytes` hashing, whose values are salted per process).
 - Token blocks: `hash((parent, tuple_of_token_ids))`, as `block_hash` does for engine KV events.
 - Text blocks (cost matters: a 2000-token prompt is 125 blocks) are hashed with a few vectorised
   numpy operations and no Python-level work per block: the prompt's bytes are read as
-  little-endian 64-bit words (32-bit when a block is not a multiple of 8 bytes); a block's digest
-  is the dot product of its words with fixed odd 64-bit multipliers (mod 2**64), mixed by a
-  xor-shift and xor-ed with a fixed per-position constant (the first block's also with the root
-  hash); a block's hash is its parent's hash plus its digest (mod 2**64), a cumulative sum.
-  Position constants make the chain order-sensitive (two prompts with the same blocks in
-  another order differ).
+  little-endian 32-bit words, each multiplied by a fixed odd 64-bit constant for its position
+  in the prompt (mod 2**64; a change in a word moves the product's bits from the change up, so
+  two changes cancel with odds of about 2**-40); a block's hash is the running sum of these
+  products up to its last word (mod 2**64; a LoRA adapter's root hash is added to the first):
+  its parent's hash plus its own words' products. Position constants make the chain
+  order-sensitive (two prompts with the same blocks in another order differ); they repeat
+  after `_WORDS` words (512 KiB of prompt). The hashes come as an `array("Q")`: 8 bytes a
+  block, and a Python int only when read.
 """
 
 from __future__ import annotations
 
 import zlib
+from array import array
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,12 +32,10 @@ DEFAULT_BLOCK_SIZE = 16
 BYTES_PER_TOKEN = 4
 _ROOT = 0x5EED
 _SEEDS = np.random.default_rng(_ROOT)  # fixed seed: the same constants in every process
-_MULTIPLIERS = _SEEDS.integers(0, 2**63, size=4096, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-_POSITIONS = _SEEDS.integers(0, 2**63, size=1 << 16, dtype=np.uint64) * np.uint64(2)
-_POSITIONS[0] ^= np.uint64(_ROOT)  # mixes the default root into every first block's digest
-_SHIFT = np.uint64(29)
+_WORDS = 1 << 17
+_MULTIPLIERS = _SEEDS.integers(0, 2**63, size=_WORDS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 _MASK = 2**64 - 1
-_U8, _U4 = np.dtype("<u8"), np.dtype("<u4")
+_U4 = np.dtype("<u4")
 
 
 def approx_tokens(text: str) -> int:
@@ -48,35 +49,26 @@ def root_hash(lora_adapter: str | None = None) -> int:
     return _ROOT if not lora_adapter else hash((_ROOT, zlib.crc32(lora_adapter.encode())))
 
 
-def text_chain(data: bytes, step: int, root: int) -> list[int]:
-    """Chained hashes of the full `step`-byte blocks of UTF-8 `data` (see the module doc)."""
-    n = len(data) // step
-    if not n:
-        return []
-    wide = step % 8 == 0
-    per_block = step // (8 if wide else 4)
-    if per_block > len(_MULTIPLIERS):
-        raise ValueError(f"block of {step} bytes is too large (at most {4 * len(_MULTIPLIERS)})")
-    words = np.frombuffer(data, dtype=_U8 if wide else _U4, count=n * per_block)
-    if not wide:
-        words = words.astype(np.uint64)
-    digests = np.dot(words.reshape(n, per_block), _MULTIPLIERS[:per_block])
-    digests ^= digests >> _SHIFT
-    if n > len(_POSITIONS):
-        digests ^= np.resize(_POSITIONS, n) ^ np.arange(n, dtype=np.uint64)
-    else:
-        digests ^= _POSITIONS[:n]
-    if root != _ROOT:  # the default root is mixed in by _POSITIONS[0]
-        first = digests[:1]
-        first ^= np.uint64((root ^ _ROOT) & _MASK)
-    return np.add.accumulate(digests, out=digests).tolist()
+def text_chain(data: bytes, step: int, root: int) -> array:
+    """Chained hashes of the full `step`-byte blocks of UTF-8 `data` (see the module doc);
+    `step` is a multiple of 4 (`BYTES_PER_TOKEN` bytes a token)."""
+    per_block = step // 4
+    count = len(data) // step * per_block
+    if not count:
+        return array("Q")
+    multipliers = _MULTIPLIERS[:count] if count <= _WORDS else np.resize(_MULTIPLIERS, count)
+    mixed = np.frombuffer(data, dtype=_U4, count=count) * multipliers  # uint64
+    if root != _ROOT:
+        mixed[:1] += np.uint64((root - _ROOT) & _MASK)  # an array op: wraps mod 2**64
+    np.add.accumulate(mixed, out=mixed)
+    return array("Q", mixed[per_block - 1 :: per_block].tobytes())
 
 
 def chain_hashes(
     source: str | Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, lora: str | None = None
-) -> list[int]:
+) -> Sequence[int]:
     """Hashes of the full blocks of a text or token-id sequence, each chained to its parent."""
-    parent = root_hash(lora)
+    parent = root_hash(lora) if lora else _ROOT
     if isinstance(source, str):
         return text_chain(source.encode(), block_size * BYTES_PER_TOKEN, parent)
     out: list[int] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from app.routing.tokens import DEFAULT_BLOCK_SIZE, approx_tokens, chain_hashes
 
@@ -41,7 +41,7 @@ class RequestView:
     token_ids: Sequence[int] | None = None
     session_key: str | None = None
     lora_adapter: str | None = None
-    _hashes: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    _hashes: dict[int, Sequence[int]] = field(default_factory=dict, repr=False)
     _length: int = field(default=-1, repr=False)
 
     @property
@@ -52,7 +52,7 @@ class RequestView:
             self._length = len(ids) if ids is not None else approx_tokens(self.text or "")
         return self._length
 
-    def block_hashes(self, block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
+    def block_hashes(self, block_size: int = DEFAULT_BLOCK_SIZE) -> Sequence[int]:
         """Chained hashes of the prompt's full blocks (cached)."""
         hashes = self._hashes.get(block_size)
         if hashes is None:
@@ -62,9 +62,10 @@ class RequestView:
         return hashes
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The chosen replica, the policy that chose it and why (e.g. `prefix-match=0.83`)."""
+class Decision(NamedTuple):
+    """The chosen replica, the policy that chose it and why (e.g. `prefix-match=0.83`).
+
+    A named tuple: immutable, and cheap to make on the routing hot path."""
 
     replica_id: str
     policy: str
