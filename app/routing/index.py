@@ -185,7 +185,9 @@ class ChainIndex:
         self._tick += 1
         tick, heap, heads = self._tick, mine.heap, self._heads
         pos, n = 0, len(hashes)
-        while pos < n:  # the held path: each node becomes the replica's, whole, as of now
+        # The held path (each node becomes the replica's, whole, as of now); the walk step is
+        # `match`'s, inline on purpose: a helper call per node costs ~1 us a decision here.
+        while pos < n:
             node = heads.get(hashes[pos])
             if node is None or node.depth != pos:
                 break

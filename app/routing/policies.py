@@ -184,20 +184,17 @@ class PrefixPolicy(_Base):
         for idx in self._indexes.values():
             idx.forget_replica(replica_id)
 
-    def _matched_blocks(
-        self, request: RequestView
-    ) -> tuple[Sequence[int], dict[str, int] | None, float]:
-        """The prompt's block hashes, the leading blocks of them held per replica, and the
-        share of the prompt one block is (a replica's match ratio is `min(1, blocks * share)`)."""
+    def _matches(self, request: RequestView, pool: list[ReplicaStats]) -> list[float]:
+        """Each replica's share of the prompt in its cached prefix (0 to 1)."""
         hashes = request.block_hashes(self.block_size)
         found = self.index(request.model).match(hashes) if hashes else None
-        return hashes, found, self.block_size / max(request.prompt_tokens, 1)
-
-    def _matches(self, request: RequestView, pool: list[ReplicaStats]) -> list[float]:
-        _, found, share = self._matched_blocks(request)
         if not found:
             return [0.0] * len(pool)
-        return [min(1.0, found.get(c.replica_id, 0) * share) for c in pool]
+        share = self.block_size / max(request.prompt_tokens, 1)  # of the prompt, one block
+        ratios = [found.get(c.replica_id, 0) * share for c in pool]
+        if max(ratios) > 1.0:  # rounding: a ratio is at most 1
+            ratios = [min(1.0, r) for r in ratios]
+        return ratios
 
     def _record(self, request: RequestView, replica_id: str) -> None:
         self.index(request.model).insert(replica_id, request.block_hashes(self.block_size))

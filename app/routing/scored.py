@@ -108,7 +108,7 @@ class ScoredPolicy(PrefixPolicy):
         pool = eligible(request, candidates)
         n = len(pool)
         model = request.model
-        hashes, found, share = self._matched_blocks(request)
+        ratios = self._matches(request, pool)
         table = self._state.get(model)
         if table is None:
             table = self._state[model] = {}
@@ -125,11 +125,7 @@ class ScoredPolicy(PrefixPolicy):
             for busy, entry in zip(pending, entries, strict=False):  # same lengths
                 if not busy:
                     entry[2] = 0.0
-        ratios = [found.get(c.replica_id, 0) * share for c in pool] if found else [0.0] * n
         best_ratio = max(ratios)
-        if best_ratio > 1.0:  # rounding: a ratio is at most 1
-            ratios = [min(1.0, r) for r in ratios]
-            best_ratio = 1.0
         pressure = [e[0] for e in entries]
         mean = sum(pending) / n
         p_mean = sum(pressure) / n
@@ -198,7 +194,8 @@ class ScoredPolicy(PrefixPolicy):
         else:
             reason = "least-load"
         rid = replica.replica_id
-        new_blocks = len(hashes) - round(ratio / share)
+        hashes = request.block_hashes(self.block_size)
+        new_blocks = len(hashes) - round(ratio * request.prompt_tokens / self.block_size)
         if new_blocks < 0:
             new_blocks = 0
         gain /= self._decay
