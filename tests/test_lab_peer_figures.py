@@ -11,7 +11,8 @@ def _server(prompt: int, cached: int, ttfts: list[float], requests: int) -> dict
     return {
         "prompt_tokens": prompt,
         "cached_tokens": cached,
-        "ttft_s": ttfts,
+        "model_ttft_s": ttfts,
+        "ttft_s": [t + 0.001 for t in ttfts],  # slept: the model's times plus jitter
         "requests": requests,
         "max_in_flight": 2,
         "mean_in_flight": 1.0,

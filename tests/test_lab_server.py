@@ -7,6 +7,7 @@ import json
 import socket
 
 import httpx
+import pytest
 
 from app.lab.server import serve
 from app.lab.simulator import SimSettings
@@ -87,3 +88,54 @@ def test_modelled_ttft_counts_the_prefill_queue_and_shrinks_with_cached_blocks()
     assert 0.4 <= cold < 0.7
     assert warm < 0.1
     assert min(pair) >= 0.4 and max(pair) >= 0.8  # the second prefill queued behind the first
+
+
+def test_modelled_ttfts_follow_the_posted_schedule_not_the_wall_clock():
+    from app.lab.server import SimulatedServer, arrival_key
+
+    settings = SimSettings(cache_blocks=256, prefill_cost=0.001, prefill_overhead=0.0)
+    server = SimulatedServer("r0", settings, time_scale=0.01)
+    a, b, late = "abcd " * 320, "wxyz " * 320, "late " * 320  # 400 tokens: 0.4 s prefill each
+    # b arrives 0.1 s after a (modelled), `late` after both prefills; all sent at once here
+    server.schedule([(arrival_key(late), 5.0), (arrival_key(b), 0.1), (arrival_key(a), 0.0)])
+
+    async def first_token() -> None:
+        return None
+
+    async def scenario() -> None:
+        await asyncio.gather(*(server.run(p, 1, first_token) for p in (a, b, late)))
+        await server.run(a, 1, first_token)  # not scheduled: wall time since reset
+
+    asyncio.run(scenario())
+    stats = server.stats()
+    assert stats["scheduled"] == 3 and stats["requests"] == 4
+    modelled = stats["model_ttft_s"]
+    assert modelled[:3] == [pytest.approx(0.4), pytest.approx(0.7), pytest.approx(0.4)]
+    # sent at once, b and `late` waited in wall time too: their slept TTFTs are not the model's
+    assert stats["ttft_s"][2] > 0.7
+    # the unscheduled repeat of a comes after a's prefill (>= 12 ms wall = 1.2 s modelled):
+    # all 25 of its blocks cached, nothing left to prefill
+    assert modelled[3] == 0.0 and stats["model_cached_tokens"] == 400
+
+
+def test_a_bad_schedule_is_a_400_in_openai_shape():
+    async def post(port: int):
+        task = asyncio.create_task(serve([port], SimSettings(), time_scale=0.01))
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                for _ in range(100):
+                    try:
+                        await client.get(f"http://127.0.0.1:{port}/health")
+                        break
+                    except httpx.HTTPError:
+                        await asyncio.sleep(0.05)
+                url = f"http://127.0.0.1:{port}/sim/schedule"
+                bad = await client.post(url, json={"arrivals": [["k", "soon"]]})
+                good = await client.post(url, json={"arrivals": [["k", 1.5]]})
+                return bad, good
+        finally:
+            task.cancel()
+
+    bad, good = asyncio.run(post(_free_port()))
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert good.status_code == 200 and good.json() == {"scheduled": 1}

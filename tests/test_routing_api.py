@@ -125,8 +125,11 @@ def test_scored_policy_reasons_and_hotspot_guard():
     text = "shared context " * 60
     reps = _replicas(4)
     home = policy.choose(RequestView("m", text=text + "a"), reps).replica_id
-    d = policy.choose(RequestView("m", text=text + "b"), reps)
+    view = RequestView("m", text=text + "b")
+    d = policy.choose(view, reps)
     assert d.replica_id == home and d.reason.startswith("prefix-match=")
+    cached = len(text) // 16 * 4  # the shared text's full 4-token blocks
+    assert d.reason == f"prefix-match={cached / view.prompt_tokens:.2f}"  # 0.99 of 226 tokens
     hot = [ReplicaStats(r.replica_id, in_flight=30 if r.replica_id == home else 1) for r in reps]
     d = policy.choose(RequestView("m", text=text + "c"), hot)
     assert d.replica_id != home

@@ -18,8 +18,10 @@ run in a Ray cluster started in this process (`ray.init(address="local")`, Serve
 loopback port). Every router gets `--warmup` sequential requests with short unrelated prompts
 before the simulated caches are reset (Ray Serve creates its request router on the first
 request). Per router it reports the prefix hit rate from the servers' cached / prompt tokens,
-modelled TTFT p50/p99 (each simulated replica's own: arrival there to first token, wall time /
-time scale: queueing and prefill, which the routing decides, without the router's own path),
+modelled TTFT p50/p99 (arrival at a simulated replica to first token: queueing and prefill,
+which the routing decides, without the router's own path; computed by the lab's model from the
+requests each replica got, at the trace's arrival times, which are posted to the simulators
+before the replay: deterministic given the routing),
 client TTFT p50/p99 (first streamed chunk, wall ms), throughput, and in-flight per replica
 (peak and time-averaged, max/mean across replicas), then checks `--target` (default
 `ours-stack:scored`) against the pooled-cache oracle and the peers. Several `--workload`s and
@@ -54,6 +56,7 @@ import httpx
 from app.lab.metrics import percentile
 from app.lab.oracle import pooled_oracle
 from app.lab.ray_fronts import FRONT_KINDS, RayFronts
+from app.lab.server import arrival_key
 from app.lab.trace import TraceRequest
 from app.lab.workloads import WORKLOADS
 
@@ -229,13 +232,19 @@ async def warm_up(url: str, count: int, model: str, timeout: float) -> str:
     return ""
 
 
-def sim_stats(workers: list[str], reset: bool = False) -> list[dict[str, Any]]:
-    """Each simulated replica's `/sim/stats` (or reset them all, returning [])."""
+def sim_stats(
+    workers: list[str], reset: bool = False, trace: list[TraceRequest] | None = None
+) -> list[dict[str, Any]]:
+    """Each simulated replica's `/sim/stats`; or reset them all and post `trace`'s modelled
+    arrival times (seconds from its first request) as their schedule, returning []."""
     out = []
-    with httpx.Client(timeout=10) as client:
+    arrivals = [[arrival_key(r.prompt or ""), r.t - trace[0].t] for r in trace or ()]
+    with httpx.Client(timeout=30) as client:
         for w in workers:
             if reset:
                 client.post(w + "/sim/reset").raise_for_status()
+                if arrivals:
+                    client.post(w + "/sim/schedule", json={"arrivals": arrivals}).raise_for_status()
             else:
                 out.append(client.get(w + "/sim/stats").json())
     return out
@@ -319,7 +328,7 @@ def run_router(
             problem = asyncio.run(warm_up(url, a.warmup, trace[0].model, a.start_timeout))
             if problem:
                 return {**result, "error": f"warm-up failed: {problem}"}
-            sim_stats(workers, reset=True)
+            sim_stats(workers, reset=True, trace=trace)
             t0 = time.monotonic()
             outcomes = asyncio.run(replay(url, trace, a.time_scale, a.router_timeout))
             wall = time.monotonic() - t0
@@ -341,7 +350,8 @@ def figures(outcomes: list[Outcome], servers: list[dict[str, Any]]) -> dict[str,
     reported_prompt = sum(o.prompt for o in reported)
     span = (max(o.end for o in good) - min(o.start for o in good)) if good else 0.0
     ttfts = [o.ttft * 1000 for o in good]
-    modelled = [t * 1000 for s in servers for t in s.get("ttft_s", ())]
+    modelled = [t * 1000 for s in servers for t in s.get("model_ttft_s", ())]
+    slept = [t * 1000 for s in servers for t in s.get("ttft_s", ())]
     return {
         "requests": len(outcomes),
         "ok": len(good),
@@ -355,6 +365,8 @@ def figures(outcomes: list[Outcome], servers: list[dict[str, Any]]) -> dict[str,
         "ttft_p99_ms": percentile(ttfts, 99),
         "modelled_ttft_p50_ms": percentile(modelled, 50) if modelled else None,
         "modelled_ttft_p99_ms": percentile(modelled, 99) if modelled else None,
+        "slept_ttft_p99_ms": percentile(slept, 99) if slept else None,
+        "unscheduled": sum(s["requests"] - s.get("scheduled", 0) for s in servers),
         "throughput_rps": len(good) / span if span else 0.0,
         "requests_per_replica": [s["requests"] for s in servers],
         "peak_in_flight": max(s["max_in_flight"] for s in servers),
@@ -408,7 +420,7 @@ def targets_line(t: dict[str, Any]) -> str:
 
 
 def _signed(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.0f}"
+    return "-" if x is None else f"{x:+.1f}"
 
 
 def _tail(path: Path, n: int = 600) -> str:

@@ -9,37 +9,49 @@ keeps the cache model of the lab's `SimulatedReplica` (`app/lab/simulator.py`), 
 - one prefill at a time (FIFO), `prefill_overhead + prefill_cost * uncached prompt tokens`,
   the cached tokens being the prompt's leading blocks found in the cache when its prefill starts;
 - decode beside other requests, `decode_cost * max_tokens` after the prefill.
-The modelled times are really slept, multiplied by `time_scale` (e.g. 0.25 to run 4x faster).
+The modelled times are really slept, multiplied by `time_scale` (e.g. 0.25 to run 4x faster), so
+routers see the load. Modelled TTFTs are also computed, free of the sleeps' wall-clock jitter: each
+replica's requests are replayed through the lab's model (`app.lab.simulator.replay`, one replica)
+at their modelled arrival times, the trace's times when a benchmark posted them
+(`POST /sim/schedule`), else the wall time since the last reset / `time_scale`.
 Responses are OpenAI-shaped and report `usage.prompt_tokens_details.cached_tokens`; streams send
 the first token when the prefill ends. No text is generated: the output is `max_tokens` dummy
 words. It also answers what peer routers probe: `/health`, `/v1/models`, `/tokenize`,
 `/v1/completions/render`, `/server_info`, `/model_info`, `/get_server_info`, `/get_model_info`,
-`/metrics`; and `GET /sim/stats`, `POST /sim/reset` for benchmarks.
+`/metrics`; and `GET /sim/stats`, `POST /sim/reset`, `POST /sim/schedule` for benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from app.lab.simulator import BlockCache, SimSettings
-from app.lab.trace import render_messages
-from app.routing import RequestView
+from app.lab.simulator import BlockCache, SimSettings, replay
+from app.lab.trace import TraceRequest, render_messages
+from app.routing import RequestView, make_policy
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+_RECORDED = 100_000  # requests kept per replica for the modelled TTFTs
 
 
 def token_ids(text: str) -> list[int]:
     """Deterministic fake token ids: one per 4 UTF-8 bytes (the routing layer's approximation)."""
     data = text.encode()
     return [zlib.crc32(data[i : i + 4]) % 50_000 for i in range(0, len(data), 4)]
+
+
+def arrival_key(text: str) -> str:
+    """The key of a prompt in a schedule (`POST /sim/schedule`): a digest of its text."""
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 class SimulatedServer:
@@ -61,8 +73,12 @@ class SimulatedServer:
         self.prefill_lock = asyncio.Lock()  # FIFO: one prefill at a time
         self.requests = self.prompt_tokens = self.cached_tokens = 0
         self.in_flight = self.max_in_flight = 0
-        self.ttfts: list[float] = []  # modelled seconds, arrival here to first token
+        self.ttfts: list[float] = []  # wall seconds / time_scale, arrival here to first token
         self.calls: dict[str, int] = {}  # requests per path (what routers probe)
+        self.arrivals: dict[str, deque[float]] = {}  # arrival_key -> modelled arrival times
+        # At modelled arrival times, in arrival order; the latest `_RECORDED` requests only.
+        self.received: deque[TraceRequest] = deque(maxlen=_RECORDED)
+        self.scheduled = 0  # how many of them had a posted arrival time
         self._area = 0.0
         self._since = self._last = time.monotonic()
 
@@ -73,9 +89,23 @@ class SimulatedServer:
         self.in_flight += delta
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
+    def schedule(self, arrivals: Iterable[tuple[str, float]]) -> None:
+        """Modelled arrival times (seconds) by `arrival_key`; a key may come several times."""
+        for key, t in sorted(arrivals, key=lambda item: item[1]):
+            self.arrivals.setdefault(key, deque()).append(t)
+
+    def modelled_ttfts(self) -> tuple[list[float], int]:
+        """(TTFT of each request received, cached tokens in all) from the lab's model of this
+        replica over the requests at their modelled arrival times: no wall-clock jitter."""
+        if not self.received:
+            return [], 0
+        result = replay(list(self.received), make_policy("round_robin"), 1, self.s)
+        return [job.ttft for job in result.jobs], sum(job.cached_tokens for job in result.jobs)
+
     def stats(self) -> dict[str, Any]:
         self._account(0)
         span = max(1e-9, self._last - self._since)
+        model_ttfts, model_cached = self.modelled_ttfts()
         return {
             "replica": self.name,
             "requests": self.requests,
@@ -85,6 +115,9 @@ class SimulatedServer:
             "mean_in_flight": self._area / span,
             "cache_blocks_used": len(self.cache),
             "ttft_s": list(self.ttfts),
+            "model_ttft_s": model_ttfts,
+            "model_cached_tokens": model_cached,
+            "scheduled": self.scheduled,
             "calls": dict(self.calls),
         }
 
@@ -92,8 +125,16 @@ class SimulatedServer:
         """Admit, prefill, call `on_first_token`, decode; returns (prompt, cached) tokens.
 
         Records the request's modelled TTFT: from its arrival at this replica to its first
-        token (admission wait, prefill queue and prefill), wall time / `time_scale`."""
+        token (admission wait, prefill queue and prefill), wall time / `time_scale`, and the
+        request at its modelled arrival time for `modelled_ttfts`."""
         arrived = time.monotonic()
+        times = self.arrivals.get(arrival_key(text))
+        if times:
+            at = times.popleft()
+            self.scheduled += 1
+        else:
+            at = (arrived - self._since) / self.time_scale
+        self.received.append(TraceRequest(at, self.model, prompt=text, max_tokens=max_tokens))
         view = RequestView(self.model, text=text)
         hashes = view.block_hashes(self.s.block_size)
         prompt = max(1, view.prompt_tokens)
@@ -197,6 +238,14 @@ class App:
         elif path == "/sim/reset" and method == "POST":
             srv.reset()
             await _json(send, 200, {"reset": True})
+        elif path == "/sim/schedule" and method == "POST":
+            arrivals = data.get("arrivals")
+            try:
+                srv.schedule((str(key), float(t)) for key, t in arrivals)  # type: ignore[union-attr]
+            except (TypeError, ValueError):
+                await _json(send, 400, _error("arrivals must be a list of [key, seconds] pairs"))
+                return
+            await _json(send, 200, {"scheduled": len(arrivals)})
         else:
             await _json(send, 404, _error(f"no route {method} {path}", "not_found"))
 

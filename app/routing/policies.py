@@ -192,7 +192,7 @@ class PrefixPolicy(_Base):
             return [0.0] * len(pool)
         share = self.block_size / max(request.prompt_tokens, 1)  # of the prompt, one block
         ratios = [found.get(c.replica_id, 0) * share for c in pool]
-        if max(ratios) > 1.0:  # rounding: a ratio is at most 1
+        if len(hashes) * share > 1.0:  # rounding could lift a ratio over 1 (none can be more)
             ratios = [min(1.0, r) for r in ratios]
         return ratios
 

@@ -53,7 +53,7 @@ def test_front_answers_reports_cache_and_uses_every_replica(
         assert len(set(fronts.bindings.values())) == REPLICAS
         # as the benchmark does: Serve builds the request router on the first request
         assert asyncio.run(warm_up(url, 2 * REPLICAS, "default", timeout=60)) == ""
-        sim_stats(workers, reset=True)
+        sim_stats(workers, reset=True, trace=TRACE)  # and the trace's arrival times
         outcomes = asyncio.run(replay(url, TRACE, scale=1.0, timeout=120))
         assert outcomes is not None, "replay did not finish"
         got = figures(outcomes, sim_stats(workers))
@@ -63,6 +63,8 @@ def test_front_answers_reports_cache_and_uses_every_replica(
         assert got["client_hit_rate"] == pytest.approx(got["hit_rate"])
         assert all(n > 0 for n in got["requests_per_replica"]), got["requests_per_replica"]
         assert sum(got["requests_per_replica"]) == len(TRACE)
+        # every prompt reached a simulator unchanged: all found in the posted schedule
+        assert got["unscheduled"] == 0 and got["modelled_ttft_p99_ms"] is not None
     finally:
         fronts.delete()
 
