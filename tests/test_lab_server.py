@@ -130,12 +130,16 @@ def test_a_bad_schedule_is_a_400_in_openai_shape():
                     except httpx.HTTPError:
                         await asyncio.sleep(0.05)
                 url = f"http://127.0.0.1:{port}/sim/schedule"
-                bad = await client.post(url, json={"arrivals": [["k", "soon"]]})
-                good = await client.post(url, json={"arrivals": [["k", 1.5]]})
+                bad = [
+                    await client.post(url, json={"arrivals": body})
+                    for body in ([["k", "soon"]], "12", {"k": 1}, [["k", 1, 2]], [[3, 1.0]], None)
+                ]
+                good = await client.post(url, json={"arrivals": [["k", 1.5], ["k", 0]]})
                 return bad, good
         finally:
             task.cancel()
 
     bad, good = asyncio.run(post(_free_port()))
-    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    assert good.status_code == 200 and good.json() == {"scheduled": 1}
+    for reply in bad:
+        assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+    assert good.status_code == 200 and good.json() == {"scheduled": 2}

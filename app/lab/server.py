@@ -169,6 +169,22 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
     return str(prompt)
 
 
+def _arrivals(body: dict[str, Any]) -> list[tuple[str, float]] | None:
+    """`{"arrivals": [[key, seconds], ...]}` as (key, seconds) pairs; None if it is not that."""
+    items = body.get("arrivals")
+    if not isinstance(items, list):
+        return None
+    pairs = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            return None
+        t = item[1]
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            return None
+        pairs.append((item[0], float(t)))
+    return pairs
+
+
 def _usage(prompt: int, cached: int, completion: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
@@ -239,12 +255,11 @@ class App:
             srv.reset()
             await _json(send, 200, {"reset": True})
         elif path == "/sim/schedule" and method == "POST":
-            arrivals = data.get("arrivals")
-            try:
-                srv.schedule((str(key), float(t)) for key, t in arrivals)  # type: ignore[union-attr]
-            except (TypeError, ValueError):
+            arrivals = _arrivals(data)
+            if arrivals is None:
                 await _json(send, 400, _error("arrivals must be a list of [key, seconds] pairs"))
                 return
+            srv.schedule(arrivals)
             await _json(send, 200, {"scheduled": len(arrivals)})
         else:
             await _json(send, 404, _error(f"no route {method} {path}", "not_found"))
