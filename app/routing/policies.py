@@ -14,6 +14,10 @@ from app.routing.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, K
 from app.routing.tokens import DEFAULT_BLOCK_SIZE, block_hash, root_hash
 from app.routing.types import Decision, NoReplicaError, ReplicaStats, RequestView
 
+# `prefix-match=<ratio>` for the ratios 0.00 to 1.00, indexed by `round(ratio * 100)` (two
+# decimals, ties to even): a lookup, as formatting costs ~1 us on the routing hot path.
+MATCH_REASONS = [f"prefix-match={i / 100:.2f}" for i in range(101)]
+
 
 def eligible(request: RequestView, candidates: Sequence[ReplicaStats]) -> list[ReplicaStats]:
     """Healthy candidates; for a LoRA request, those holding the adapter when any do."""
@@ -205,7 +209,7 @@ class PrefixPolicy(_Base):
         best = max(ratios)
         if best > 0 and best >= self.min_match:
             top = [c for c, r in zip(pool, ratios, strict=True) if r == best]
-            chosen, reason = min(top, key=_pending), f"prefix-match={best:.2f}"
+            chosen, reason = min(top, key=_pending), MATCH_REASONS[round(best * 100)]
         else:
             chosen, reason = min(pool, key=_pending), "least-load"
         self._record(request, chosen.replica_id)
