@@ -16,7 +16,7 @@ from app.config import StackConfig, load_config
 
 def build_app(args: dict[str, Any] | StackConfig) -> Any:
     """Engine deployments (one per model) behind the OpenAI ingress deployment."""
-    from app.engines.builder import build_engine
+    from app.engines.llm_config import build_engine
     from app.ingress.deployment import Ingress
 
     config = load_config(args)

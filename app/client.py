@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.ingress.errors import OpenAIError
+from app.errors import OpenAIError
 
 StackError = OpenAIError
 Message = dict[str, Any]

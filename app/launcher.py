@@ -85,7 +85,7 @@ def stop_ray() -> None:
 
 
 def stamp(at: float | None = None) -> str:
-    """Wall-clock prefix of each log line (`app.bench.startup` reads it back)."""
+    """Wall-clock prefix of each log line (`benchmarks.startup` reads it back)."""
     at = time.time() if at is None else at
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
 

@@ -1,10 +1,15 @@
-"""Shared test fixtures and paths."""
+"""Shared test fixtures and paths; `cluster` is a real Ray cluster (in this process) with Ray
+Serve, shared by the end-to-end tests and the benchmarks' smoke tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from benchmarks.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = ROOT / "serve_configs"
@@ -21,3 +26,28 @@ def cpu_model() -> dict:
         "max_model_len": 2048,
         "engine_args": {"enforce_eager": True},
     }
+
+
+@dataclass
+class Cluster:
+    http_port: int
+    gcs_address: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="vrstack-tests")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    try:
+        yield Cluster(port, ray.get_runtime_context().gcs_address)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from app.config import KeyLimits, load_config
-from app.ingress.app import create_app
+from app.ingress.asgi import create_app
 from app.ingress.auth import KeyStore
 from app.ingress.gateway import Gateway
 from app.ingress.limits import KeyLimiter

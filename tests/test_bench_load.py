@@ -21,7 +21,7 @@ from starlette.routing import Route
 from typer.testing import CliRunner
 
 from app.bench.load import BenchConfig, run_fixed, run_qa, run_trace
-from app.bench.stats import summarize
+from app.bench.summary import summarize
 from app.cli import cli
 from app.lab.trace import TraceRequest, write_trace
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.bench.stats import (
+from app.bench.summary import (
     RequestRecord,
     distribution,
     errors_by_status,

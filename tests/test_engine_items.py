@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
 
-from app.engines.server import _plain_items
+from app.engines.llm_server import _plain_items
 
 
 def test_a_batch_of_sse_strings_is_one_item():

@@ -9,7 +9,7 @@ import pytest
 
 from app.config import load_config
 from app.engines import embedded
-from app.engines.builder import llm_config
+from app.engines.llm_config import llm_config
 from app.engines.node_init import CALLBACK_CLASS, SkipNoOpDownload
 from app.launcher import _embedded_to_convert
 from app.serve_config import read_serve_config

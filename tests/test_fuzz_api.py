@@ -7,7 +7,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from app.config import load_config
-from app.ingress.app import create_app
+from app.ingress.asgi import create_app
 from app.ingress.gateway import Gateway
 from app.ingress.readiness import Readiness
 from tests.engine_double import SimulatedEngine

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.config import load_config
-from app.ingress.app import create_app
+from app.ingress.asgi import create_app
 from app.ingress.gateway import Gateway
 from app.ingress.readiness import Readiness
 from app.routing import ReplicaStats, RequestView
@@ -271,7 +271,7 @@ async def test_routing_decision_becomes_headers(cpu_model):
 
 
 async def test_first_item_reaches_the_routers_policy_as_its_first_token(cpu_model):
-    from app.engines import stats as engine_stats
+    from app.engines import router_registry
     from app.engines.router import StackRequestRouter
 
     router = StackRequestRouter.__new__(StackRequestRouter)  # Serve's own set-up is not needed
@@ -280,7 +280,7 @@ async def test_first_item_reaches_the_routers_policy_as_its_first_token(cpu_mode
         view = RequestView("second", text="x" * 400)  # 6 uncached blocks
         router._policy.choose(view, [ReplicaStats("second-r1")])
         router._track("second-1", "second-r1", view)  # what the engine double's first call reports
-        engine_stats.first_token("second", "not-routed-here")  # ignored
+        router_registry.first_token("second", "not-routed-here")  # ignored
         assert router._policy.outstanding_work("second", "second-r1") == 6
         client, _ = make_client(cpu_model)
         response = await client.post("/v1/completions", json={"model": "b", "prompt": "hi"})
@@ -291,7 +291,7 @@ async def test_first_item_reaches_the_routers_policy_as_its_first_token(cpu_mode
         assert router._policy.outstanding_work("second", "second-r1") == 0
         assert "second-1" in router._open  # still in flight until it completes
     finally:
-        engine_stats.forget_all()
+        router_registry.forget_all()
 
 
 async def test_replica_failure_before_any_byte_is_retried_elsewhere(cpu_model):

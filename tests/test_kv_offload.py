@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from app.config import ConfigError, load_config
-from app.engines.builder import engine_env, engine_kwargs, llm_config
+from app.engines.llm_config import engine_env, engine_kwargs, llm_config
 from app.k8s.values import import_values
 
 GPU_MODEL = {

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import load_config
-from app.engines import stats
-from app.ingress.app import create_app
+from app.engines import router_registry, stat_logger
+from app.ingress.asgi import create_app
 from app.ingress.gateway import Gateway
-from app.ingress.metrics import RequestRecord, StackMetrics
 from app.ingress.readiness import Readiness
+from app.observability.metrics import EngineCollector, RequestRecord, StackMetrics
 from tests.engine_double import SimulatedEngine
 
 pytestmark = pytest.mark.anyio
@@ -238,7 +238,7 @@ def test_sse_events_split_across_chunks_are_joined():
 
 
 def test_engine_stats_follow_the_scheduler():
-    engine = stats.EngineStats(window=2)
+    engine = stat_logger.EngineStats(window=2)
     prefix = SimpleNamespace(reset=False, queries=100, hits=25)
     scheduler = SimpleNamespace(
         num_running_reqs=3, num_waiting_reqs=2, kv_cache_usage=0.5, prefix_cache_stats=prefix
@@ -260,20 +260,22 @@ def test_engine_stats_follow_the_scheduler():
         "prefix_cache_hits": 100,
         "prefix_cache_hit_rate": 0.5,
     }
-    assert set(engine.as_dict()) | {"in_flight"} == set(stats.STAT_KEYS)
+    # every engine series /metrics exports has a source: the engine's stats or the replica's count
+    exported = {key for key, *_ in EngineCollector.GAUGES + EngineCollector.COUNTERS}
+    assert exported == set(engine.as_dict()) | {"in_flight"}
 
 
 def test_engine_stats_attach_to_the_engines_stat_logger_manager():
-    engine_stats = stats.EngineStats()
+    engine_stats = stat_logger.EngineStats()
     manager = SimpleNamespace(stat_loggers=[])
     engine = SimpleNamespace(_engine_client=SimpleNamespace(logger_manager=manager))
-    assert stats.attach(engine, engine_stats) and stats.attach(engine, engine_stats)
+    assert stat_logger.attach(engine, engine_stats) and stat_logger.attach(engine, engine_stats)
     assert manager.stat_loggers == [engine_stats]
-    assert not stats.attach(SimpleNamespace(_engine_client=None), engine_stats)
+    assert not stat_logger.attach(SimpleNamespace(_engine_client=None), engine_stats)
 
 
 def test_snapshot_reads_the_registered_routers_replicas():
-    stats.forget_all()
+    router_registry.forget_all()
 
     class Router:
         def __init__(self, replicas):
@@ -283,11 +285,11 @@ def test_snapshot_reads_the_registered_routers_replicas():
             }
 
     one = Router({"a": {"running": 1}, "b": None})
-    stats.register("m", one)
-    assert stats.snapshot() == {"m": {"a": {"running": 1}, "b": {}}}
+    router_registry.register("m", one)
+    assert router_registry.snapshot() == {"m": {"a": {"running": 1}, "b": {}}}
     del one
     import gc
 
     gc.collect()
-    assert stats.snapshot() == {"m": {}}
-    stats.forget_all()
+    assert router_registry.snapshot() == {"m": {}}
+    router_registry.forget_all()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from typer.testing import CliRunner
 
-from app import status as status_module
 from app.cli import cli
+from app.cli import status as status_module
 
 STATUS = {
     "models": [

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from app.config import load_config
-from app.ingress.errors import OpenAIError
+from app.errors import OpenAIError
 from app.ingress.readiness import Readiness
 
 pytestmark = pytest.mark.anyio

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from app.bench.stats import RequestRecord
+from app.bench.summary import RequestRecord
 
 _LETTERS = string.ascii_lowercase
 

@@ -5,9 +5,10 @@ passes an empty dict as the `route` keyword of each engine call; the router writ
 there (`replica_id`, `policy`, `reason`, and the call's `request_id`) before the call leaves the
 process, and the ingress turns it into `x-route-*` headers. When the engine's first item
 arrives, the ingress notes the request id with the model's routers
-(`app.engines.stats.first_token`, from the ingress's thread); the router applies the notes on
-its own thread at its next choice, as the policy's `on_first_token`. (Module-level state is no
-channel: Serve loads the router class apart from the ingress's own imports.)
+(`app.engines.router_registry.first_token`, from the ingress's thread); the router applies
+the notes on its own thread at its next choice, as the policy's `on_first_token`.
+(Module-level state is no channel: Serve loads the router class apart from the ingress's own
+imports.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from app.engines import stats as engine_stats
+from app.engines import router_registry
 from app.routing import Decision, RequestView, make_policy
 from app.routing.types import NoReplicaError, ReplicaStats
 
@@ -86,7 +87,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._in_flight: dict[str, int] = {}
         self._open: dict[str, tuple[str, RequestView]] = {}  # internal request id -> replica
         self._first_tokens: deque[str] = deque(maxlen=100_000)  # ids noted by the ingress
-        engine_stats.register(model, self)  # the ingress's metrics read `curr_replicas`
+        router_registry.register(model, self)  # the ingress's metrics read `curr_replicas`
 
     def _stats(self, replica: RunningReplica) -> ReplicaStats:
         replica_id = replica.replica_id.unique_id

@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from ray import serve
 
 from app.config import load_config
-from app.ingress.app import create_app
-from app.ingress.errors import OpenAIError
+from app.engines.items import Endpoint
+from app.errors import OpenAIError, validation_message
+from app.ingress.asgi import create_app
 from app.ingress.gateway import DONE, EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from app.ingress.readiness import Readiness, serve_replica_counter
-from app.wire import Endpoint, validation_message
 
 _REQUESTS: dict[Endpoint, type[SamplingRequest]] = {
     "completions": CompletionRequest,

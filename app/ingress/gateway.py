@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from app.config import ModelSpec, StackConfig
-from app.engines import stats as engine_stats
-from app.ingress.errors import OpenAIError
+from app.engines import router_registry
+from app.engines.items import Endpoint, EngineItem
+from app.errors import OpenAIError, error_body
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
 from app.ingress.readiness import Readiness
 from app.routing import Decision
-from app.wire import Endpoint, EngineItem, error_body
 
 logger = logging.getLogger("vrstack.ingress")
 DONE = "data: [DONE]\n\n"
@@ -131,7 +131,7 @@ class Gateway:
             request_id = route.pop("request_id", None)
             stream.decision = Decision(**route) if route else None
             if request_id:  # the first item is in: the policy's prefill estimate can drop it
-                engine_stats.first_token(spec.name, request_id)
+                router_registry.first_token(spec.name, request_id)
             return stream
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.config import KeyLimits
-from app.ingress.errors import OpenAIError
+from app.errors import OpenAIError
 
 
 class TokenBucket:

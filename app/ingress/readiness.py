@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.config import ModelSpec
-from app.engines.builder import deployment_name
-from app.ingress.errors import OpenAIError
+from app.engines.llm_config import deployment_name
+from app.errors import OpenAIError
 
 logger = logging.getLogger("vrstack.ingress")
 ReplicaCounter = Callable[[], dict[str, int]]

@@ -195,181 +195,273 @@ def access_mode(engine_pods: int) -> str:
     return "ReadWriteOnce" if engine_pods <= 1 else "ReadWriteMany"
 
 
-def render_documents(loaded: ServeConfigFile, options: RenderOptions) -> list[dict[str, Any]]:
-    """The manifests for one serve config: [PVC], RayService, router Service, [PodMonitor]."""
-    name = check_name(options.name)
-    models = _models(loaded)
-    on_gpu = any(m.on_gpu for m in models)
-    image = image_for(options, on_gpu)
-    labels = {
+def stack_labels(name: str, options: RenderOptions) -> dict[str, str]:
+    """The labels on every document and pod of one stack (options.labels last, so they win)."""
+    return {
         "app.kubernetes.io/name": "vllm-ray-stack",
         "app.kubernetes.io/instance": name,
         **options.labels,
     }
-    port = loaded.http_port
+
+
+def model_cache_claim_name(name: str) -> str:
+    """The model-cache PVC's name."""
+    return f"{name}-model-cache"
+
+
+def model_cache_pvc(
+    name: str, models: list[ModelSpec], labels: dict[str, str]
+) -> dict[str, Any] | None:
+    """The model-cache PVC, sized to the models' total `storage`; None when none asks for any."""
     storages = [parse_quantity(m.resources.storage) for m in models if m.resources.storage]
+    if not storages:
+        return None
     # Only engine pods mount the cache (one pod per engine replica), so count those.
     engine_pods = sum(_replica_range(m)[1] for m in models)
-    cache_name = f"{name}-model-cache"
-    if storages:
-        cache_volume: dict[str, Any] = {
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": model_cache_claim_name(name), "labels": labels},
+        "spec": {
+            # Pods on one node only may share a ReadWriteOnce volume; several engine
+            # pods (several models, or max replicas > 1) need a ReadWriteMany class.
+            "accessModes": [access_mode(engine_pods)],
+            "resources": {"requests": {"storage": format_bytes(sum(storages))}},
+        },
+    }
+
+
+def model_cache_volume(name: str, has_pvc: bool) -> dict[str, Any]:
+    """The engine pods' model-cache volume: the PVC if there is one, else an emptyDir."""
+    if has_pvc:
+        return {
             "name": "model-cache",
-            "persistentVolumeClaim": {"claimName": cache_name},
+            "persistentVolumeClaim": {"claimName": model_cache_claim_name(name)},
         }
-    else:
-        cache_volume = {"name": "model-cache", "emptyDir": {}}
-    cache_mount = {"name": "model-cache", "mountPath": HF_HOME}
-    shm = {"name": "shm", "emptyDir": {"medium": "Memory"}}
-    documents: list[dict[str, Any]] = []
+    return {"name": "model-cache", "emptyDir": {}}
 
-    if storages:
-        documents.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": cache_name, "labels": labels},
-                "spec": {
-                    # Pods on one node only may share a ReadWriteOnce volume; several engine
-                    # pods (several models, or max replicas > 1) need a ReadWriteMany class.
-                    "accessModes": [access_mode(engine_pods)],
-                    "resources": {"requests": {"storage": format_bytes(sum(storages))}},
-                },
-            }
-        )
 
+def _container(
+    name: str,
+    image: str,
+    ports: list[dict[str, Any]],
+    env: list[dict[str, Any]],
+    resources: dict[str, Any],
+    volume_mounts: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A Ray container whose resource requests equal its limits."""
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "ports": ports,
+        "env": env,
+        "resources": {"requests": resources, "limits": resources},
+    }
+    if volume_mounts:
+        container["volumeMounts"] = volume_mounts
+    return container
+
+
+def head_group_spec(image: str, port: int, labels: dict[str, str]) -> dict[str, Any]:
+    """The head group: Ray's control plane and the Serve proxy only (no CPUs for tasks)."""
     head_resources = {"cpu": "2", "memory": "8Gi"}
-    head = {
+    ports = [
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": port},
+        {"name": "metrics", "containerPort": METRICS_PORT},
+    ]
+    return {
         # The head runs Ray's control plane and the Serve proxy only; engines and the ingress
         # run on workers.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": _pod(
-            {
-                "name": "ray-head",
-                "image": image,
-                "ports": [
-                    {"name": "gcs-server", "containerPort": 6379},
-                    {"name": "dashboard", "containerPort": 8265},
-                    {"name": "client", "containerPort": 10001},
-                    {"name": "serve", "containerPort": port},
-                    {"name": "metrics", "containerPort": METRICS_PORT},
-                ],
-                "env": _cache_env(),
-                "resources": {"requests": head_resources, "limits": head_resources},
-            },
-            labels,
+            _container("ray-head", image, ports, _cache_env(), head_resources), labels
         ),
     }
 
-    groups = []
-    for model in models:
-        res = model.resources
-        low, high = _replica_range(model)
-        kind = "gpu" if model.on_gpu else "cpu"
-        pod_resources: dict[str, Any] = {
-            "cpu": cpu_quantity(res.cpu),
-            "memory": res.memory or ("16Gi" if model.on_gpu else "4Gi"),
-        }
-        if model.on_gpu:
-            pod_resources["nvidia.com/gpu"] = math.ceil(res.gpu)
-        group_name = dns_label(f"{kind}-{model.name}", 40)
-        if any(g["groupName"] == group_name for g in groups):
-            group_name = f"{group_name[:36]}-{len(groups)}"
-        groups.append(
-            {
-                "groupName": group_name,
-                "replicas": low,
-                "minReplicas": low,
-                "maxReplicas": high,
-                "rayStartParams": {},
-                "template": _pod(
-                    {
-                        "name": "ray-worker",
-                        "image": image,
-                        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
-                        "env": _engine_env(options),
-                        "resources": {"requests": pod_resources, "limits": pod_resources},
-                        "volumeMounts": [cache_mount, {"name": "shm", "mountPath": "/dev/shm"}],
-                    },
-                    labels,
-                    volumes=[cache_volume, shm],
-                    engine=True,
-                    gpu=model.on_gpu,
-                ),
-            }
-        )
-    ingress_replicas = sum(app.config.server.ingress_replicas for app in loaded.apps)
-    ingress_cpus = max(app.config.server.ingress_cpus for app in loaded.apps)
-    ingress_resources = {"cpu": cpu_quantity(max(1, math.ceil(ingress_cpus))), "memory": "2Gi"}
-    groups.append(
-        {
-            "groupName": "ingress",
-            "replicas": ingress_replicas,
-            "minReplicas": ingress_replicas,
-            "maxReplicas": ingress_replicas,
-            "rayStartParams": {},
-            "template": _pod(
-                {
-                    "name": "ray-worker",
-                    "image": image,
-                    "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
-                    "env": _cache_env(),
-                    "resources": {"requests": ingress_resources, "limits": ingress_resources},
-                },
-                labels,
-            ),
-        }
-    )
 
+def _worker_group(name: str, low: int, high: int, template: dict[str, Any]) -> dict[str, Any]:
+    """A worker group of `low` to `high` pods."""
+    return {
+        "groupName": name,
+        "replicas": low,
+        "minReplicas": low,
+        "maxReplicas": high,
+        "rayStartParams": {},
+        "template": template,
+    }
+
+
+def engine_group_name(model: ModelSpec, taken: list[str]) -> str:
+    """A model's worker group name, made unique among the names already `taken`."""
+    kind = "gpu" if model.on_gpu else "cpu"
+    name = dns_label(f"{kind}-{model.name}", 40)
+    return f"{name[:36]}-{len(taken)}" if name in taken else name
+
+
+def engine_group_spec(
+    model: ModelSpec,
+    group_name: str,
+    *,
+    image: str,
+    options: RenderOptions,
+    labels: dict[str, str],
+    cache_volume: dict[str, Any],
+) -> dict[str, Any]:
+    """One model's worker group: one engine pod per replica, sized from its `resources`."""
+    res = model.resources
+    low, high = _replica_range(model)
+    pod_resources: dict[str, Any] = {
+        "cpu": cpu_quantity(res.cpu),
+        "memory": res.memory or ("16Gi" if model.on_gpu else "4Gi"),
+    }
+    if model.on_gpu:
+        pod_resources["nvidia.com/gpu"] = math.ceil(res.gpu)
+    cache_mount = {"name": "model-cache", "mountPath": HF_HOME}
+    shm = {"name": "shm", "emptyDir": {"medium": "Memory"}}
+    container = _container(
+        "ray-worker",
+        image,
+        [{"name": "metrics", "containerPort": METRICS_PORT}],
+        _engine_env(options),
+        pod_resources,
+        [cache_mount, {"name": "shm", "mountPath": "/dev/shm"}],
+    )
+    template = _pod(container, labels, volumes=[cache_volume, shm], engine=True, gpu=model.on_gpu)
+    return _worker_group(group_name, low, high, template)
+
+
+def engine_group_specs(
+    models: list[ModelSpec],
+    *,
+    image: str,
+    options: RenderOptions,
+    labels: dict[str, str],
+    cache_volume: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One worker group per model, with unique group names."""
+    groups: list[dict[str, Any]] = []
+    for model in models:
+        group_name = engine_group_name(model, [g["groupName"] for g in groups])
+        groups.append(
+            engine_group_spec(
+                model,
+                group_name,
+                image=image,
+                options=options,
+                labels=labels,
+                cache_volume=cache_volume,
+            )
+        )
+    return groups
+
+
+def ingress_group_spec(
+    loaded: ServeConfigFile, image: str, labels: dict[str, str]
+) -> dict[str, Any]:
+    """The ingress worker group: a fixed number of pods for every app's ingress replicas."""
+    replicas = sum(app.config.server.ingress_replicas for app in loaded.apps)
+    cpus = max(app.config.server.ingress_cpus for app in loaded.apps)
+    resources = {"cpu": cpu_quantity(max(1, math.ceil(cpus))), "memory": "2Gi"}
+    container = _container(
+        "ray-worker",
+        image,
+        [{"name": "metrics", "containerPort": METRICS_PORT}],
+        _cache_env(),
+        resources,
+    )
+    return _worker_group("ingress", replicas, replicas, _pod(container, labels))
+
+
+def ray_cluster_config(
+    models: list[ModelSpec], head: dict[str, Any], workers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The RayService's rayClusterConfig: in-tree autoscaling when any model autoscales."""
     autoscale = any(m.autoscaling is not None for m in models)
     cluster: dict[str, Any] = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": autoscale}
     if autoscale:
         cluster["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 60}
     cluster["headGroupSpec"] = head
-    cluster["workerGroupSpecs"] = groups
-    documents.append(
-        {
-            "apiVersion": "ray.io/v1",
-            "kind": "RayService",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "upgradeStrategy": {"type": options.upgrade_strategy},
-                "serveConfigV2": serve_config_v2(loaded, options),
-                "rayClusterConfig": cluster,
-            },
-        }
+    cluster["workerGroupSpecs"] = workers
+    return cluster
+
+
+def ray_service(
+    name: str,
+    labels: dict[str, str],
+    options: RenderOptions,
+    serve_config: str,
+    cluster: dict[str, Any],
+) -> dict[str, Any]:
+    """The RayService running `serve_config` (serveConfigV2) on `cluster`."""
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "upgradeStrategy": {"type": options.upgrade_strategy},
+            "serveConfigV2": serve_config,
+            "rayClusterConfig": cluster,
+        },
+    }
+
+
+def router_service(name: str, labels: dict[str, str], port: int) -> dict[str, Any]:
+    """The production-stack-style router Service: port 80 -> Serve on the ready pods."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{name}-router-service", "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            # Pods whose Serve proxy KubeRay marked ready, of this stack (any cluster
+            # generation, so it survives NewCluster upgrades).
+            "selector": {"app.kubernetes.io/instance": name, "ray.io/serve": "true"},
+            "ports": [{"name": "router-sport", "port": 80, "targetPort": port}],
+        },
+    }
+
+
+def pod_monitor(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The PodMonitor scraping Ray's and the stack's metrics from every pod of the stack."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": f"{name}-ray", "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": name}},
+            "podMetricsEndpoints": [
+                # Ray's metrics (ray_vllm_*, serve_*) on every pod
+                {"port": "metrics", "path": "/metrics", "interval": "15s"},
+                # the stack's own (vrstack_*, vllm:*; docs/metrics.md): the Serve
+                # proxy on the head forwards GET /metrics to the ingress
+                {"port": "serve", "path": "/metrics", "interval": "15s"},
+            ],
+        },
+    }
+
+
+def render_documents(loaded: ServeConfigFile, options: RenderOptions) -> list[dict[str, Any]]:
+    """The manifests for one serve config: [PVC], RayService, router Service, [PodMonitor]."""
+    name = check_name(options.name)
+    models = _models(loaded)
+    image = image_for(options, any(m.on_gpu for m in models))
+    labels = stack_labels(name, options)
+    pvc = model_cache_pvc(name, models, labels)
+    cache_volume = model_cache_volume(name, pvc is not None)
+    workers = engine_group_specs(
+        models, image=image, options=options, labels=labels, cache_volume=cache_volume
     )
-    documents.append(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": f"{name}-router-service", "labels": labels},
-            "spec": {
-                "type": "ClusterIP",
-                # Pods whose Serve proxy KubeRay marked ready, of this stack (any cluster
-                # generation, so it survives NewCluster upgrades).
-                "selector": {"app.kubernetes.io/instance": name, "ray.io/serve": "true"},
-                "ports": [{"name": "router-sport", "port": 80, "targetPort": port}],
-            },
-        }
-    )
+    workers.append(ingress_group_spec(loaded, image, labels))
+    head = head_group_spec(image, loaded.http_port, labels)
+    cluster = ray_cluster_config(models, head, workers)
+    documents = [] if pvc is None else [pvc]
+    documents.append(ray_service(name, labels, options, serve_config_v2(loaded, options), cluster))
+    documents.append(router_service(name, labels, loaded.http_port))
     if options.pod_monitor:
-        documents.append(
-            {
-                "apiVersion": "monitoring.coreos.com/v1",
-                "kind": "PodMonitor",
-                "metadata": {"name": f"{name}-ray", "labels": labels},
-                "spec": {
-                    "selector": {"matchLabels": {"app.kubernetes.io/instance": name}},
-                    "podMetricsEndpoints": [
-                        # Ray's metrics (ray_vllm_*, serve_*) on every pod
-                        {"port": "metrics", "path": "/metrics", "interval": "15s"},
-                        # the stack's own (vrstack_*, vllm:*; docs/metrics.md): the Serve
-                        # proxy on the head forwards GET /metrics to the ingress
-                        {"port": "serve", "path": "/metrics", "interval": "15s"},
-                    ],
-                },
-            }
-        )
+        documents.append(pod_monitor(name, labels))
     return documents
 
 

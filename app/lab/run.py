@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from app.lab.metrics import LabFigures, figures
+from app.lab.figures import LabFigures, figures
 from app.lab.oracle import pooled_oracle
 from app.lab.peers import PEERS
 from app.lab.simulator import SimSettings, replay

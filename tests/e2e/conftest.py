@@ -1,8 +1,7 @@
-"""A real Ray cluster (in this process) with Ray Serve, shared by the end-to-end tests."""
+"""The stacks of the serve configs, deployed on the shared Ray cluster (`tests.conftest`)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,23 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SERVE_CONFIGS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Cluster:
-    http_port: int
-    gcs_address: str
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+from tests.conftest import SERVE_CONFIGS, Cluster
 
 
 @dataclass
@@ -38,21 +21,6 @@ class Stack:
     @property
     def base_url(self) -> str:
         return self.cluster.base_url
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="vrstack-tests")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    try:
-        yield Cluster(port, ray.get_runtime_context().gcs_address)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def wait_healthy(base_url: str, timeout_s: float = 600) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.engines.builder import deployment_name, llm_config
-from app.engines.server import EngineServer
+from app.engines.llm_config import deployment_name, llm_config
+from app.engines.llm_server import EngineServer
 from app.serve_config import read_serve_config
 from tests.conftest import SERVE_CONFIGS
 

@@ -22,7 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.observability import dashboard
-from tests.e2e.conftest import Stack, free_port
+from benchmarks.processes import free_port
+from tests.e2e.conftest import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 PROMETHEUS = shutil.which("prometheus")

@@ -1,5 +1,5 @@
 """Load and fault tests through the real Ray Serve proxy, ingress and request router, in front
-of simulated engine replicas (`app.engines.simulated`: a simulator, no model). Loopback only,
+of simulated engine replicas (`benchmarks.simulated_engine`: a simulator, no model). Loopback only,
 bounded in count and time."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import ray
 from ray import serve
 
 from app.config import load_config
-from app.engines.builder import router_config
-from app.engines.simulated import SimulatedEngineServer
+from app.engines.llm_config import router_config
 from app.ingress.deployment import Ingress
+from benchmarks.simulated_engine import SimulatedEngineServer
 from tests.e2e.conftest import wait_healthy
 
 pytestmark = pytest.mark.e2e

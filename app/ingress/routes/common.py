@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from app.engines.items import Endpoint
 from app.ingress.auth import ANONYMOUS
 from app.ingress.gateway import Gateway
 from app.ingress.limits import Lease
 from app.ingress.protocol import OpenAIRequest
-from app.wire import Endpoint
 
 
 def _gateway(request: Request) -> Gateway:

@@ -6,12 +6,12 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.ingress.auth import AuthMiddleware, KeyStore
-from app.ingress.errors import install_error_handlers
+from app.ingress.error_handlers import install_error_handlers
 from app.ingress.gateway import Gateway
-from app.ingress.metrics import MetricsMiddleware, StackMetrics
 from app.ingress.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
 from app.ingress.routes import metrics as metrics_routes
+from app.observability.metrics import MetricsMiddleware, StackMetrics
 
 
 def create_app(gateway: Gateway) -> FastAPI:

@@ -61,7 +61,7 @@ class StackMetrics:
         config: StackConfig,
         replica_stats: Callable[[], dict[str, dict[str, dict[str, Any]]]] | None = None,
     ) -> None:
-        from app.engines import stats
+        from app.engines import router_registry
 
         self.config = config
         self.registry = CollectorRegistry()
@@ -140,7 +140,7 @@ class StackMetrics:
                     metric.labels(spec.name, endpoint)
         for endpoint in sorted(set(ENDPOINTS.values())):
             self.in_flight.labels(endpoint).set(0)
-        self.engines = EngineCollector(replica_stats or stats.snapshot)
+        self.engines = EngineCollector(replica_stats or router_registry.snapshot)
         r.register(self.engines)
 
     def model_label(self, name: str | None) -> str:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.lab.figures import LabFigures
 from app.lab.run import LAB_POLICIES, run_lab
 from app.lab.simulator import SimSettings
-from app.lab.trace import read_trace, write_trace
+from app.lab.trace import TraceRequest, read_trace, write_trace
 from app.lab.workloads import WORKLOADS
 
 
@@ -51,32 +52,11 @@ def lab(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Replay a trace on simulated vLLM replicas (a simulator, not engines) and compare policies."""
-    err = Console(stderr=True)
     if (trace is None) == (workload is None):
-        err.print("give exactly one of --trace FILE or --workload NAME")
-        raise typer.Exit(2)
-    if trace is not None:
-        try:
-            requests = read_trace(trace)
-        except (OSError, ValueError) as exc:
-            err.print(f"{trace}: {exc}", markup=False)
-            raise typer.Exit(2) from None
-    else:
-        gen = WORKLOADS.get(workload or "")
-        if gen is None:
-            err.print(f"unknown workload {workload!r}; allowed: {', '.join(WORKLOADS)}")
-            raise typer.Exit(2)
-        kwargs: dict[str, float | int | str] = {}
-        for item in param or []:
-            key, _, value = item.partition("=")
-            kwargs[key.replace("-", "_")] = _number(value)
-        try:
-            requests = gen(seed=seed, **kwargs)
-        except TypeError as exc:
-            err.print(f"bad --param: {exc}", markup=False)
-            raise typer.Exit(2) from None
-        if save_trace is not None:
-            write_trace(save_trace, requests)
+        _fail("give exactly one of --trace FILE or --workload NAME")
+    requests = _read(trace) if trace is not None else _generate(workload or "", param, seed)
+    if workload is not None and save_trace is not None:
+        write_trace(save_trace, requests)
     names = list(LAB_POLICIES) if not policy or "all" in policy else policy
     settings = SimSettings(
         cache_blocks=cache_blocks,
@@ -88,25 +68,61 @@ def lab(
     try:
         results = run_lab(requests, names, replicas, settings, seed=seed)
     except ValueError as exc:
-        err.print(str(exc), markup=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     if as_json:
         source = str(trace) if trace else workload
-        out = {
-            "simulated": True,
-            "trace": source,
-            "requests": len(requests),
-            "replicas": replicas,
-            "cache_blocks": cache_blocks,
-            "block_size": block_size,
-            "oracle_hit_rate": round(results[0].oracle_hit_rate, 4) if results else None,
-            "policies": {r.policy: r.to_json() for r in results},
-        }
-        if len(results) == 1:
-            out.update(results[0].to_json())
-        typer.echo(json.dumps(out))
-        return
-    table = Table(title=f"routing lab (simulated): {len(requests)} requests, {replicas} replicas")
+        typer.echo(json.dumps(_as_json(results, source, len(requests), replicas, settings)))
+    else:
+        _print_table(results, len(requests), replicas)
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True).print(message, markup=False)
+    raise typer.Exit(2)
+
+
+def _read(path: Path) -> list[TraceRequest]:
+    try:
+        return read_trace(path)
+    except (OSError, ValueError) as exc:
+        _fail(f"{path}: {exc}")
+
+
+def _generate(name: str, params: list[str] | None, seed: int) -> list[TraceRequest]:
+    """A generated trace; `params` are the generator's NAME=VALUE settings."""
+    gen = WORKLOADS.get(name)
+    if gen is None:
+        _fail(f"unknown workload {name!r}; allowed: {', '.join(WORKLOADS)}")
+    kwargs: dict[str, float | int | str] = {}
+    for item in params or []:
+        key, _, value = item.partition("=")
+        kwargs[key.replace("-", "_")] = _number(value)
+    try:
+        return gen(seed=seed, **kwargs)
+    except TypeError as exc:
+        _fail(f"bad --param: {exc}")
+
+
+def _as_json(
+    results: list[LabFigures], source: str | None, requests: int, replicas: int, s: SimSettings
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "simulated": True,
+        "trace": source,
+        "requests": requests,
+        "replicas": replicas,
+        "cache_blocks": s.cache_blocks,
+        "block_size": s.block_size,
+        "oracle_hit_rate": round(results[0].oracle_hit_rate, 4) if results else None,
+        "policies": {r.policy: r.to_json() for r in results},
+    }
+    if len(results) == 1:
+        out.update(results[0].to_json())
+    return out
+
+
+def _print_table(results: list[LabFigures], requests: int, replicas: int) -> None:
+    table = Table(title=f"routing lab (simulated): {requests} requests, {replicas} replicas")
     for col in ("policy", "hit", "hit/oracle", "TTFT p50", "TTFT p99", "req/s", "max/mean"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in results:

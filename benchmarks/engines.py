@@ -1,7 +1,7 @@
 """The real CPU engine side by side: bare vLLM, stock Ray Serve LLM, this stack.
 
     flock -s /tmp/vrstack-ray.lock flock /tmp/vrstack-bench.lock \\
-        python -m app.bench.engines --rounds 2 --markdown out.md
+        python -m benchmarks.engines --rounds 2 --markdown out.md
 
 One engine at a time, on the embedded model with the engine settings of the serve config
 (`serve_configs/smollm2-cpu.yaml`: dtype, max_model_len, engine_args, env, 1 replica):
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -37,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from app.bench.load import BenchConfig, run_fixed
-from app.bench.overhead import compact
-from app.bench.stats import RequestRecord, summarize
-from app.lab.peer_bench import _wait_ready, free_port
+from app.bench.summary import RequestRecord, summarize
+from benchmarks.overhead import compact
+from benchmarks.processes import ROOT, free_port, stop, wait_ready
 
 TARGETS = ("vllm", "stock", "ours")
 DEFAULT_CONFIG = Path("serve_configs/smollm2-cpu.yaml")
@@ -64,7 +63,7 @@ def model_spec(config: Path) -> Any:
 
 def vllm_argv(spec: Any, port: int) -> list[str]:
     """The bare vLLM OpenAI server for `spec`, with the engine arguments our builder passes."""
-    from app.engines.builder import engine_kwargs, resolve_source
+    from app.engines.llm_config import engine_kwargs, resolve_source
 
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     argv += ["--model", resolve_source(spec.source), "--served-model-name", spec.name]
@@ -85,7 +84,7 @@ def serve_target(target: str, config: Path, port: int) -> None:
     from ray import serve
 
     from app.builder import build_app
-    from app.engines.builder import llm_config
+    from app.engines.llm_config import llm_config
     from app.serve_config import read_serve_config
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -124,30 +123,19 @@ def start(target: str, config: Path, log: Path) -> tuple[subprocess.Popen, str]:
     spec = model_spec(config)
     port = free_port()
     if target == "vllm":
-        from app.engines.builder import engine_env
+        from app.engines.llm_config import engine_env
 
         argv, env = vllm_argv(spec, port), engine_env(spec)
     else:
-        argv = [sys.executable, "-m", "app.bench.engines", "--serve", target]
+        argv = [sys.executable, "-m", "benchmarks.engines", "--serve", target]
         argv += ["--port", str(port), "--config", str(config)]
         env = {}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     return proc, f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    """SIGTERM the target's main process (it shuts its engine down); then its whole group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # leftovers (engine core, workers, raylet)
-    proc.wait(10)
 
 
 async def wait_answering(cfg: BenchConfig, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -180,7 +168,7 @@ def start_answering(target: str, rnd: int, a: argparse.Namespace) -> tuple[subpr
         proc, url = start(target, a.config, log)
         try:
             if target == "vllm":
-                error = asyncio.run(_wait_ready(url, proc, a.start_timeout))
+                error = asyncio.run(wait_ready(url, proc, a.start_timeout))
                 if error:
                     raise RuntimeError(f"{target}: {error} (log: {log})")
             asyncio.run(
@@ -188,7 +176,7 @@ def start_answering(target: str, rnd: int, a: argparse.Namespace) -> tuple[subpr
             )
             return proc, url
         except (RuntimeError, TimeoutError) as exc:
-            stop(proc)
+            stop(proc, timeout_s=120)
             print(f"  {target} round {rnd}: start {attempt} failed: {exc}", flush=True)
             if attempt == 2:
                 raise
@@ -225,7 +213,7 @@ def run_target(target: Target, rnd: int, a: argparse.Namespace) -> None:
             )
             print(f"  {target.name} round {rnd} c={conc}: {target.rounds[-1]}", flush=True)
     finally:
-        stop(proc)
+        stop(proc, timeout_s=120)
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pure parts of the overhead benchmark (`app.bench.overhead`) and its zero-compute backend."""
+"""The pure parts of the overhead benchmark (`benchmarks.overhead`) and its zero-compute backend."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from app.bench.overhead import (
+from app.bench.summary import RequestRecord
+from benchmarks.overhead import (
     MODEL,
     ZERO_COST,
     Target,
@@ -19,8 +20,7 @@ from app.bench.overhead import (
     table,
     top_frames,
 )
-from app.bench.stats import RequestRecord
-from app.lab.server import SimulatedServer
+from benchmarks.sim_server import SimulatedServer
 
 
 def _record(ttft: float, e2e: float, status: str = "ok") -> RequestRecord:

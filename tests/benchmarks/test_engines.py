@@ -1,10 +1,12 @@
-"""The real-engine comparison (`app.bench.engines`): engine arguments and the ratio tables."""
+"""The real-engine comparison (`benchmarks.engines`): engine arguments and the ratio tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from app.bench.engines import (
+from app.bench.summary import RequestRecord, summarize
+from app.engines.embedded import model_dir
+from benchmarks.engines import (
     DEFAULT_CONFIG,
     Target,
     markdown,
@@ -16,8 +18,6 @@ from app.bench.engines import (
     vllm_argv,
     within,
 )
-from app.bench.stats import RequestRecord, summarize
-from app.engines.embedded import model_dir
 from tests.conftest import ROOT
 
 

@@ -1,7 +1,7 @@
-"""Decision cost before/after in one run: `python -m app.bench.decision_cost_ab --rev HEAD`.
+"""Decision cost before/after in one run: `python -m benchmarks.decision_cost_ab --rev HEAD`.
 
 Extracts `app/` at a git revision (`git archive`) into a temporary folder, then runs
-`python -m app.lab.decision_cost ARGS` alternately from that copy ("before") and from this
+`python -m benchmarks.decision_cost ARGS` alternately from that copy ("before") and from this
 working tree ("after"), `--rounds` times each, so both see the same machine load; prints each
 run and the median and best p50/p99 of each side as JSON lines.
 """
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(cwd: Path, args: list[str]) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "app.lab.decision_cost", *args],
+        [sys.executable, "-m", "benchmarks.decision_cost", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

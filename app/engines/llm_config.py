@@ -134,7 +134,7 @@ def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
     """A bound Serve application hosting `spec`'s vLLM engine in `EngineServer` replicas."""
     from ray.serve.llm import build_llm_deployment
 
-    from app.engines.server import EngineServer
+    from app.engines.llm_server import EngineServer
 
     config = llm_config(spec, router=router)
     prepare = embedded.embedded_name(spec.source) if embedded.is_embedded(spec.source) else None

@@ -1,57 +1,18 @@
-"""OpenAI-shaped errors: one exception type, and handlers so nothing else reaches a client."""
+"""The ingress's error handlers: every failure answered in OpenAI's shape, nothing else reaches a
+client."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.wire import error_body, validation_message
+from app.errors import OpenAIError, validation_message
 
 logger = logging.getLogger("vrstack.ingress")
-
-
-class OpenAIError(Exception):
-    """An error answered as ``{"error": {...}}`` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    @classmethod
-    def from_body(cls, status: int, body: dict[str, Any]) -> OpenAIError:
-        error = body.get("error", {})
-        return cls(
-            status, error.get("message", ""), param=error.get("param"), code=error.get("code")
-        )
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, param=self.param, code=self.code)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # keep keyword fields across Ray's pickling
-        return (_rebuild, (self.status, self.message, self.param, self.code, self.headers))
-
-
-def _rebuild(
-    status: int, message: str, param: str | None, code: str | None, headers: dict[str, str]
-) -> OpenAIError:
-    return OpenAIError(status, message, param=param, code=code, headers=headers)
 
 
 def error_response(exc: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:

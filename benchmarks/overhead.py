@@ -1,9 +1,9 @@
 """Ingress overhead on a zero-compute loopback backend, side by side.
 
-`python -m app.bench.overhead` starts, in one run, a zero-compute OpenAI backend
-(`ZeroComputeApp`, a simulator: `app.lab.server`'s HTTP app streaming `max_tokens` chunks with no
-modelled cost) on loopback and an in-process Ray cluster with Ray Serve, then measures with the
-project's load generator (`app.bench.load`, fixed concurrency, streamed `/v1/completions`),
+`python -m benchmarks.overhead` starts, in one run, a zero-compute OpenAI backend
+(`ZeroComputeApp`, a simulator: `benchmarks.sim_server`'s HTTP app streaming `max_tokens` chunks
+with no modelled cost) on loopback and an in-process Ray cluster with Ray Serve, then measures
+with the project's load generator (`app.bench.load`, fixed concurrency, streamed `/v1/completions`),
 interleaved over `--rounds` rounds so every target sees the same machine load:
 
 - `direct`: the client to the backend;
@@ -47,10 +47,10 @@ from typing import Any
 import psutil
 
 from app.bench.load import BenchConfig, run_fixed
-from app.bench.stats import RequestRecord, percentile, summarize
-from app.lab.peer_bench import _stop, _wait_ready, free_port, free_ports, router_subprocess
-from app.lab.server import App, Send, SimulatedServer
+from app.bench.summary import RequestRecord, percentile, summarize
 from app.lab.simulator import SimSettings
+from benchmarks.processes import ROOT, free_port, free_ports, router_subprocess, stop, wait_ready
+from benchmarks.sim_server import App, Send, SimulatedServer
 
 TARGETS = ("direct", "vllm-router", "ours", "ours-per-token", "stock", "stock-per-token")
 MODEL = "sim"
@@ -67,7 +67,7 @@ ZERO_COST = SimSettings(max_concurrency=1 << 20, prefill_cost=0, prefill_overhea
 
 
 class ZeroComputeApp(App):
-    """`app.lab.server`'s simulator app with no cost model: every completion streams
+    """`benchmarks.sim_server`'s simulator app with no cost model: every completion streams
     `max_tokens` chunks at once (a usage chunk when asked), then `[DONE]`."""
 
     async def generate(self, send: Send, data: dict[str, Any], chat: bool) -> None:
@@ -127,9 +127,9 @@ def deploy_ours(replicas: int) -> None:
     from ray.llm._internal.serve.constants import MODEL_RESPONSE_BATCH_TIMEOUT_MS
 
     from app.config import load_config
-    from app.engines.builder import deployment_name, router_config
-    from app.engines.simulated import SimulatedEngineServer
+    from app.engines.llm_config import deployment_name, router_config
     from app.ingress.deployment import Ingress
+    from benchmarks.simulated_engine import SimulatedEngineServer
 
     models = {MODEL: MODEL_RESPONSE_BATCH_TIMEOUT_MS, PER_TOKEN: 0}
     config = load_config(
@@ -162,7 +162,7 @@ def deploy_stock(replicas: int) -> None:
     from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 
-    from app.engines.simulated import SimulatedLLMServer
+    from benchmarks.simulated_engine import SimulatedLLMServer
 
     servers = {
         MODEL: SimulatedLLMServer.options(name="stock-server", num_replicas=replicas).bind(
@@ -473,16 +473,16 @@ def run_targets(
 
 @contextmanager
 def backend(ports: list[int]) -> Iterator[subprocess.Popen]:
-    argv = [sys.executable, "-m", "app.bench.overhead", "--backend-ports", *map(str, ports)]
-    proc = subprocess.Popen(argv, start_new_session=True)
+    argv = [sys.executable, "-m", "benchmarks.overhead", "--backend-ports", *map(str, ports)]
+    proc = subprocess.Popen(argv, start_new_session=True, cwd=ROOT)
     try:
         for port in ports:
-            problem = asyncio.run(_wait_ready(f"http://127.0.0.1:{port}", proc, 30))
+            problem = asyncio.run(wait_ready(f"http://127.0.0.1:{port}", proc, 30))
             if problem:
                 raise RuntimeError(f"zero-compute backend: {problem}")
         yield proc
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @contextmanager
@@ -592,7 +592,7 @@ def run(a: argparse.Namespace, serve_port: int | None = None) -> dict[str, Any]:
         urls = {t: urls[t] for t in TARGETS if t in urls and t in a.targets}
         levels, profile = run_targets(a, urls, meter, profile_pids)
     report: dict[str, Any] = {
-        "command": "python -m app.bench.overhead " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:]),
         "settings": {
             k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"
         },

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP *simulator* of vLLM replicas, not an engine: `app.lab.server`.
+"""An OpenAI-compatible HTTP *simulator* of vLLM replicas, not an engine: `benchmarks.sim_server`.
 
 Each simulated replica listens on its own loopback port (all in one process and event loop) and
 keeps the cache model of the lab's `SimulatedReplica` (`app/lab/simulator.py`), in real time:

@@ -1,7 +1,7 @@
 """Start-up time: from the README's serve command to the first answer, and where it goes.
 
     flock -x -w 3600 /tmp/vrstack-ray.lock flock /tmp/vrstack-bench.lock \\
-        python -m app.bench.startup --runs cold,warm --markdown out.md
+        python -m benchmarks.startup --runs cold,warm --markdown out.md
 
 Each run starts `vrstack up CONFIG` (what `make serve` runs) with Ray not running, polls
 `POST /v1/completions` (1 token) until it answers 200, then stops the stack with Ctrl-C (SIGINT),

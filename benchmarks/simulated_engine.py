@@ -4,7 +4,7 @@
 OpenAI-shaped bodies and streams after a fixed delay, so load, fault and overhead tests can drive
 the real ingress, router and Ray Serve proxy at a scale no CPU engine reaches.
 `SimulatedLLMServer` stands in for stock Ray Serve LLM's `LLMServer` behind stock `OpenAiIngress`
-(its `completions` / `chat` methods), for the overhead benchmark (`app.bench.overhead`).
+(its `completions` / `chat` methods), for the overhead benchmark (`benchmarks.overhead`).
 Neither is ever built from a serve config: tests and benchmarks bind them.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from app.wire import Endpoint, EngineItem
+from app.engines.items import Endpoint, EngineItem
 
 
 def _token_count(body: dict[str, Any], tokens: int | None) -> int:

@@ -1,12 +1,12 @@
-"""Ray Serve fronts for the HTTP benchmark, in front of HTTP *simulators* (`app.lab.server`).
+"""Ray Serve fronts for the HTTP benchmark, in front of HTTP *simulators* (`benchmarks.sim_server`).
 
 `SimulatorFront` is a **simulator front**, not an engine: a Ray Serve deployment of N replicas,
 each bound to one simulated replica's URL, that forwards every engine call to it over HTTP and
 streams the answer back. It speaks both engine interfaces:
-- ours (`serve_openai(endpoint, body, *, route=...)` yielding `app.wire` items, and
-  `record_routing_stats` with its in-flight count, as `app.engines.server.EngineServer` does),
+- ours (`serve_openai(endpoint, body, *, route=...)` yielding `app.errors` items, and
+  `record_routing_stats` with its in-flight count, as `app.engines.llm_server.EngineServer` does),
   so `stack_app` is the real stack: Ray Serve proxy -> our `Ingress` -> our request router
-  (`app.engines.router`, configured by `app.engines.builder.router_config`) -> fronts;
+  (`app.engines.router`, configured by `app.engines.llm_config.router_config`) -> fronts;
 - Ray Serve LLM's (`completions(request, raw_request_info)` / `chat(...)` taking its OpenAI
   request models and yielding SSE strings or response models, as `LLMServer` does), so
   `ray_prefix_app` is stock Ray Serve LLM: proxy -> `OpenAiIngress` (built as
@@ -32,8 +32,8 @@ import httpx
 import ray
 from ray import serve
 
-from app.lab.http_router import KEEPALIVE_LIMITS
-from app.wire import Endpoint, EngineItem, error_item
+from app.engines.items import Endpoint, EngineItem, error_item
+from benchmarks.http_router import KEEPALIVE_LIMITS
 
 PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 FRONT_KINDS = ("ours-stack", "ray")
@@ -78,7 +78,7 @@ class SimulatorFront:
     async def serve_openai(
         self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
     ) -> AsyncGenerator[EngineItem, None]:
-        """Our engine interface (see `app.engines.server`); `route` is the router's slot."""
+        """Our engine interface (see `app.engines.llm_server`); `route` is the router's slot."""
         if endpoint not in PATHS:
             yield error_item(404, f"the simulator front does not serve {endpoint}")
             return
@@ -138,7 +138,7 @@ class SimulatorFront:
 def stack_app(pool: Any, replicas: int, policy: str, cache_blocks: int, model: str) -> Any:
     """Our stack as `app.builder.build_app` wires it, with simulator fronts as the engines."""
     from app.config import load_config
-    from app.engines.builder import deployment_name, router_config
+    from app.engines.llm_config import deployment_name, router_config
     from app.ingress.deployment import Ingress
 
     settings = (

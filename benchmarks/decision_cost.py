@@ -1,4 +1,4 @@
-"""Micro-benchmark: the cost of one routing decision (`python -m app.lab.decision_cost`).
+"""Micro-benchmark: the cost of one routing decision (`python -m benchmarks.decision_cost`).
 
 Fills a policy's index with `blocks` blocks spread over `replicas` replicas, then times
 `choose()` on fresh requests (hashing included) that share a prefix with indexed prompts.
@@ -13,7 +13,7 @@ import json
 import random
 import time
 
-from app.lab.metrics import percentile
+from app.lab.figures import percentile
 from app.lab.workloads import _words
 from app.routing import ReplicaStats, RequestView, make_policy
 

@@ -1,22 +1,16 @@
-"""The HTTP engine simulator (`app.lab.server`): OpenAI-shaped answers, a prefix cache."""
+"""The HTTP engine simulator (`benchmarks.sim_server`): OpenAI-shaped answers, a prefix cache."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import httpx
 import pytest
 
-from app.lab.server import serve
 from app.lab.simulator import SimSettings
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from benchmarks.processes import free_port
+from benchmarks.sim_server import serve
 
 
 async def _exercise(port: int) -> list:
@@ -47,7 +41,7 @@ async def _exercise(port: int) -> list:
 
 
 def test_second_identical_prompt_hits_the_cache_and_answers_are_openai_shaped():
-    first, second, stream, models, tokens, missing = asyncio.run(_exercise(_free_port()))
+    first, second, stream, models, tokens, missing = asyncio.run(_exercise(free_port()))
     for reply in (first, second):
         assert reply["object"] == "text_completion" and reply["id"].startswith("cmpl-")
         assert reply["choices"][0]["finish_reason"] == "length"
@@ -68,7 +62,7 @@ def test_second_identical_prompt_hits_the_cache_and_answers_are_openai_shaped():
 
 
 def test_modelled_ttft_counts_the_prefill_queue_and_shrinks_with_cached_blocks():
-    from app.lab.server import SimulatedServer
+    from benchmarks.sim_server import SimulatedServer
 
     settings = SimSettings(cache_blocks=256, prefill_cost=0.001, prefill_overhead=0.0)
     server = SimulatedServer("r0", settings, time_scale=0.05)
@@ -91,7 +85,7 @@ def test_modelled_ttft_counts_the_prefill_queue_and_shrinks_with_cached_blocks()
 
 
 def test_modelled_ttfts_follow_the_posted_schedule_not_the_wall_clock():
-    from app.lab.server import SimulatedServer, arrival_key
+    from benchmarks.sim_server import SimulatedServer, arrival_key
 
     settings = SimSettings(cache_blocks=256, prefill_cost=0.001, prefill_overhead=0.0)
     server = SimulatedServer("r0", settings, time_scale=0.01)
@@ -139,7 +133,7 @@ def test_a_bad_schedule_is_a_400_in_openai_shape():
         finally:
             task.cancel()
 
-    bad, good = asyncio.run(post(_free_port()))
+    bad, good = asyncio.run(post(free_port()))
     for reply in bad:
         assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
     assert good.status_code == 200 and good.json() == {"scheduled": 2}

@@ -1,10 +1,10 @@
-"""The peer benchmark's figures and target check (`app.lab.peer_bench`), from plain results."""
+"""The peer benchmark's figures and target check (`benchmarks.peer_bench`), from plain results."""
 
 from __future__ import annotations
 
 import pytest
 
-from app.lab.peer_bench import Outcome, check_targets, figures, table
+from benchmarks.peer_bench import Outcome, check_targets, figures, table
 
 
 def _server(prompt: int, cached: int, ttfts: list[float], requests: int) -> dict:
@@ -54,7 +54,7 @@ def test_without_modelled_ttfts_the_ttft_target_is_not_met():
 
 
 def test_free_ports_are_distinct():
-    from app.lab.peer_bench import free_ports
+    from benchmarks.processes import free_ports
 
     ports = free_ports(16)
     assert len(set(ports)) == 16 and all(1024 <= p < 65536 for p in ports)

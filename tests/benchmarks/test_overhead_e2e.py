@@ -1,4 +1,4 @@
-"""A bounded smoke run of the overhead benchmark (`app.bench.overhead`): the zero-compute backend
+"""A bounded smoke run of the overhead benchmark (`benchmarks.overhead`): the zero-compute backend
 directly and through our stack (Ray Serve proxy, ingress, request router, simulated engines)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app.bench.overhead import markdown, parser, run
+from benchmarks.overhead import markdown, parser, run
 
 pytestmark = pytest.mark.e2e
 

@@ -9,12 +9,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from app.bench.cli import bench
+from app.cli.bench import bench
+from app.cli.k8s import import_values_command, k8s_cli
+from app.cli.lab import lab
+from app.cli.status import status_command
 from app.config import ConfigError
-from app.k8s.cli import import_values_command, k8s_cli
-from app.lab.cli import lab
 from app.serve_config import read_serve_config
-from app.status import status_command
 
 cli = typer.Typer(help="vllm-ray-stack: vLLM on Ray Serve and KubeRay.", no_args_is_help=True)
 console = Console(stderr=True)

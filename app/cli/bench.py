@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -67,9 +69,9 @@ def bench(
     answer_len: Annotated[int, typer.Option(help="qa: max_tokens of each answer.")] = 100,
 ) -> None:
     """Load an OpenAI-compatible endpoint; report TTFT, ITL, end-to-end latency, throughput."""
-    from app.bench import load, stats
+    from app.bench.load import BenchConfig
 
-    cfg = load.BenchConfig(
+    cfg = BenchConfig(
         url=url,
         model=model or "default",
         api_key=api_key,
@@ -80,37 +82,64 @@ def bench(
         seed=seed,
     )
     if trace is not None:
-        from app.lab.trace import read_trace
-
-        try:
-            trace_reqs = read_trace(trace)
-        except ValueError as exc:
-            console.print(str(exc), markup=False)
-            raise typer.Exit(2) from None
-        workload = {"mode": "trace", "trace": str(trace), "requests": len(trace_reqs)}
-        total = len(trace_reqs)
+        plan = _trace_plan(trace, model_override=model is not None)
     elif mode is Mode.qa:
-        workload = {
-            "mode": "qa",
-            "users": users,
-            "rounds": rounds,
-            "qps": qps,
-            "system_prompt_len": system_prompt_len,
-            "history_len": history_len,
-            "question_len": question_len,
-            "answer_len": answer_len,
-        }
-        total = users * rounds
+        qa = {"users": users, "rounds": rounds, "qps": qps}
+        lengths = {"system_prompt_len": system_prompt_len, "history_len": history_len}
+        lengths |= {"question_len": question_len, "answer_len": answer_len}
+        plan = _Plan({"mode": "qa", **qa, **lengths}, users * rounds, _qa_runner(qa, lengths))
     else:
-        workload = {
-            "mode": "fixed",
-            "concurrency": concurrency,
-            "requests": requests,
-            "prompt_len": prompt_len,
-            "max_tokens": max_tokens,
-        }
-        total = requests
+        shape = {"concurrency": concurrency, "requests": requests}
+        shape |= {"prompt_len": prompt_len, "max_tokens": max_tokens}
+        plan = _Plan({"mode": "fixed", **shape}, requests, _fixed_runner(shape))
+    result = _run_with_progress(cfg, plan)
+    _report(cfg, plan, result, json_out, markdown_out)
 
+
+OnDone = Callable[[Any], None]
+Runner = Callable[[Any, OnDone], Coroutine[Any, Any, Any]]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one `bench` run sends: its description (for the report), size and driver."""
+
+    workload: dict[str, Any]
+    total: int
+    run: Runner
+
+
+def _trace_plan(path: Path, *, model_override: bool) -> _Plan:
+    from app.bench.load import run_trace
+    from app.lab.trace import read_trace
+
+    try:
+        requests = read_trace(path)
+    except ValueError as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
+
+    def run(cfg: Any, on_done: OnDone) -> Coroutine[Any, Any, Any]:
+        return run_trace(cfg, requests, on_done, model_override=model_override)
+
+    workload = {"mode": "trace", "trace": str(path), "requests": len(requests)}
+    return _Plan(workload, len(requests), run)
+
+
+def _qa_runner(qa: dict[str, Any], lengths: dict[str, int]) -> Runner:
+    from app.bench.load import run_qa
+
+    return lambda cfg, on_done: run_qa(cfg, **qa, **lengths, on_done=on_done)
+
+
+def _fixed_runner(shape: dict[str, int]) -> Runner:
+    from app.bench.load import run_fixed
+
+    return lambda cfg, on_done: run_fixed(cfg, **shape, on_done=on_done)
+
+
+def _run_with_progress(cfg: Any, plan: _Plan) -> Any:
+    """Run the plan with a progress bar counting answered requests and errors."""
     progress = Progress(
         TextColumn("[bold]bench[/] {task.description}"),
         BarColumn(),
@@ -120,44 +149,35 @@ def bench(
         console=console,
         transient=False,
     )
-    task = progress.add_task(workload["mode"], total=total, errors=0)
+    task = progress.add_task(plan.workload["mode"], total=plan.total, errors=0)
     errors = 0
 
-    def on_done(rec: stats.RequestRecord) -> None:
+    def on_done(record: Any) -> None:
         nonlocal errors
-        errors += not rec.ok
+        errors += not record.ok
         progress.update(task, advance=1, errors=errors)
 
     with progress:
-        if trace is not None:
-            coro = load.run_trace(cfg, trace_reqs, on_done, model_override=model is not None)
-        elif mode is Mode.qa:
-            coro = load.run_qa(
-                cfg,
-                users,
-                rounds,
-                qps,
-                system_prompt_len,
-                history_len,
-                question_len,
-                answer_len,
-                on_done,
-            )
-        else:
-            coro = load.run_fixed(cfg, concurrency, requests, prompt_len, max_tokens, on_done)
-        result = asyncio.run(coro)
+        return asyncio.run(plan.run(cfg, on_done))
 
-    summary = stats.summarize(result.records, result.duration_s)
-    summary["planned"] = result.planned
-    summary["stopped_early"] = result.stopped_early
-    report = stats.markdown(summary, title=f"vrstack bench ({workload['mode']})")
+
+def _report(
+    cfg: Any, plan: _Plan, result: Any, json_out: Path | None, markdown_out: Path | None
+) -> None:
+    """Print the markdown table; write it and the JSON results where asked."""
+    from app.bench.summary import markdown, summarize
+
+    figures = summarize(result.records, result.duration_s)
+    figures["planned"] = result.planned
+    figures["stopped_early"] = result.stopped_early
+    report = markdown(figures, title=f"vrstack bench ({plan.workload['mode']})")
     typer.echo(report)
     if result.stopped_early:
-        console.print(f"[yellow]stopped at --max-duration {max_duration}s[/]")
+        console.print(f"[yellow]stopped at --max-duration {cfg.max_duration}s[/]")
     if json_out is not None:
         doc = {
-            "config": {**cfg.to_json(), **workload},
-            "summary": summary,
+            "config": {**cfg.to_json(), **plan.workload},
+            "summary": figures,
             "records": [r.to_json() for r in result.records],
         }
         json_out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

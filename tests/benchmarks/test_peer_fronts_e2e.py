@@ -1,7 +1,7 @@
-"""The Ray Serve fronts of the HTTP routing benchmark (`app.lab.ray_fronts`), end to end: the
+"""The Ray Serve fronts of the HTTP routing benchmark (`benchmarks.ray_fronts`), end to end: the
 real proxy, our Ingress and request router, and stock Ray Serve LLM's ingress with Ray's
 `PrefixCacheAffinityRouter`, each in front of simulator fronts bound to HTTP simulators
-(`app.lab.server`). Loopback only; a small trace, bounded in time."""
+(`benchmarks.sim_server`). Loopback only; a small trace, bounded in time."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.lab.peer_bench import (
-    _stop,
-    figures,
-    free_ports,
-    replay,
-    sim_stats,
-    start_simulator,
-    warm_up,
-)
-from app.lab.ray_fronts import RayFronts
 from app.lab.workloads import shared_prefix
-from tests.e2e.conftest import Cluster
+from benchmarks.peer_bench import figures, replay, sim_stats, start_simulator, warm_up
+from benchmarks.processes import free_ports, stop
+from benchmarks.ray_fronts import RayFronts
+from tests.conftest import Cluster
 
 pytestmark = pytest.mark.e2e
 REPLICAS = 3
@@ -38,7 +31,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     try:
         yield [f"http://127.0.0.1:{p}" for p in ports]
     finally:
-        _stop(sim)
+        stop(sim)
 
 
 @pytest.mark.parametrize("router", ["ours-stack:scored", "ray:prefix_cache_affinity"])

@@ -1,14 +1,12 @@
-"""What crosses between the ingress and the engines: plain items and OpenAI-shaped errors."""
+"""OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`, the exception that
+carries it, and pydantic errors as one readable sentence."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
-
-Endpoint = Literal["completions", "chat", "embeddings", "tokenize", "detokenize"]
-EngineItem = dict[str, Any]
 
 # OpenAI's error `type` for each status this stack returns.
 ERROR_TYPES = {
@@ -32,12 +30,6 @@ def error_body(
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_item(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
-) -> EngineItem:
-    return {"status": status, **error_body(status, message, param=param, code=code)}
 
 
 # Union branches and validators appear in pydantic's error locations as type tags, not fields.
@@ -66,3 +58,42 @@ def validation_message(errors: list[dict[str, Any]] | ValidationError) -> tuple[
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param
+
+
+class OpenAIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @classmethod
+    def from_body(cls, status: int, body: dict[str, Any]) -> OpenAIError:
+        error = body.get("error", {})
+        return cls(
+            status, error.get("message", ""), param=error.get("param"), code=error.get("code")
+        )
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep keyword fields across Ray's pickling
+        return (_rebuild, (self.status, self.message, self.param, self.code, self.headers))
+
+
+def _rebuild(
+    status: int, message: str, param: str | None, code: str | None, headers: dict[str, str]
+) -> OpenAIError:
+    return OpenAIError(status, message, param=param, code=code, headers=headers)

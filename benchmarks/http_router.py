@@ -1,12 +1,12 @@
 """A tiny HTTP router running an `app.routing` policy in its own process (for benchmarks only).
 
-`python -m app.lab.http_router --port P --policy scored --worker-urls URL...` forwards
+`python -m benchmarks.http_router --port P --policy scored --worker-urls URL...` forwards
 `POST /v1/completions` and `/v1/chat/completions` to the replica the policy picks, streaming the
 answer back. It describes each replica by its own in-flight count (as the Ray Serve router does
 when replicas report nothing else), tells the policy of first tokens (`on_first_token`, at the
 first streamed chunk) and completions. It is NOT the stack's router: the stack routes inside
-Ray Serve (`app/engines/router.py`; `ours-stack` in `app.lab.peer_bench` runs it over HTTP via
-`app.lab.ray_fronts`). This stand-in puts the same policy code in front of the simulated servers
+Ray Serve (`app/engines/router.py`; `ours-stack` in `benchmarks.peer_bench` runs it over HTTP via
+`benchmarks.ray_fronts`). This stand-in puts the same policy code in front of the simulated servers
 without Ray Serve's hops, to separate the policy's effect from the stack's overhead.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from app.lab.server import Receive, Send, _json, _prompt_text, read_body
 from app.routing import NoReplicaError, ReplicaStats, RequestView, make_policy
+from benchmarks.sim_server import Receive, Send, _json, _prompt_text, read_body
 
 # Idle connections to the simulators are dropped after 1 s, well before uvicorn's 5 s keep-alive
 # timeout closes them from its side (reusing one as it closes fails the request).

@@ -1,37 +1,18 @@
-"""Per-replica engine state: from the vLLM engine to the replica's routing stats, and from the
-request routers (in the ingress process) to the ingress's /metrics and /status.
+"""An engine replica's scheduler state, for routing and metrics.
 
-Engine side: `EngineStats` implements vLLM's stat-logger interface (`record(scheduler_stats,
+`EngineStats` implements vLLM's stat-logger interface (`record(scheduler_stats,
 iteration_stats, ...)`, see `vllm.v1.metrics.loggers.StatLoggerBase`) and keeps the latest
 scheduler state: running and waiting requests, KV-cache usage, prefix-cache queries and hits.
 `EngineServer.record_routing_stats` reports `EngineStats.as_dict()`; Ray Serve carries it to every
 request router of the deployment as `RunningReplica.routing_stats`.
 
-Ingress side: each `StackRequestRouter` registers itself here under its model; `snapshot()` reads
-the replicas each router currently sees with their last reported stats. (The router module is
-pickled by value by Serve, so its own globals are not shared with the ingress; this module is
-imported by reference, so its registry is.)
-
-No Ray or vLLM imports here: both sides are plain Python.
+No Ray or vLLM imports here: plain Python.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections import deque
 from typing import Any
-
-# Keys of `EngineStats.as_dict()` (and of the routing stats an `EngineServer` reports).
-STAT_KEYS = (
-    "in_flight",
-    "running",
-    "queued",
-    "kv_usage",
-    "prefix_cache_queries",
-    "prefix_cache_hits",
-    "prefix_cache_hit_rate",
-)
 
 
 class EngineStats:
@@ -128,47 +109,3 @@ def attach(engine: Any, stats: EngineStats) -> bool:
     if not any(logger is stats for logger in loggers):
         loggers.append(stats)
     return True
-
-
-# -- ingress side: the routers of this process ------------------------------------------------
-_lock = threading.Lock()
-_routers: dict[str, weakref.WeakSet] = {}
-
-
-def register(model: str, router: Any) -> None:
-    """Called by each request router (in the calling process) for its model."""
-    with _lock:
-        _routers.setdefault(model, weakref.WeakSet()).add(router)
-
-
-def first_token(model: str, request_id: str) -> None:
-    """Tell the model's routers that a request they routed got its first item (any thread)."""
-    with _lock:
-        found = list(_routers.get(model, ()))
-    for router in found:
-        router.first_token(request_id)
-
-
-def snapshot() -> dict[str, dict[str, dict[str, Any]]]:
-    """model -> replica id -> last reported stats, for every replica the routers see.
-
-    Empty for a model until its router exists (Serve creates it on the first request)."""
-    with _lock:
-        routers = {model: list(found) for model, found in _routers.items()}
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for model, found in routers.items():
-        replicas = out.setdefault(model, {})
-        for router in found:
-            try:
-                current = list(router.curr_replicas.values())
-            except Exception:  # a router being torn down
-                continue
-            for replica in current:
-                replicas[replica.replica_id.unique_id] = dict(replica.routing_stats or {})
-    return out
-
-
-def forget_all() -> None:
-    """For tests."""
-    with _lock:
-        _routers.clear()

@@ -1,4 +1,4 @@
-"""Start-up timing (`app.bench.startup`): log parsing and the phase breakdown, on known lines."""
+"""Start-up timing (`benchmarks.startup`): log parsing and the phase breakdown, on known lines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from datetime import datetime
 
 import pytest
 
-from app.bench.startup import (
+from app.launcher import stamp
+from benchmarks.startup import (
     LAUNCHER_EVENTS,
     RAY_SERVE_EVENTS,
     SERVE_LOG_EVENTS,
@@ -18,7 +19,6 @@ from app.bench.startup import (
     ray_serve_lines,
     reported_durations,
 )
-from app.launcher import stamp
 
 
 def _epoch(text: str, fmt: str = "%Y-%m-%d %H:%M:%S.%f") -> float:

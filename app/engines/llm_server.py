@@ -19,8 +19,9 @@ from pydantic import BaseModel, ValidationError
 from ray.serve.llm import LLMServer
 
 from app.engines import embedded
-from app.engines.stats import EngineStats, attach
-from app.wire import Endpoint, EngineItem, error_item, validation_message
+from app.engines.items import Endpoint, EngineItem, error_item
+from app.engines.stat_logger import EngineStats, attach
+from app.errors import validation_message
 
 logger = logging.getLogger("vrstack.engine")
 

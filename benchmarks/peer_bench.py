@@ -1,6 +1,6 @@
-"""Real peer routers side by side over HTTP, in front of simulated replicas (`app.lab.server`).
+"""Real peer routers side by side over HTTP, in front of simulated replicas (`sim_server`).
 
-`python -m app.lab.peer_bench --workload shared-prefix --replicas 4 --requests 300` starts one
+`python -m benchmarks.peer_bench --workload shared-prefix --replicas 4 --requests 300` starts one
 simulator process (a port per simulated replica, loopback only), then, one router at a time and
 with the simulated caches reset before each, replays the same trace (open loop, arrival times
 multiplied by `--time-scale`, streamed `POST /v1/completions`) through:
@@ -8,10 +8,10 @@ multiplied by `--time-scale`, streamed `POST /v1/completions`) through:
 - `sglang-router` (PyPI `sglang-router==0.3.2`), policy `cache_aware`;
 - `ray:prefix_cache_affinity`: stock Ray Serve LLM (`OpenAiIngress`) with Ray's
   `PrefixCacheAffinityRouter` (default settings) in front of simulator fronts
-  (`app.lab.ray_fronts`: one Serve replica per simulated replica, forwarding over HTTP);
+  (`benchmarks.ray_fronts`: one Serve replica per simulated replica, forwarding over HTTP);
 - `ours-stack:POLICY`: our stack (Ray Serve proxy, our `Ingress`, our request router with that
   `app.routing` policy) in front of the same kind of simulator fronts;
-- `ours:POLICY`: the same policy code in the tiny HTTP router of `app.lab.http_router` (a
+- `ours:POLICY`: the same policy code in the tiny HTTP router of `benchmarks.http_router` (a
   stand-in without Ray Serve: the policy without the stack's overhead).
 The peers run from a separate virtualenv (`--peer-venv`, default /tmp/peer-venv); the Ray fronts
 run in a Ray cluster started in this process (`ray.init(address="local")`, Serve on a free
@@ -38,9 +38,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,12 +50,21 @@ from typing import Any
 
 import httpx
 
-from app.lab.metrics import percentile
+from app.lab.figures import percentile
 from app.lab.oracle import pooled_oracle
-from app.lab.ray_fronts import FRONT_KINDS, RayFronts
-from app.lab.server import arrival_key
 from app.lab.trace import TraceRequest
 from app.lab.workloads import WORKLOADS
+from benchmarks.processes import (
+    ROOT,
+    FrontError,
+    free_port,
+    free_ports,
+    router_subprocess,
+    stop,
+    wait_ready,
+)
+from benchmarks.ray_fronts import FRONT_KINDS, RayFronts
+from benchmarks.sim_server import arrival_key
 
 ROUTERS = (
     "vllm-router:cache_aware",
@@ -72,19 +78,6 @@ PEER_KINDS = ("vllm-router", "sglang-router", "ray")
 TARGETS = ("ours-stack:scored", "ours:scored")
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (all held open while choosing, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 @dataclass
 class Outcome:
     ok: bool
@@ -94,84 +87,6 @@ class Outcome:
     prompt: int = 0
     cached: int = -1
     error: str = ""
-
-
-class FrontError(RuntimeError):
-    """A router that could not be started."""
-
-
-def router_command(name: str, port: int, workers: list[str], venv: Path, cache_blocks: int):
-    """(argv, extra env) for one router."""
-    kind, policy = name.split(":")
-    if kind == "vllm-router":
-        argv = [
-            str(venv / "bin" / "vllm-router"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *workers,
-            "--policy",
-            policy,
-            "--log-level",
-            "warning",
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(free_port()),
-        ]
-        return argv, {}
-    if kind == "sglang-router":
-        argv = [
-            str(venv / "bin" / "python"),
-            "-m",
-            "sglang_router.launch_router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--worker-urls",
-            *workers,
-            "--policy",
-            policy,
-            "--log-level",
-            "warn",
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(free_port()),
-        ]
-        return argv, {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    argv = [
-        sys.executable,
-        "-m",
-        "app.lab.http_router",
-        "--port",
-        str(port),
-        "--policy",
-        policy,
-        "--cache-blocks",
-        str(cache_blocks),
-        "--worker-urls",
-        *workers,
-    ]
-    return argv, {}
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return f"exited with status {proc.returncode}"
-            try:
-                if (await client.get(url + "/health")).status_code == 200:
-                    return ""
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
-    return f"not ready within {timeout:.0f} s"
 
 
 async def _one(client: httpx.AsyncClient, url: str, req: TraceRequest, at: float) -> Outcome:
@@ -251,35 +166,6 @@ def sim_stats(
 
 
 @contextmanager
-def router_subprocess(
-    name: str, workers: list[str], venv: Path, cache_blocks: int, log: Path, start_timeout: float
-) -> Iterator[tuple[str, str, subprocess.Popen]]:
-    """A peer or stand-in router (`router_command`) ready on a loopback port: (URL, command
-    line, process); stopped on exit. FrontError if it does not start or get healthy."""
-    port = free_port()
-    argv, env = router_command(name, port, workers, venv, cache_blocks)
-    with open(log, "w") as logf:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise FrontError(f"cannot start: {exc}") from None
-        try:
-            url = f"http://127.0.0.1:{port}"
-            problem = asyncio.run(_wait_ready(url, proc, start_timeout))
-            if problem:
-                raise FrontError(f"{problem}; log tail: {_tail(log)}")
-            yield url, " ".join([*(f"{k}={v}" for k, v in env.items()), *argv]), proc
-        finally:
-            _stop(proc)
-
-
-@contextmanager
 def router_process(
     name: str, workers: list[str], venv: Path, cache_blocks: int, log: Path, start_timeout: float
 ) -> Iterator[tuple[str, str]]:
@@ -292,7 +178,7 @@ def router_process(
 def ray_front(
     name: str, workers: list[str], cache_blocks: int, fronts: RayFronts
 ) -> Iterator[tuple[str, str]]:
-    """A Ray Serve front (`app.lab.ray_fronts`) deployed over `workers`: (URL, description);
+    """A Ray Serve front (`benchmarks.ray_fronts`) deployed over `workers`: (URL, description);
     deleted on exit. FrontError if the deploy fails."""
     kind, policy = name.split(":")
     try:  # Ray's front is kept for the next trace over the same simulators (tree emptied)
@@ -302,7 +188,7 @@ def ray_front(
             fronts.delete()
         raise FrontError(f"deploy failed: {type(exc).__name__}: {exc}") from None
     try:
-        yield url, f"in-process Ray Serve application ({name}), see app.lab.ray_fronts"
+        yield url, f"in-process Ray Serve application ({name}), see benchmarks.ray_fronts"
     finally:
         fronts.delete()
 
@@ -423,23 +309,6 @@ def _signed(x: float | None) -> str:
     return "-" if x is None else f"{x:+.1f}"
 
 
-def _tail(path: Path, n: int = 600) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return text[-n:].replace("\n", " | ")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 def table(results: list[dict[str, Any]], oracle: float) -> str:
     """Markdown table of the routers' figures (hit / oracle: hit rate over the pooled oracle)."""
     rows = [
@@ -469,11 +338,11 @@ def table(results: list[dict[str, Any]], oracle: float) -> str:
 def start_simulator(
     ports: list[int], log_dir: Path, time_scale: float, cache_blocks: int, max_concurrency: int
 ) -> subprocess.Popen:
-    """The HTTP simulator (`app.lab.server`), one loopback port per simulated replica; ready."""
+    """The HTTP simulator (`sim_server`), a loopback port per simulated replica; ready."""
     argv = [
         sys.executable,
         "-m",
-        "app.lab.server",
+        "benchmarks.sim_server",
         "--ports",
         *map(str, ports),
         "--time-scale",
@@ -484,11 +353,13 @@ def start_simulator(
         str(max_concurrency),
     ]
     with open(log_dir / "simulator.log", "w") as logf:
-        sim = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        sim = subprocess.Popen(
+            argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        )
     for port in ports:
-        problem = asyncio.run(_wait_ready(f"http://127.0.0.1:{port}", sim, 30))
+        problem = asyncio.run(wait_ready(f"http://127.0.0.1:{port}", sim, 30))
         if problem:
-            _stop(sim)
+            stop(sim)
             raise SystemExit(f"simulator on port {port}: {problem}")
     return sim
 
@@ -582,7 +453,7 @@ def main() -> None:
             finally:
                 if fronts is not None:
                     fronts.clear()
-                _stop(sim)
+                stop(sim)
     finally:
         if fronts is not None:
             fronts.close()
