@@ -27,13 +27,8 @@ def tool(name: str) -> str:
 
 
 def _embedded_to_convert(config: ServeConfigFile) -> list[str]:
-    names = {
-        embedded.embedded_name(spec.source)
-        for app in config.apps
-        for spec in app.config.models
-        if embedded.is_embedded(spec.source)
-    }
-    return sorted(n for n in names if not embedded.is_prepared(n))
+    names = {spec.embedded_model for app in config.apps for spec in app.config.models}
+    return sorted(n for n in names if n is not None and not embedded.is_prepared(n))
 
 
 def prepare_models_in_background(config: ServeConfigFile) -> list[threading.Thread]:

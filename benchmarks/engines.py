@@ -316,8 +316,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from app.engines import embedded
 
     spec = model_spec(a.config)
-    if embedded.is_embedded(spec.source):
-        embedded.prepare(embedded.embedded_name(spec.source))
+    if spec.embedded_model is not None:
+        embedded.prepare(spec.embedded_model)
     Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     targets = {name: Target(name) for name in a.targets}
     report: dict[str, Any] = {}

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from app.routing import NoReplicaError, ReplicaStats, RequestView, make_policy
-from benchmarks.sim_server import Receive, Send, _json, _prompt_text, read_body
+from app.routing import NoReplicaError, ReplicaStats, make_policy, view_of_body
+from benchmarks.sim_server import Receive, Send, _json, read_body
 
 # Idle connections to the simulators are dropped after 1 s, well before uvicorn's 5 s keep-alive
 # timeout closes them from its side (reusing one as it closes fails the request).
@@ -55,11 +55,7 @@ class PolicyRouter:
             await _json(send, 404, {"error": {"message": f"no route {path}", "code": "not_found"}})
             return
         data = json.loads(body or b"{}")
-        view = RequestView(
-            str(data.get("model", "default")),
-            text=_prompt_text(data, path.endswith("chat/completions")),
-            session_key=data.get("user"),
-        )
+        view = view_of_body(data, model="default")  # as the stack's router reads it
         stats = [
             ReplicaStats(w, in_flight=self.in_flight[w], max_concurrency=self.max_concurrency)
             for w in self.workers
@@ -70,7 +66,6 @@ class PolicyRouter:
             await _json(send, 503, {"error": {"message": "no replica", "code": "unavailable"}})
             return
         self.in_flight[worker] += 1
-        first = getattr(self.policy, "on_first_token", None)
         try:
             async with self.client.stream("POST", worker + path, content=body) as reply:
                 headers = [(b"content-type", reply.headers.get("content-type", "").encode())]
@@ -79,8 +74,8 @@ class PolicyRouter:
                 )
                 started = False
                 async for chunk in reply.aiter_raw():
-                    if not started and first is not None:
-                        first(view, worker)
+                    if not started:
+                        self.policy.on_first_token(view, worker)
                     started = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})

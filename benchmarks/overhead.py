@@ -1,20 +1,20 @@
 """Ingress overhead on a zero-compute loopback backend, side by side.
 
 `python -m benchmarks.overhead` starts, in one run, a zero-compute OpenAI backend
-(`ZeroComputeApp`, a simulator: `benchmarks.sim_server`'s HTTP app streaming `max_tokens` chunks
-with no modelled cost) on loopback and an in-process Ray cluster with Ray Serve, then measures
+(`benchmarks.sim_server`'s HTTP simulator with every cost at 0, `ZERO_COST`: it streams
+`max_tokens` chunks at once) on loopback and an in-process Ray cluster with Ray Serve, then measures
 with the project's load generator (`app.bench.load`, fixed concurrency, streamed `/v1/completions`),
 interleaved over `--rounds` rounds so every target sees the same machine load:
 
 - `direct`: the client to the backend;
 - `vllm-router`: `vllm-router --policy round_robin` (PyPI, Rust) in front of the backend;
 - `ours`: Ray Serve proxy -> our `Ingress` -> our request router (policy `scored`) ->
-  `SimulatedEngineServer` replicas emitting `max_tokens` chunks with zero delay, gathered into
+  `SimulatedEngine` replicas emitting `max_tokens` chunks with zero delay, gathered into
   one Ray stream item per 50 ms by stock's `Batcher` (as `EngineServer` forwards `LLMServer`'s
   batches);
 - `ours-per-token`: the same without the `Batcher` (one item per token);
 - `stock`: Ray Serve proxy -> stock Ray Serve LLM `OpenAiIngress` (as `build_openai_app` wires
-  it) -> `SimulatedLLMServer` replicas (stock `LLMServer`'s `completions` method, zero delay,
+  it) -> `SimulatedEngine` replicas (stock `LLMServer`'s `completions` method, zero delay,
   its 50 ms `Batcher`);
 - `stock-per-token`: the same without the `Batcher` (one item per token, like `ours`).
 
@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -48,9 +47,8 @@ import psutil
 
 from app.bench.load import BenchConfig, run_fixed
 from app.bench.summary import RequestRecord, percentile, summarize
-from app.lab.simulator import SimSettings
 from benchmarks.processes import ROOT, free_port, free_ports, router_subprocess, stop, wait_ready
-from benchmarks.sim_server import App, Send, SimulatedServer
+from benchmarks.sim_server import ZERO_COST, App, SimulatedServer
 
 TARGETS = ("direct", "vllm-router", "ours", "ours-per-token", "stock", "stock-per-token")
 MODEL = "sim"
@@ -63,55 +61,14 @@ STOCK_PREFIX = "/stock"
 
 
 # -- the zero-compute backend -----------------------------------------------------------------
-ZERO_COST = SimSettings(max_concurrency=1 << 20, prefill_cost=0, prefill_overhead=0, decode_cost=0)
-
-
-class ZeroComputeApp(App):
-    """`benchmarks.sim_server`'s simulator app with no cost model: every completion streams
-    `max_tokens` chunks at once (a usage chunk when asked), then `[DONE]`."""
-
-    async def generate(self, send: Send, data: dict[str, Any], chat: bool) -> None:
-        try:
-            tokens = max(1, int(data.get("max_tokens") or 16))
-        except (TypeError, ValueError):
-            tokens = 16
-        if not data.get("stream"):
-            await super().generate(send, {**data, "max_tokens": tokens}, chat)
-            return
-        self.server.requests += 1
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
-        head["model"] = str(data.get("model") or self.server.model)
-        if chat:
-            choice = {"index": 0, "delta": {"content": "sim "}, "finish_reason": None}
-            head["object"] = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": "sim ", "logprobs": None, "finish_reason": None}
-            head["object"] = "text_completion"
-        chunk = b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")],
-            }
-        )
-        for _ in range(tokens):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        tail = b""
-        if (data.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
-            tail = b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode()
-            tail += b"\n\n"
-        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
-
-
 async def serve_backend(ports: list[int], host: str = "127.0.0.1") -> None:
-    """Serve one `ZeroComputeApp` per port until cancelled."""
+    """Serve the zero-compute backend (the simulator with every cost at 0) on each port until
+    cancelled."""
     import uvicorn
 
     servers = []
     for port in ports:
-        app = ZeroComputeApp(SimulatedServer(f"zero-{port}", ZERO_COST, MODEL))
+        app = App(SimulatedServer(f"zero-{port}", ZERO_COST, MODEL))
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
         )
@@ -129,14 +86,14 @@ def deploy_ours(replicas: int) -> None:
     from app.config import load_config
     from app.engines.llm_config import deployment_name, router_config
     from app.ingress.deployment import Ingress
-    from benchmarks.simulated_engine import SimulatedEngineServer
+    from benchmarks.simulated_engine import SimulatedEngine
 
     models = {MODEL: MODEL_RESPONSE_BATCH_TIMEOUT_MS, PER_TOKEN: 0}
     config = load_config(
         {"models": [{"name": m, "source": f"org/{m}", "replicas": replicas} for m in models]}
     )
     engines = {
-        spec.name: SimulatedEngineServer.options(
+        spec.name: SimulatedEngine.options(
             name=deployment_name(spec),
             num_replicas=replicas,
             request_router_config=router_config(spec, config.router),
@@ -155,22 +112,23 @@ def deploy_ours(replicas: int) -> None:
 
 def deploy_stock(replicas: int) -> None:
     """Stock `OpenAiIngress`, wired as `ray.serve.llm.build_openai_app` wires it, over
-    zero-delay stand-ins of `LLMServer` (default Serve request router): model `sim` batches
-    its stream every 50 ms as `LLMServer` does, model `sim-per-token` sends one item a token."""
+    zero-delay `SimulatedEngine`s called through `LLMServer`'s interface (default Serve request
+    router): model `sim` batches its stream every 50 ms as `LLMServer` does, model
+    `sim-per-token` sends one item a token."""
     from ray import serve
     from ray.llm._internal.serve.constants import MODEL_RESPONSE_BATCH_TIMEOUT_MS
     from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 
-    from benchmarks.simulated_engine import SimulatedLLMServer
+    from benchmarks.simulated_engine import SimulatedEngine
 
     servers = {
-        MODEL: SimulatedLLMServer.options(name="stock-server", num_replicas=replicas).bind(
-            batch_ms=MODEL_RESPONSE_BATCH_TIMEOUT_MS
+        MODEL: SimulatedEngine.options(name="stock-server", num_replicas=replicas).bind(
+            delay_s=0.0, tokens=None, batch_ms=MODEL_RESPONSE_BATCH_TIMEOUT_MS
         ),
-        PER_TOKEN: SimulatedLLMServer.options(
+        PER_TOKEN: SimulatedEngine.options(
             name="stock-server-per-token", num_replicas=replicas
-        ).bind(batch_ms=0),
+        ).bind(delay_s=0.0, tokens=None, batch_ms=0),
     }
     cards = {
         name: ModelCard(id=name, object="model", owned_by="simulator", permission=[], metadata={})

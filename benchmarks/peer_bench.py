@@ -7,10 +7,10 @@ multiplied by `--time-scale`, streamed `POST /v1/completions`) through:
 - `vllm-router` (PyPI `vllm-router==0.1.17`), policies `cache_aware` and `round_robin`;
 - `sglang-router` (PyPI `sglang-router==0.3.2`), policy `cache_aware`;
 - `ray:prefix_cache_affinity`: stock Ray Serve LLM (`OpenAiIngress`) with Ray's
-  `PrefixCacheAffinityRouter` (default settings) in front of simulator fronts
+  `PrefixCacheAffinityRouter` (default settings) in front of forwarding simulated engines
   (`benchmarks.ray_fronts`: one Serve replica per simulated replica, forwarding over HTTP);
 - `ours-stack:POLICY`: our stack (Ray Serve proxy, our `Ingress`, our request router with that
-  `app.routing` policy) in front of the same kind of simulator fronts;
+  `app.routing` policy) in front of the same kind of forwarding simulated engines;
 - `ours:POLICY`: the same policy code in the tiny HTTP router of `benchmarks.http_router` (a
   stand-in without Ray Serve: the policy without the stack's overhead).
 The peers run from a separate virtualenv (`--peer-venv`, default /tmp/peer-venv); the Ray fronts

@@ -1,142 +1,32 @@
-"""Ray Serve fronts for the HTTP benchmark, in front of HTTP *simulators* (`benchmarks.sim_server`).
+"""Ray Serve fronts for the HTTP benchmark, in front of the lab's HTTP simulator (`sim_server`).
 
-`SimulatorFront` is a **simulator front**, not an engine: a Ray Serve deployment of N replicas,
-each bound to one simulated replica's URL, that forwards every engine call to it over HTTP and
-streams the answer back. It speaks both engine interfaces:
-- ours (`serve_openai(endpoint, body, *, route=...)` yielding `app.errors` items, and
-  `record_routing_stats` with its in-flight count, as `app.engines.llm_server.EngineServer` does),
-  so `stack_app` is the real stack: Ray Serve proxy -> our `Ingress` -> our request router
-  (`app.engines.router`, configured by `app.engines.llm_config.router_config`) -> fronts;
-- Ray Serve LLM's (`completions(request, raw_request_info)` / `chat(...)` taking its OpenAI
-  request models and yielding SSE strings or response models, as `LLMServer` does), so
-  `ray_prefix_app` is stock Ray Serve LLM: proxy -> `OpenAiIngress` (built as
-  `build_openai_app` builds it) -> Ray's `PrefixCacheAffinityRouter` with its default settings
-  -> fronts. The router reads the prompt from the `CompletionRequest` / `ChatCompletionRequest`
-  argument exactly as it does in front of `LLMServer`.
-
-Each replica takes the URL of its Serve replica rank (unique, 0..N-1 within the deployment; a
-replacement replica takes the rank of the one it replaces) from `BackendPool`, a small actor
-that records which replica holds which URL, so a caller can check that all N URLs are bound
-exactly once (`RayFronts.deploy` does).
+Both fronts put forwarding `SimulatedEngine` replicas (`benchmarks.simulated_engine`: one per
+simulated replica, each bound to its URL through a `BackendPool`) where engine replicas go:
+- `stack_app` is the real stack: Ray Serve proxy -> our `Ingress` -> our request router
+  (`app.engines.router`, configured by `app.engines.llm_config.router_config`) -> engines;
+- `ray_prefix_app` is stock Ray Serve LLM: proxy -> `OpenAiIngress` (built as `build_openai_app`
+  builds it) -> Ray's `PrefixCacheAffinityRouter` with its default settings -> engines, which
+  read the prompt from the `CompletionRequest` / `ChatCompletionRequest` argument exactly as in
+  front of `LLMServer`.
+`RayFronts.deploy` checks that every simulator URL is bound to exactly one replica.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
 import ray
 from ray import serve
 
-from app.engines.items import Endpoint, EngineItem, error_item
-from benchmarks.http_router import KEEPALIVE_LIMITS
+from benchmarks.simulated_engine import BackendPool, SimulatedEngine
 
-PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 FRONT_KINDS = ("ours-stack", "ray")
 
 
-@ray.remote(num_cpus=0)
-class BackendPool:
-    """Hands each front replica the URL of its rank and records who holds which URL."""
-
-    def __init__(self, urls: list[str]) -> None:
-        self._urls = list(urls)
-        self._holders: dict[int, str] = {}  # rank -> replica id
-
-    def claim(self, rank: int, replica_id: str) -> str:
-        if not 0 <= rank < len(self._urls):
-            raise ValueError(f"replica rank {rank} outside 0..{len(self._urls) - 1}")
-        self._holders[rank] = replica_id
-        return self._urls[rank]
-
-    def bindings(self) -> dict[str, str]:
-        """URL -> replica id, for every URL claimed so far."""
-        return {self._urls[rank]: rid for rank, rid in sorted(self._holders.items())}
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class SimulatorFront:
-    """Forwards engine calls to the simulated replica of its rank (a simulator front)."""
-
-    async def __init__(self, pool: Any, *, ray_llm: bool = False) -> None:
-        """`ray_llm`: import Ray Serve LLM's request models now (vLLM's protocol), as an
-        `LLMServer` replica has them loaded before its first request."""
-        if ray_llm:
-            from ray.llm._internal.serve.core.configs import openai_api_models  # noqa: F401
-        ctx = serve.get_replica_context()
-        self.url: str = await pool.claim.remote(ctx.rank.rank, ctx.replica_id.unique_id)
-        self._in_flight = 0
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=KEEPALIVE_LIMITS)
-
-    async def record_routing_stats(self) -> dict[str, Any]:
-        return {"in_flight": self._in_flight}
-
-    async def serve_openai(
-        self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
-    ) -> AsyncGenerator[EngineItem, None]:
-        """Our engine interface (see `app.engines.llm_server`); `route` is the router's slot."""
-        if endpoint not in PATHS:
-            yield error_item(404, f"the simulator front does not serve {endpoint}")
-            return
-        async for item in self._forward(PATHS[endpoint], body):
-            yield item
-
-    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
-        """Ray Serve LLM's engine interface (as `LLMServer.completions`)."""
-        async for out in self._as_ray_llm(PATHS["completions"], request, chat=False):
-            yield out
-
-    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
-        """Ray Serve LLM's engine interface (as `LLMServer.chat`)."""
-        async for out in self._as_ray_llm(PATHS["chat"], request, chat=True):
-            yield out
-
-    async def _as_ray_llm(self, path: str, request: Any, *, chat: bool) -> AsyncGenerator:
-        from ray.llm._internal.serve.core.configs import openai_api_models as oai
-
-        body = request.model_dump(mode="json", exclude_unset=True)
-        async for item in self._forward(path, body):
-            if "sse" in item:
-                yield item["sse"]
-            elif "body" in item:
-                kind = oai.ChatCompletionResponse if chat else oai.CompletionResponse
-                yield kind.model_validate(item["body"])
-            else:
-                info = {**item["error"], "code": item["status"]}
-                yield oai.ErrorResponse(error=oai.ErrorInfo(**info))
-
-    async def _forward(self, path: str, body: dict[str, Any]) -> AsyncGenerator[EngineItem, None]:
-        """POST to the simulator; whole SSE events as they arrive, or the JSON answer."""
-        self._in_flight += 1
-        try:
-            async with self._client.stream("POST", self.url + path, json=body) as reply:
-                if reply.status_code != 200:
-                    data = json.loads(await reply.aread() or b"{}")
-                    message = (data.get("error") or {}).get("message") or "simulator error"
-                    yield error_item(reply.status_code, message)
-                    return
-                if not body.get("stream"):
-                    yield {"body": json.loads(await reply.aread())}
-                    return
-                pending = ""
-                async for text in reply.aiter_text():
-                    pending += text
-                    cut = pending.rfind("\n\n") + 2
-                    if cut >= 2:
-                        yield {"sse": pending[:cut]}
-                        pending = pending[cut:]
-                if pending.strip():
-                    yield {"sse": pending + "\n\n"}
-        finally:
-            self._in_flight -= 1
-
-
 def stack_app(pool: Any, replicas: int, policy: str, cache_blocks: int, model: str) -> Any:
-    """Our stack as `app.builder.build_app` wires it, with simulator fronts as the engines."""
+    """Our stack as `app.builder.build_app` wires it, with forwarding simulated engines."""
     from app.config import load_config
     from app.engines.llm_config import deployment_name, router_config
     from app.ingress.deployment import Ingress
@@ -151,12 +41,12 @@ def stack_app(pool: Any, replicas: int, policy: str, cache_blocks: int, model: s
         }
     )
     spec = config.models[0]
-    engine = SimulatorFront.options(
+    engine = SimulatedEngine.options(
         name=deployment_name(spec),
         num_replicas=replicas,
         max_ongoing_requests=_ray_llm_max_ongoing(),
         request_router_config=router_config(spec, config.router),
-    ).bind(pool)
+    ).bind(pool=pool)
     return Ingress.options(
         name="ingress",
         num_replicas=config.server.ingress_replicas,
@@ -167,18 +57,19 @@ def stack_app(pool: Any, replicas: int, policy: str, cache_blocks: int, model: s
 
 def ray_prefix_app(pool: Any, replicas: int, model: str) -> Any:
     """Stock Ray Serve LLM's ingress and `PrefixCacheAffinityRouter` (default settings) in front
-    of simulator fronts, wired as `ray.serve.llm.build_openai_app` wires `LLMServer`s."""
+    of forwarding simulated engines, wired as `ray.serve.llm.build_openai_app` wires
+    `LLMServer`s."""
     from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
     from ray.serve.config import RequestRouterConfig
     from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 
-    engine = SimulatorFront.options(
+    engine = SimulatedEngine.options(
         name=model,
         num_replicas=replicas,
         max_ongoing_requests=_ray_llm_max_ongoing(),
         request_router_config=RequestRouterConfig(request_router_class=PrefixCacheAffinityRouter),
-    ).bind(pool, ray_llm=True)
+    ).bind(pool=pool, ray_llm=True)
     card = ModelCard(id=model, object="model", owned_by="simulator", permission=[], metadata={})
     ingress = serve.deployment(
         make_fastapi_ingress(OpenAiIngress), **OpenAiIngress.get_deployment_options()

@@ -35,12 +35,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from app.lab.simulator import BlockCache, SimSettings, replay
-from app.lab.trace import TraceRequest, render_messages
-from app.routing import RequestView, make_policy
+from app.lab.trace import TraceRequest
+from app.routing import RequestView, make_policy, prompt_text
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 _RECORDED = 100_000  # requests kept per replica for the modelled TTFTs
+_EVENT_STREAM = (b"content-type", b"text/event-stream")
+# The zero-compute backend of the overhead benchmark: no modelled cost, streams sent at once.
+ZERO_COST = SimSettings(max_concurrency=1 << 20, prefill_cost=0, prefill_overhead=0, decode_cost=0)
 
 
 def token_ids(text: str) -> list[int]:
@@ -158,15 +161,10 @@ class SimulatedServer:
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:
-    if chat:
-        messages = body.get("messages")
-        return render_messages(messages) if isinstance(messages, list) else ""
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list):
-        if prompt and isinstance(prompt[0], int):
-            return " ".join(map(str, prompt))
-        return str(prompt[0]) if prompt else ""
-    return str(prompt)
+    """The prompt as text (`app.routing.prompt_text`): a chat body's messages, else `prompt`."""
+    return prompt_text(
+        {"messages": body.get("messages")} if chat else {"prompt": body.get("prompt")}
+    )
 
 
 def _arrivals(body: dict[str, Any]) -> list[tuple[str, float]] | None:
@@ -279,7 +277,6 @@ class App:
 
     async def generate(self, send: Send, data: dict[str, Any], chat: bool) -> None:
         srv = self.server
-        text = _prompt_text(data, chat)
         max_tokens = data.get("max_tokens") or data.get("max_completion_tokens") or 16
         try:
             max_tokens = max(1, int(max_tokens))
@@ -287,6 +284,10 @@ class App:
             await _json(send, 400, _error("max_tokens must be an integer"))
             return
         stream = bool(data.get("stream"))
+        if stream and srv.s == ZERO_COST:
+            await self.stream_at_once(send, data, chat, max_tokens)
+            return
+        text = _prompt_text(data, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         model = str(data.get("model") or srv.model)
@@ -306,11 +307,7 @@ class App:
         async def first_token() -> None:
             if stream:
                 await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")],
-                    }
+                    {"type": "http.response.start", "status": 200, "headers": [_EVENT_STREAM]}
                 )
                 chunk = {
                     "id": rid,
@@ -347,6 +344,32 @@ class App:
         }
         await _event(send, last)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def stream_at_once(
+        self, send: Send, data: dict[str, Any], chat: bool, tokens: int
+    ) -> None:
+        """The zero-compute backend's stream: `tokens` chunks at once, with no cache model (a
+        usage chunk when asked), then `[DONE]`."""
+        self.server.requests += 1
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+        head["model"] = str(data.get("model") or self.server.model)
+        if chat:
+            choice = {"index": 0, "delta": {"content": "sim "}, "finish_reason": None}
+            head["object"] = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": "sim ", "logprobs": None, "finish_reason": None}
+            head["object"] = "text_completion"
+        chunk = b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
+        start = {"type": "http.response.start", "status": 200, "headers": [_EVENT_STREAM]}
+        await send(start)
+        for _ in range(tokens):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        tail = b""
+        if (data.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+            tail = b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode()
+            tail += b"\n\n"
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
 
 
 def _error(message: str, code: str = "invalid_request_error") -> dict[str, Any]:

@@ -1,11 +1,21 @@
-"""Simulated engine deployments: simulators standing in for engine servers, with no model.
+"""The simulated engine deployment: a simulator standing in for an engine replica, with no model.
 
-`SimulatedEngineServer` stands in for our `EngineServer`: it answers `serve_openai` with
-OpenAI-shaped bodies and streams after a fixed delay, so load, fault and overhead tests can drive
-the real ingress, router and Ray Serve proxy at a scale no CPU engine reaches.
-`SimulatedLLMServer` stands in for stock Ray Serve LLM's `LLMServer` behind stock `OpenAiIngress`
-(its `completions` / `chat` methods), for the overhead benchmark (`benchmarks.overhead`).
-Neither is ever built from a serve config: tests and benchmarks bind them.
+`SimulatedEngine` is the one Serve deployment that load, fault and overhead runs put where engine
+replicas go, so they can drive the real proxy, ingress and request router at a scale no CPU engine
+reaches. It speaks both engine interfaces:
+- ours: `serve_openai(endpoint, body, *, route=...)` yielding `app.engines.items` plain items,
+  and `record_routing_stats` with its in-flight count, as `app.engines.llm_server.EngineServer`;
+- stock Ray Serve LLM's: `completions(request, raw_request_info)` / `chat(...)` taking its OpenAI
+  request models and yielding SSE strings (lists of them when batched) or response models, as
+  `LLMServer` does behind stock `OpenAiIngress`.
+Its answers come from one of two sources:
+- generated here: `tokens` chunks `delay_s / tokens` apart (`tokens=None`: the request's
+  `max_tokens`), one item each, or gathered every `batch_ms` ms by stock's own `Batcher` as
+  `LLMServer` gathers them, one item a batch;
+- forwarded (`pool` given): each replica takes the URL of its Serve replica rank from a
+  `BackendPool` and relays every call over HTTP to that replica of the lab's HTTP simulator
+  (`benchmarks.sim_server`), so Ray's fronts and the peer routers face the same simulated replicas.
+It is never built from a serve config: tests and benchmarks bind it.
 """
 
 from __future__ import annotations
@@ -14,22 +24,158 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import httpx
+import ray
 from ray import serve
 
-from app.engines.items import Endpoint, EngineItem
+from app.engines.items import Endpoint, EngineItem, error_item
+from app.ray_internals import openai_request_models
+
+PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+KEEPALIVE_LIMITS = httpx.Limits(max_connections=1000, keepalive_expiry=1.0)
+Piece = str | list[str] | EngineItem  # an SSE text, a batch of them, or a plain item
 
 
-def _token_count(body: dict[str, Any], tokens: int | None) -> int:
-    """`tokens` if set, else the request's `max_tokens` (at least 1)."""
-    if tokens is not None:
-        return tokens
-    return max(1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 16))
+@ray.remote(num_cpus=0)
+class BackendPool:
+    """Hands each forwarding replica the URL of its rank and records who holds which URL."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self._urls = list(urls)
+        self._holders: dict[int, str] = {}  # rank -> replica id
+
+    def claim(self, rank: int, replica_id: str) -> str:
+        if not 0 <= rank < len(self._urls):
+            raise ValueError(f"replica rank {rank} outside 0..{len(self._urls) - 1}")
+        self._holders[rank] = replica_id
+        return self._urls[rank]
+
+    def bindings(self) -> dict[str, str]:
+        """URL -> replica id, for every URL claimed so far."""
+        return {self._urls[rank]: rid for rank, rid in sorted(self._holders.items())}
 
 
-async def _sse_stream(body: dict[str, Any], delay_s: float, tokens: int) -> AsyncGenerator[str]:
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class SimulatedEngine:
+    """A simulated engine replica (see the module docstring)."""
+
+    async def __init__(
+        self,
+        delay_s: float = 0.01,
+        tokens: int | None = 4,
+        batch_ms: float = 0,
+        pool: Any = None,
+        *,
+        ray_llm: bool = False,
+    ) -> None:
+        """`ray_llm`: import Ray Serve LLM's request models now, as an `LLMServer` replica has
+        them loaded before its first request."""
+        if ray_llm:
+            openai_request_models()
+        self._delay_s, self._tokens, self._batch_ms = delay_s, tokens, batch_ms
+        self._in_flight = 0
+        self.url: str | None = None
+        if pool is not None:
+            ctx = serve.get_replica_context()
+            self.url = await pool.claim.remote(ctx.rank.rank, ctx.replica_id.unique_id)
+            self._client = httpx.AsyncClient(timeout=600.0, limits=KEEPALIVE_LIMITS)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        return {"in_flight": self._in_flight}
+
+    async def check_health(self) -> None:
+        return None
+
+    async def serve_openai(
+        self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
+    ) -> AsyncGenerator[EngineItem, None]:
+        """Our engine interface; `route` is the request router's slot (unused here)."""
+        if endpoint not in PATHS:
+            yield error_item(404, f"the simulated engine does not serve {endpoint}")
+            return
+        async for piece in self._pieces(endpoint, body):
+            if isinstance(piece, dict):
+                yield piece
+            else:
+                yield {"sse": piece if isinstance(piece, str) else "".join(piece)}
+
+    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
+        """Stock Ray Serve LLM's engine interface (as `LLMServer.completions`)."""
+        async for out in self._as_ray_llm("completions", request):
+            yield out
+
+    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
+        """Stock Ray Serve LLM's engine interface (as `LLMServer.chat`)."""
+        async for out in self._as_ray_llm("chat", request):
+            yield out
+
+    async def _as_ray_llm(self, endpoint: Endpoint, request: Any) -> AsyncGenerator:
+        oai = openai_request_models()
+        body = request.model_dump(mode="json", exclude_unset=True)
+        async for piece in self._pieces(endpoint, body):
+            if not isinstance(piece, dict):
+                yield piece
+            elif "sse" in piece:
+                yield piece["sse"]
+            elif "body" in piece:
+                kind = oai.ChatCompletionResponse if endpoint == "chat" else oai.CompletionResponse
+                yield kind.model_validate(piece["body"])
+            else:
+                info = {**piece["error"], "code": piece["status"]}
+                yield oai.ErrorResponse(error=oai.ErrorInfo(**info))
+
+    async def _pieces(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Piece]:
+        self._in_flight += 1
+        try:
+            source = self._forward(PATHS[endpoint], body) if self.url else self._generate(body)
+            async for piece in source:
+                yield piece
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(self, body: dict[str, Any]) -> AsyncIterator[Piece]:
+        tokens = self._tokens or max(
+            1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        )
+        if not body.get("stream"):
+            await asyncio.sleep(self._delay_s)
+            rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
+            yield {"body": _completion(rid, created, body, "sim " * tokens, tokens)}
+            return
+        stream = _sse_stream(body, self._delay_s, tokens)
+        if self._batch_ms:
+            from ray.llm._internal.serve.utils.batcher import Batcher  # stock's own batching
+
+            stream = Batcher(stream, interval_ms=self._batch_ms).stream()
+        async for piece in stream:
+            yield piece
+
+    async def _forward(self, path: str, body: dict[str, Any]) -> AsyncIterator[Piece]:
+        """POST to the simulator; whole SSE events as they arrive, or the JSON answer."""
+        async with self._client.stream("POST", f"{self.url}{path}", json=body) as reply:
+            if reply.status_code != 200:
+                data = json.loads(await reply.aread() or b"{}")
+                message = (data.get("error") or {}).get("message") or "simulator error"
+                yield error_item(reply.status_code, message)
+                return
+            if not body.get("stream"):
+                yield {"body": json.loads(await reply.aread())}
+                return
+            pending = ""
+            async for text in reply.aiter_text():
+                pending += text
+                cut = pending.rfind("\n\n") + 2
+                if cut >= 2:
+                    yield pending[:cut]
+                    pending = pending[cut:]
+            if pending.strip():
+                yield pending + "\n\n"
+
+
+async def _sse_stream(body: dict[str, Any], delay_s: float, tokens: int) -> AsyncIterator[str]:
     """`tokens` SSE text chunks `delay_s / tokens` apart, a usage chunk if asked, then [DONE]."""
     created, rid = int(time.time()), f"sim-{uuid.uuid4().hex[:12]}"
     for _ in range(tokens):
@@ -40,75 +186,6 @@ async def _sse_stream(body: dict[str, Any], delay_s: float, tokens: int) -> Asyn
         usage = {**_completion(rid, created, body, "", tokens), "choices": []}
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
-
-
-def _batched(stream: AsyncGenerator[str], batch_ms: float) -> AsyncGenerator:
-    """`stream` itself, or with `batch_ms` lists of its items, every `batch_ms` ms."""
-    if not batch_ms:
-        return stream
-    from ray.llm._internal.serve.utils.batcher import Batcher
-
-    return Batcher(stream, interval_ms=batch_ms).stream()
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class SimulatedEngineServer:
-    """Answers after `delay_s`; streams `tokens` chunks `delay_s / tokens` apart (`tokens=None`:
-    the request's `max_tokens`), one item each, or with `batch_ms` the chunks gathered every
-    `batch_ms` ms by stock's `Batcher` (as `LLMServer` gathers them), one item a batch."""
-
-    def __init__(self, delay_s: float = 0.01, tokens: int | None = 4, batch_ms: float = 0) -> None:
-        self._delay_s = delay_s
-        self._tokens = tokens
-        self._batch_ms = batch_ms
-        self._in_flight = 0
-
-    async def record_routing_stats(self) -> dict[str, Any]:
-        return {"in_flight": self._in_flight}
-
-    async def serve_openai(
-        self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
-    ) -> AsyncGenerator[EngineItem, None]:
-        self._in_flight += 1
-        try:
-            tokens = _token_count(body, self._tokens)
-            if not body.get("stream"):
-                await asyncio.sleep(self._delay_s)
-                rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
-                yield {"body": _completion(rid, created, body, "sim " * tokens, tokens)}
-                return
-            async for text in _batched(_sse_stream(body, self._delay_s, tokens), self._batch_ms):
-                yield {"sse": text if isinstance(text, str) else "".join(text)}
-        finally:
-            self._in_flight -= 1
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class SimulatedLLMServer:
-    """Stock `LLMServer`'s streaming `completions`/`chat` methods as stock `OpenAiIngress` calls
-    them, `(request, raw_request_info)`; streams only. With `batch_ms` it yields lists of SSE
-    strings gathered by stock's own `Batcher` every `batch_ms` ms, as `LLMServer` does (50 ms by
-    default); with `batch_ms=0`, one SSE string per token."""
-
-    def __init__(
-        self, delay_s: float = 0.0, tokens: int | None = None, batch_ms: float = 0
-    ) -> None:
-        self._delay_s = delay_s
-        self._tokens = tokens
-        self._batch_ms = batch_ms
-
-    async def check_health(self) -> None:
-        return None
-
-    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
-        body = request.model_dump(exclude_unset=True)
-        stream = _sse_stream(body, self._delay_s, _token_count(body, self._tokens))
-        async for item in _batched(stream, self._batch_ms):
-            yield item
-
-    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
-        async for item in self.completions(request, raw_request_info):
-            yield item
 
 
 def _completion(

@@ -139,3 +139,10 @@ def test_serve_config_errors_name_file_and_application(tmp_path, cpu_model):
         ConfigError, match=r"(?s)bad.yaml: applications\[0\] \(vrstack\).*models.0.dtype"
     ):
         read_serve_config(path)
+
+
+def test_a_policy_the_engines_cannot_feed_yet_is_refused_with_the_reason(cpu_model):
+    with pytest.raises(ConfigError) as err:
+        load_config({"models": [cpu_model], "router": {"policy": "kv"}})
+    assert "router: Value error" not in str(err.value)
+    assert "KV cache events" in str(err.value) and "'scored'" in str(err.value)

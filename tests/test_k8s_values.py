@@ -157,3 +157,14 @@ def test_import_values_to_stdout_and_bad_values(tmp_path):
     values.write_text(MINIMAL.replace("requestCPU: 6", "requestCPU: -2"))
     result = CliRunner().invoke(cli, ["import-values", str(values)])
     assert result.exit_code == 2 and "resources.cpu" in result.output
+
+
+def test_kvaware_routing_imports_as_the_default_policy_with_a_warning():
+    values = {"servingEngineSpec": {"modelSpec": [{"name": "m", "modelURL": "org/m"}]},
+              "routerSpec": {"routingLogic": "kvaware"}}  # fmt: skip
+    imported = import_values(values)
+    assert imported.serve_config["applications"][0]["args"].get("router", {}).get("policy") in (
+        None,
+        "scored",
+    )
+    assert any("'kvaware'" in w and "KV cache events" in w for w in imported.warnings)

@@ -265,15 +265,6 @@ def test_engine_stats_follow_the_scheduler():
     assert exported == set(engine.as_dict()) | {"in_flight"}
 
 
-def test_engine_stats_attach_to_the_engines_stat_logger_manager():
-    engine_stats = stat_logger.EngineStats()
-    manager = SimpleNamespace(stat_loggers=[])
-    engine = SimpleNamespace(_engine_client=SimpleNamespace(logger_manager=manager))
-    assert stat_logger.attach(engine, engine_stats) and stat_logger.attach(engine, engine_stats)
-    assert manager.stat_loggers == [engine_stats]
-    assert not stat_logger.attach(SimpleNamespace(_engine_client=None), engine_stats)
-
-
 def test_snapshot_reads_the_registered_routers_replicas():
     router_registry.forget_all()
 

@@ -13,15 +13,17 @@ from app.routing import (
     BlockRemoved,
     BlockStored,
     ChainIndex,
-    Decision,
-    DecisionCounts,
+    HotspotGuard,
     NoReplicaError,
     Policy,
     PrefixIndex,
     ReplicaStats,
     RequestView,
+    ScoredWeights,
     chain_hashes,
     make_policy,
+    prompt_text,
+    view_of_body,
 )
 from app.routing.tokens import approx_tokens
 
@@ -52,6 +54,38 @@ def test_registry_names_and_unknown_name():
 
 def test_default_is_scored():
     assert make_policy().name == "scored"
+
+
+def test_peer_routers_satisfy_the_policy_protocol():
+    from app.lab.peers import PEERS
+
+    for cls in PEERS.values():
+        peer = cls(seed=0)
+        assert isinstance(peer, Policy)
+        peer.on_first_token(RequestView("m", text="x"), "r0")  # a no-op
+
+
+def test_scored_takes_flat_settings_grouped():
+    policy = make_policy("scored", max_blocks=400, w_prefix=2.0, hotspot_abs=4.0)
+    assert policy.weights == ScoredWeights(w_prefix=2.0)
+    assert policy.guard == HotspotGuard(hotspot_abs=4.0)
+    with pytest.raises(TypeError, match="w_magic"):
+        make_policy("scored", w_prefix=2.0, w_magic=1)
+
+
+def test_bodies_read_as_views():
+    messages = [{"role": "system", "content": "be brief"}, {"content": "hi"}, "not a message"]
+    chat = {"model": "m", "messages": messages}
+    view = view_of_body(chat, model="default", session_key="", lora_adapter="")
+    assert view.text == "system: be brief\nuser: hi\n" == prompt_text(chat)
+    assert (view.model, view.session_key, view.lora_adapter) == ("m", None, None)
+    tokens = view_of_body({"prompt": [1, 2, 3], "user": "u"}, model="d", lora_adapter="sql")
+    assert (tokens.model, tokens.token_ids, tokens.text) == ("d", [1, 2, 3], None)
+    assert (tokens.session_key, tokens.lora_adapter) == ("u", "sql")
+    assert view_of_body({"prompt": "p", "user": "u"}, model="d", session_key="s").session_key == "s"
+    assert view_of_body({"prompt": ["first", "second"]}, model="d").text == "first"
+    assert prompt_text({"prompt": [1, 2]}) == "1 2" and prompt_text({}) == ""
+    assert view_of_body({}, model="d").text is None
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
@@ -134,14 +168,6 @@ def test_scored_policy_reasons_and_hotspot_guard():
     d = policy.choose(RequestView("m", text=text + "c"), hot)
     assert d.replica_id != home
     assert d.reason == "hotspot-guard"
-
-
-def test_decision_counts_by_reason():
-    counts = DecisionCounts()
-    counts.add(Decision("r0", "scored", "prefix-match=0.83"))
-    counts.add(Decision("r1", "scored", "prefix-match=0.10"))
-    counts.add(Decision("r1", "scored", "least-load"))
-    assert counts.by_reason() == {"prefix-match": 2, "least-load": 1}
 
 
 def test_chain_hashes_share_a_prefix_and_diverge_after():

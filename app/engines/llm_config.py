@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import KVOffload, ModelSpec, RouterSettings
+from app.config.embedded import embedded_name
 from app.engines import embedded
 
 DEPLOYMENT_PREFIX = "engine:"
@@ -18,9 +19,8 @@ def deployment_name(spec: ModelSpec) -> str:
 def resolve_source(source: str) -> str:
     """A source vLLM can load: embedded models load from their cache folder, which each engine
     replica fills (once) before its engine starts; see `EngineServer`."""
-    if embedded.is_embedded(source):
-        return str(embedded.model_dir(embedded.embedded_name(source)))
-    return source
+    name = embedded_name(source)
+    return str(embedded.model_dir(name)) if name is not None else source
 
 
 def engine_kwargs(spec: ModelSpec) -> dict[str, Any]:
@@ -110,10 +110,10 @@ def llm_config(
     """The Ray Serve LLM `LLMConfig` for one model (source resolved unless given).
 
     `skip_noop_download`: skip Ray's per-node download task where it has nothing to download
-    (`app.engines.node_init`); off, the config is Ray Serve LLM's default."""
+    (`app.ray_internals.SkipNoOpDownload`); off, the config is Ray Serve LLM's default."""
     from ray.serve.llm import LLMConfig
 
-    from app.engines.node_init import CALLBACK_CLASS
+    from app.ray_internals import CALLBACK_CLASS
 
     extra = {"callback_config": {"callback_class": CALLBACK_CLASS}} if skip_noop_download else {}
     return LLMConfig(
@@ -137,10 +137,9 @@ def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
     from app.engines.llm_server import EngineServer
 
     config = llm_config(spec, router=router)
-    prepare = embedded.embedded_name(spec.source) if embedded.is_embedded(spec.source) else None
     return build_llm_deployment(
         config,
         deployment_cls=EngineServer,
-        bind_kwargs={"embedded_model": prepare},
+        bind_kwargs={"embedded_model": spec.embedded_model},
         override_serve_options={"name": deployment_name(spec)},
     )

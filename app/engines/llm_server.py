@@ -20,15 +20,20 @@ from ray.serve.llm import LLMServer
 
 from app.engines import embedded
 from app.engines.items import Endpoint, EngineItem, error_item
-from app.engines.stat_logger import EngineStats, attach
+from app.engines.stat_logger import EngineStats
 from app.errors import validation_message
+from app.ray_internals import (
+    NoTelemetryStart,
+    add_stat_logger,
+    enable_tokenization,
+    openai_request_models,
+)
 
 logger = logging.getLogger("vrstack.engine")
 
 
 def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
-    from ray.llm._internal.serve.core.configs import openai_api_models as oai
-
+    oai = openai_request_models()
     chat_shaped = "messages" in body
     return {
         "completions": oai.CompletionRequest,
@@ -39,7 +44,7 @@ def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
     }[endpoint]
 
 
-class EngineServer(LLMServer):
+class EngineServer(NoTelemetryStart, LLMServer):
     """An `LLMServer` replica (one vLLM engine) that speaks plain dicts to the ingress."""
 
     async def __init__(
@@ -54,29 +59,17 @@ class EngineServer(LLMServer):
     async def record_routing_stats(self) -> dict[str, Any]:
         """Stats for `StackRequestRouter` and the ingress's metrics: requests in this replica
         (from every ingress), and the engine's running/queued requests, KV-cache usage and
-        prefix-cache hits (`app.engines.stats`)."""
+        prefix-cache hits (`app.engines.stat_logger`)."""
         return {
             **await super().record_routing_stats(),
             "in_flight": self._in_flight,
             **self._engine_stats.as_dict(),
         }
 
-    async def _start_engine(self) -> None:
-        """The engine start of `LLMServer`, minus its usage-telemetry push when Ray's usage
-        stats are disabled (`ray start --disable-usage-stats`, as `vrstack up` starts Ray): that
-        push creates a detached telemetry actor and waits for it, ~5 s of a 2-core start-up,
-        for data that is never sent."""
-        from ray._common.usage.usage_lib import usage_stats_enabled
-
-        if usage_stats_enabled():
-            await super()._start_engine()
-        else:
-            await self.engine.start()
-
     async def start(self) -> None:
         await super().start()
-        _enable_tokenization(self.engine)
-        if not attach(self.engine, self._engine_stats):
+        enable_tokenization(self.engine)
+        if not add_stat_logger(self.engine, self._engine_stats):
             logger.warning("vLLM engine has no stat loggers; engine state metrics stay at 0")
 
     async def serve_openai(
@@ -101,14 +94,6 @@ class EngineServer(LLMServer):
                     yield plain
         finally:
             self._in_flight -= 1
-
-
-def _enable_tokenization(engine: Any) -> None:
-    """Ray 2.60 looks up vLLM's tokenizer service as `openai_serving_tokenization`; vLLM 0.29
-    names it `serving_tokenization`, which leaves /tokenize disabled. Fill it in."""
-    state = getattr(engine, "_app_state", None)
-    if getattr(engine, "_oai_serving_tokenization", True) is None and state is not None:
-        engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)
 
 
 def _plain_items(item: Any) -> list[EngineItem]:

@@ -19,38 +19,30 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from app.engines import router_registry
-from app.routing import Decision, RequestView, make_policy
-from app.routing.types import NoReplicaError, ReplicaStats
+from app.routing import (
+    Decision,
+    NoReplicaError,
+    ReplicaStats,
+    RequestView,
+    make_policy,
+    view_of_body,
+)
 
 ROUTER_CLASS = "app.engines.router:StackRequestRouter"
 
 
 def request_view(model: str, pending: PendingRequest | None) -> RequestView:
-    """The routing view of an `EngineServer.serve_openai(endpoint, body)` call."""
-    body: dict[str, Any] = {}
-    if pending is not None and len(pending.args) >= 2 and isinstance(pending.args[1], dict):
-        body = pending.args[1]
-    session = (pending.metadata.session_id if pending is not None else "") or body.get("user")
-    prompt = body.get("prompt")
-    messages = body.get("messages")
-    text: str | None = None
-    tokens: list[int] | None = None
-    if isinstance(prompt, str):
-        text = prompt
-    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        tokens = prompt
-    elif isinstance(prompt, list) and prompt:
-        text = str(prompt[0])
-    elif isinstance(messages, list):
-        text = "".join(
-            f"<{m.get('role')}>{m.get('content')}" for m in messages if isinstance(m, dict)
-        )
-    return RequestView(
-        model=str(body.get("model", model)),
-        text=text,
-        token_ids=tokens,
-        session_key=session or None,
-        lora_adapter=(pending.metadata.multiplexed_model_id or None) if pending else None,
+    """The routing view of an `EngineServer.serve_openai(endpoint, body)` call: its body
+    (`app.routing.view_of_body`), Serve's session id and multiplexed model id (LoRA adapter)."""
+    if pending is None:
+        return view_of_body({}, model=model)
+    args = pending.args
+    body = args[1] if len(args) >= 2 and isinstance(args[1], dict) else {}
+    return view_of_body(
+        body,
+        model=model,
+        session_key=pending.metadata.session_id,
+        lora_adapter=pending.metadata.multiplexed_model_id,
     )
 
 
@@ -131,12 +123,11 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
             self._first_tokens.append(internal_request_id)
 
     def _apply_first_tokens(self) -> None:
-        hook = getattr(self._policy, "on_first_token", None)
         notes = self._first_tokens
         while notes:
             opened = self._open.get(notes.popleft())
-            if opened is not None and hook is not None:
-                hook(opened[1], opened[0])
+            if opened is not None:
+                self._policy.on_first_token(opened[1], opened[0])
 
     def _track(self, internal_request_id: str, replica_id: str, view: RequestView) -> None:
         self._release(internal_request_id)  # routed again (the first choice was full)

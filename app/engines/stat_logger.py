@@ -96,16 +96,3 @@ class EngineStats:
             "prefix_cache_hits": self.prefix_cache_hits,
             "prefix_cache_hit_rate": round(self.prefix_cache_hit_rate, 6),
         }
-
-
-def attach(engine: Any, stats: EngineStats) -> bool:
-    """Add `stats` to the stat loggers of Ray Serve LLM's vLLM engine (its `AsyncLLM` client's
-    `StatLoggerManager`). False when the engine has none (e.g. stats logging disabled)."""
-    client = getattr(engine, "_engine_client", None)
-    manager = getattr(client, "logger_manager", None)
-    loggers = getattr(manager, "stat_loggers", None)
-    if not isinstance(loggers, list):
-        return False
-    if not any(logger is stats for logger in loggers):
-        loggers.append(stats)
-    return True

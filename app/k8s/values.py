@@ -16,6 +16,7 @@ from typing import Any, get_args
 import yaml
 
 from app.config import RouterSettings, load_config
+from app.config.stack import NOT_WIRED
 from app.serve_config import BUILDER
 
 # vllmConfig key -> vLLM engine argument (besides maxModelLen/dtype, which have fields)
@@ -199,7 +200,12 @@ def _router(spec: dict[str, Any], imported: Imported) -> tuple[dict[str, Any], d
         where = f"routerSpec.{key}"
         if key == "routingLogic":
             policy = ROUTING.get(str(value), str(value))
-            if policy in policies:
+            if policy in NOT_WIRED:
+                imported.warnings.append(
+                    f"{where}: {value!r} -> policy {policy!r} {NOT_WIRED[policy]}; "
+                    f"using {RouterSettings().policy}"
+                )
+            elif policy in policies:
                 router["policy"] = policy
             else:
                 imported.warnings.append(

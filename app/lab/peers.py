@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Sequence
 
 from app.routing import Decision, PrefixIndex, ReplicaStats, RequestView
-from app.routing.policies import eligible
+from app.routing.policies import PolicyBase, eligible, pending
 
 
 def char_chunk_hashes(view: RequestView, chunk: int) -> list[int]:
@@ -38,20 +38,16 @@ def _text_len(view: RequestView) -> int:
     return max(1, len(" ".join(map(str, view.token_ids or ()))))
 
 
-def _pending(c: ReplicaStats) -> int:
-    return c.in_flight + c.queued
+class _Peer(PolicyBase):
+    """A peer router's shared parts: a character-chunk index, a seeded random source, and the
+    `Policy` protocol's no-op hooks (`on_first_token`, `on_complete`)."""
 
-
-class _Peer:
     name = "peer"
 
     def __init__(self, chunk: int, max_chunks: int, seed: int | None = 0) -> None:
         self.chunk = chunk
         self.rng = random.Random(seed)
         self.index = PrefixIndex(max_chunks)
-
-    def on_complete(self, request: RequestView, replica_id: str) -> None:
-        """Nothing to do."""
 
     def forget_replica(self, replica_id: str) -> None:
         self.index.forget_replica(replica_id)
@@ -63,7 +59,7 @@ class _Peer:
 
     def _p2c(self, pool: list[ReplicaStats]) -> ReplicaStats:
         pair = self.rng.sample(pool, 2) if len(pool) > 1 else pool
-        return min(pair, key=_pending)
+        return min(pair, key=pending)
 
 
 class ProductionStackPrefixAware(_Peer):
@@ -115,7 +111,7 @@ class RayPrefixCacheAffinity(_Peer):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         hashes, m = self._match(request, pool)
-        loads = [_pending(c) for c in pool]
+        loads = [pending(c) for c in pool]
         if max(loads) - min(loads) > self.imbalanced_threshold:
             chosen, reason = self._p2c(pool), "imbalanced"
         else:
@@ -160,7 +156,7 @@ class SglangCacheAware(_Peer):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         hashes, m = self._match(request, pool)
-        loads = [_pending(c) for c in pool]
+        loads = [pending(c) for c in pool]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs and hi > lo * self.balance_rel:
             chosen, reason = pool[loads.index(lo)], "imbalanced"
@@ -191,7 +187,7 @@ class LlmdScorers(_Peer):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         hashes, m = self._match(request, pool)
-        q = [_pending(c) for c in pool]
+        q = [pending(c) for c in pool]
         spread = max(q) - min(q)
         total = max(1, len(hashes))
         scores = [

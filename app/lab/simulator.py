@@ -183,8 +183,8 @@ def replay(
 ) -> ReplayResult:
     """Route every request of the trace with `policy` onto simulated replicas, in simulated time.
 
-    Policies hear of completions (`on_complete`) and, when they have the hook, of first tokens
-    (`on_first_token`, at the end of the prefill), as a streaming router would.
+    Policies hear of first tokens (`on_first_token`, at the end of the prefill) and of
+    completions (`on_complete`), as a streaming router would.
     """
     s = settings or SimSettings()
     sims = [SimulatedReplica(f"replica-{i}", s) for i in range(replicas)]
@@ -198,7 +198,6 @@ def replay(
     heap: list[tuple[float, int, str, _Job]] = [(j.arrival, next(seq), "arrive", j) for j in jobs]
     heapq.heapify(heap)
     decisions: list[Decision] = []
-    first_token = getattr(policy, "on_first_token", None)
     end = 0.0
     while heap:
         now, _, kind, job = heapq.heappop(heap)
@@ -210,8 +209,7 @@ def replay(
             new = sims[job.replica].submit(job, now)
         elif kind == "prefilled":
             new = sims[job.replica].prefilled(job, now)
-            if first_token is not None:
-                first_token(job.view, sims[job.replica].replica_id)
+            policy.on_first_token(job.view, sims[job.replica].replica_id)
         else:
             new = sims[job.replica].finished(job, now)
             policy.on_complete(job.view, sims[job.replica].replica_id)

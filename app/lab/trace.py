@@ -2,7 +2,8 @@
 
 Each line is `{"t": seconds, "model": str, "session": str | null, "max_tokens": int}` plus exactly
 one prompt field: `"prompt": str`, `"messages": [{"role", "content"}, ...]` (rendered as
-`role: content` lines) or `"tokens": [int, ...]`.
+`role: content` lines, as `app.routing.render_messages` renders a request body's messages) or
+`"tokens": [int, ...]`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.routing import RequestView
+from app.routing import RequestView, render_messages, view_of_body
 
 
 @dataclass(slots=True)
@@ -27,11 +28,19 @@ class TraceRequest:
     session: str | None = None
     max_tokens: int = 64
 
+    def body(self) -> dict[str, Any]:
+        """This request as an OpenAI completions body (the session as `user`)."""
+        prompt = self.tokens if self.tokens is not None else self.prompt
+        return {
+            "model": self.model,
+            "prompt": prompt,
+            "user": self.session,
+            "max_tokens": self.max_tokens,
+        }
+
     def view(self) -> RequestView:
-        """The routing view of this request."""
-        return RequestView(
-            self.model, text=self.prompt, token_ids=self.tokens, session_key=self.session
-        )
+        """The routing view of this request (of its body, as a router reads it)."""
+        return view_of_body(self.body(), model=self.model)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": round(self.t, 6), "model": self.model, "session": self.session}
@@ -43,11 +52,6 @@ class TraceRequest:
         return out
 
 
-def render_messages(messages: list[dict[str, Any]]) -> str:
-    """Chat messages as one prompt text (`role: content` lines)."""
-    return "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages)
-
-
 def parse_line(line: str, lineno: int = 0) -> TraceRequest:
     """One trace line; ValueError naming the line and the problem."""
     try:
@@ -57,6 +61,8 @@ def parse_line(line: str, lineno: int = 0) -> TraceRequest:
             raise ValueError("needs exactly one of prompt, messages, tokens")
         prompt = obj.get("prompt")
         if "messages" in obj:
+            if not isinstance(obj["messages"], list):
+                raise ValueError("messages must be a list")
             prompt = render_messages(obj["messages"])
         tokens = [int(x) for x in obj["tokens"]] if "tokens" in obj else None
         return TraceRequest(

@@ -73,7 +73,7 @@ class Decision(NamedTuple):
 
     @property
     def reason_kind(self) -> str:
-        """The reason without its value (`prefix-match`), for counting decisions."""
+        """The reason without its value (`prefix-match`), for counting decisions (lab figures)."""
         return self.reason.split("=", 1)[0]
 
 
@@ -85,6 +85,10 @@ class Policy(Protocol):
 
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         """Pick a replica among the healthy candidates; NoReplicaError if there is none."""
+        ...
+
+    def on_first_token(self, request: RequestView, replica_id: str) -> None:
+        """The request sent to `replica_id` has its first token (its prefill is done)."""
         ...
 
     def on_complete(self, request: RequestView, replica_id: str) -> None:

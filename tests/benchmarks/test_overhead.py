@@ -11,16 +11,14 @@ import pytest
 from app.bench.summary import RequestRecord
 from benchmarks.overhead import (
     MODEL,
-    ZERO_COST,
     Target,
-    ZeroComputeApp,
     added_latency,
     cpu_table,
     pooled,
     table,
     top_frames,
 )
-from benchmarks.sim_server import SimulatedServer
+from benchmarks.sim_server import ZERO_COST, App, SimulatedServer
 
 
 def _record(ttft: float, e2e: float, status: str = "ok") -> RequestRecord:
@@ -101,7 +99,7 @@ def test_top_frames_shares_merge_lines_of_one_function() -> None:
     assert dict(top["total"])["work (a.py)"] == pytest.approx(0.9)
 
 
-async def _call(app: ZeroComputeApp, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+async def _call(app: App, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
     messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
 
@@ -118,7 +116,7 @@ async def _call(app: ZeroComputeApp, path: str, body: dict[str, Any]) -> list[di
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_zero_compute_backend_streams_max_tokens_chunks(path: str) -> None:
-    app = ZeroComputeApp(SimulatedServer("zero", ZERO_COST, MODEL))
+    app = App(SimulatedServer("zero", ZERO_COST, MODEL))
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 7, "stream": True}
     body["stream_options"] = {"include_usage": True}
     sent = asyncio.run(_call(app, path, body))
@@ -134,7 +132,7 @@ def test_zero_compute_backend_streams_max_tokens_chunks(path: str) -> None:
 
 
 def test_zero_compute_backend_answers_plain_requests_at_once() -> None:
-    app = ZeroComputeApp(SimulatedServer("zero", ZERO_COST, MODEL))
+    app = App(SimulatedServer("zero", ZERO_COST, MODEL))
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 3}
     sent = asyncio.run(_call(app, "/v1/completions", body))
     answer = json.loads(sent[1]["body"])

@@ -17,7 +17,7 @@ from ray import serve
 from app.config import load_config
 from app.engines.llm_config import router_config
 from app.ingress.deployment import Ingress
-from benchmarks.simulated_engine import SimulatedEngineServer
+from benchmarks.simulated_engine import SimulatedEngine
 from tests.e2e.conftest import wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +29,7 @@ def deploy_simulated(name: str, *, delay_s: float, timeout_s: float = 300) -> No
     server = {"retries": 3, "request_timeout_s": timeout_s}
     config = load_config({"models": [MODEL], "server": server})
     spec = config.models[0]
-    engine = SimulatedEngineServer.options(
+    engine = SimulatedEngine.options(
         name="engine:sim",
         num_replicas=2,
         request_router_config=router_config(spec, config.router),

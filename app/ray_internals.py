@@ -1,0 +1,116 @@
+"""Every use of a private Ray (and Ray Serve LLM / vLLM engine) API, in one place.
+
+Checked against Ray 2.60.0 with vLLM 0.29.0 (`CHECKED_RAY_VERSION`); each piece below says what it
+reaches and why the public API does not do it. `tests/test_ray_internals.py` calls each piece
+against the installed Ray, so an upgrade that moves one fails there, not in a running stack.
+Everything else in `app` uses Ray's public APIs only (`ray.serve`, `ray.serve.llm`,
+`ray.serve.request_router`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+from ray.llm._internal.common.callbacks.base import CallbackBase
+
+CHECKED_RAY_VERSION = "2.60.0"
+CALLBACK_CLASS = "app.ray_internals:SkipNoOpDownload"
+logger = logging.getLogger("vrstack.engine")
+
+
+def openai_request_models() -> ModuleType:
+    """Ray Serve LLM's OpenAI request and response models (vLLM's protocol classes).
+
+    Why: `LLMServer.completions`, `.chat`, `.embeddings`, `.tokenize` and `.detokenize` take
+    these parsed objects, and only this private module exports them."""
+    from ray.llm._internal.serve.core.configs import openai_api_models
+
+    return openai_api_models
+
+
+def usage_stats_enabled() -> bool:
+    """Whether Ray's usage statistics are on (`ray start --disable-usage-stats` turns them off).
+
+    Why: `NoTelemetryStart` skips the telemetry push exactly when nothing would be sent."""
+    from ray._common.usage.usage_lib import usage_stats_enabled as enabled
+
+    return enabled()
+
+
+class NoTelemetryStart:
+    """Mixin for an `LLMServer` subclass: its private `_start_engine`, minus the usage-telemetry
+    push when usage stats are disabled.
+
+    Why: that push creates a detached telemetry actor and waits for it, about 5 s of a 2-core
+    machine's start-up, for data that is never sent. `LLMServer` has no public switch."""
+
+    engine: Any
+
+    async def _start_engine(self) -> None:
+        if usage_stats_enabled():
+            await super()._start_engine()  # type: ignore[misc]
+        else:
+            await self.engine.start()
+
+
+class SkipNoOpDownload(CallbackBase):
+    """`LLMConfig.callback_config` callback: skip Ray Serve LLM's per-node "download" task when
+    the model is not in cloud storage (Ray sets a mirror config exactly for `s3://`, `gs://`,
+    ... sources and explicit mirrors), creating torch's kernel cache folder itself.
+
+    Why: for a local folder, the embedded model or a Hugging Face id (which vLLM downloads
+    itself) that task only creates the folder and returns the model id, yet it costs a new worker
+    process importing torch and transformers: 10-17 s of a 2-core machine's start-up. The
+    callback API is public (`callback_config`) but its base class is not exported."""
+
+    async def on_before_node_init(self) -> None:
+        if self.llm_config.get_engine_config().mirror_config is None:
+            import torch
+
+            os.makedirs(os.path.join(torch.hub._get_torch_home(), "kernels"), exist_ok=True)
+            self.ctx.run_init_node = False
+
+
+def serve_details() -> dict[str, Any]:
+    """The Serve controller's plain details dict (applications, deployments, replicas with their
+    states); empty when this process is not connected to Ray or no controller runs.
+
+    Why: `serve.status()` returns the same counts but first validates the whole dict into pydantic
+    models (re-serialising every deployment's request-router class): 13-18 ms of CPU per call for
+    a one-deployment app, against 1.1-1.2 ms for this."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    if not ray.is_initialized():  # asking would start a local Ray instance
+        return {}
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return {} if client is None else client.get_serve_details()
+
+
+def add_stat_logger(engine: Any, stat_logger: Any) -> bool:
+    """Add `stat_logger` to the stat loggers of Ray Serve LLM's vLLM engine (its `AsyncLLM`
+    client's `StatLoggerManager`); False when the engine has none (stats logging disabled).
+
+    Why: vLLM's public way is `AsyncLLM(stat_loggers=...)` at construction, which Ray Serve LLM
+    does itself without a hook for extra loggers."""
+    client = getattr(engine, "_engine_client", None)
+    manager = getattr(client, "logger_manager", None)
+    loggers = getattr(manager, "stat_loggers", None)
+    if not isinstance(loggers, list):
+        return False
+    if not any(existing is stat_logger for existing in loggers):
+        loggers.append(stat_logger)
+    return True
+
+
+def enable_tokenization(engine: Any) -> None:
+    """Give Ray Serve LLM's vLLM engine wrapper vLLM's tokenizer service.
+
+    Why: Ray 2.60 looks it up as `openai_serving_tokenization`; vLLM 0.29 names it
+    `serving_tokenization`, which leaves /tokenize and /detokenize disabled."""
+    state = getattr(engine, "_app_state", None)
+    if getattr(engine, "_oai_serving_tokenization", True) is None and state is not None:
+        engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)

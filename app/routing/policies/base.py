@@ -1,0 +1,66 @@
+"""What the policies share: the eligible replicas, the no-op hooks, a prefix index per model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from app.routing.index import ChainIndex
+from app.routing.prefix_match import BlockIndex
+from app.routing.types import Decision, NoReplicaError, ReplicaStats, RequestView
+
+
+def eligible(request: RequestView, candidates: Sequence[ReplicaStats]) -> list[ReplicaStats]:
+    """Healthy candidates; for a LoRA request, those holding the adapter when any do."""
+    healthy = [c for c in candidates if c.healthy]
+    if not healthy:
+        raise NoReplicaError(f"no healthy replica for model {request.model!r}")
+    if request.lora_adapter:
+        holding = [c for c in healthy if request.lora_adapter in c.lora_adapters]
+        if holding:
+            return holding
+    return healthy
+
+
+def pending(replica: ReplicaStats) -> int:
+    """The replica's in-flight plus queued requests."""
+    return replica.in_flight + replica.queued
+
+
+class PolicyBase:
+    """The `Policy` protocol's hooks, doing nothing; policies override what they use."""
+
+    name = "base"
+
+    def on_first_token(self, request: RequestView, replica_id: str) -> None:
+        """Nothing to do by default."""
+
+    def on_complete(self, request: RequestView, replica_id: str) -> None:
+        """Nothing to do by default."""
+
+    def forget_replica(self, replica_id: str) -> None:
+        """Nothing to do by default."""
+
+    def _decide(self, replica: ReplicaStats, reason: str) -> Decision:
+        return Decision(replica.replica_id, self.name, reason)
+
+
+class IndexedPolicy(PolicyBase):
+    """A policy with one prefix index per model (`index_kind`, `max_blocks` per replica)."""
+
+    index_kind: type[BlockIndex] = ChainIndex
+
+    def __init__(self, block_size: int, max_blocks: int) -> None:
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self._indexes: dict[str, BlockIndex] = {}
+
+    def index(self, model: str) -> BlockIndex:
+        """The model's prefix index (made on first use)."""
+        index = self._indexes.get(model)
+        if index is None:
+            index = self._indexes[model] = self.index_kind(self.max_blocks)
+        return index
+
+    def forget_replica(self, replica_id: str) -> None:
+        for index in self._indexes.values():
+            index.forget_replica(replica_id)

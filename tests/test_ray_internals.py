@@ -1,0 +1,105 @@
+"""Each private Ray API `app.ray_internals` reaches, called against the installed Ray and vLLM, so
+an upgrade that moves one fails here first."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import ray
+
+from app.config import load_config
+from app.engines.llm_config import llm_config
+from app.ray_internals import (
+    CALLBACK_CLASS,
+    CHECKED_RAY_VERSION,
+    NoTelemetryStart,
+    SkipNoOpDownload,
+    add_stat_logger,
+    openai_request_models,
+    serve_details,
+    usage_stats_enabled,
+)
+
+
+def _run_init_node(source: str) -> bool:
+    spec = load_config({"models": [{"name": "m", "source": "org/m"}]}).models[0]
+    config = llm_config(spec, source=source)
+    callback = SkipNoOpDownload(llm_config=config, ctx_kwargs={})
+    asyncio.run(callback.on_before_node_init())
+    return callback.ctx.run_init_node
+
+
+@pytest.mark.parametrize("source", ["/models/smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_nothing_to_download_skips_the_task(source: str) -> None:
+    assert _run_init_node(source) is False
+
+
+@pytest.mark.parametrize("source", ["s3://bucket/llama", "gs://bucket/llama"])
+def test_cloud_storage_models_keep_the_download_task(source: str) -> None:
+    assert _run_init_node(source) is True
+
+
+def test_only_our_builder_opts_in() -> None:
+    spec = load_config({"models": [{"name": "m", "source": "org/m"}]}).models[0]
+    assert llm_config(spec).callback_config.callback_class == CALLBACK_CLASS
+    stock = llm_config(spec, skip_noop_download=False).callback_config.callback_class
+    assert stock != CALLBACK_CLASS
+
+
+def test_checked_against_the_installed_ray() -> None:
+    assert ray.__version__ == CHECKED_RAY_VERSION
+
+
+def test_ray_serve_llm_exports_the_request_models_the_engine_parses() -> None:
+    oai = openai_request_models()
+    for name in (
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "EmbeddingCompletionRequest",
+        "EmbeddingChatRequest",
+        "TokenizeCompletionRequest",
+        "TokenizeChatRequest",
+        "DetokenizeRequest",
+    ):
+        assert isinstance(getattr(oai, name), type), name
+    request = oai.CompletionRequest(model="m", prompt="hi", max_tokens=2)
+    assert request.max_tokens == 2
+
+
+def test_no_telemetry_start_overrides_llm_servers_engine_start() -> None:
+    from ray.serve.llm import LLMServer
+
+    from app.engines.llm_server import EngineServer
+
+    assert inspect.iscoroutinefunction(LLMServer._start_engine)
+    assert EngineServer._start_engine is NoTelemetryStart._start_engine
+    assert isinstance(usage_stats_enabled(), bool)
+
+
+def test_serve_details_without_ray_is_empty_and_starts_no_ray() -> None:
+    assert not ray.is_initialized()
+    assert serve_details() == {}
+    assert not ray.is_initialized()
+
+
+def test_ray_serve_llm_still_misnames_vllms_tokenizer_service() -> None:
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    source = inspect.getsource(VLLMEngine)
+    assert '"openai_serving_tokenization"' in source  # what Ray looks up
+    assert "_oai_serving_tokenization" in source  # what enable_tokenization fills in
+
+
+def test_stat_logger_joins_the_engines_stat_logger_manager() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert "self.logger_manager" in inspect.getsource(AsyncLLM.__init__)
+    stats = object()
+    manager = SimpleNamespace(stat_loggers=[])
+    engine = SimpleNamespace(_engine_client=SimpleNamespace(logger_manager=manager))
+    assert add_stat_logger(engine, stats) and add_stat_logger(engine, stats)
+    assert manager.stat_loggers == [stats]
+    assert not add_stat_logger(SimpleNamespace(_engine_client=None), stats)
