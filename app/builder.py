@@ -15,7 +15,8 @@ from app.config import StackConfig, load_config
 
 
 def build_app(args: dict[str, Any] | StackConfig) -> Any:
-    """Engine deployments (one per model) behind the OpenAI ingress deployment."""
+    """Engine deployments (one per model) behind the OpenAI ingress deployment, which relays
+    HTTP requests to the engine replicas' own ports."""
     from app.engines.llm_config import build_engine
     from app.ingress.deployment import Ingress
 

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from app.engines import embedded
 from app.serve_config import ServeConfigFile
+from app.stack_env import sweep
 
 console = Console(stderr=True)
 
@@ -65,18 +66,23 @@ def ray_running() -> bool:
     return result.returncode == 0
 
 
-def start_ray_head(num_cpus: int) -> None:
+def start_ray_head(num_cpus: int, env: dict[str, str]) -> None:
+    """`ray start --head` with `env` added to its environment (and so to every Ray worker's)."""
     with console.status(f"Starting a local Ray head ({num_cpus} logical CPUs)..."):
         subprocess.run(
             [tool("ray"), "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
              "--include-dashboard=false"],
-            check=True, capture_output=True, timeout=180,
+            check=True, capture_output=True, timeout=180, env={**os.environ, **env},
         )  # fmt: skip
     console.print("[green]✓[/] Ray head started")
 
 
-def stop_ray() -> None:
+def stop_ray(run: str) -> None:
+    """`ray stop`, then end whatever the run left (`app.stack_env.sweep`)."""
     subprocess.run([tool("ray"), "stop"], capture_output=True, timeout=120)
+    left = sweep(run)
+    if left:
+        console.print(f"stopped {len(left)} process(es) Ray left behind: {', '.join(left)}")
 
 
 def stamp(at: float | None = None) -> str:
@@ -100,8 +106,11 @@ def _health(url: str) -> int | None:
         return None
 
 
-def serve_foreground(config: ServeConfigFile, *, log_path: Path, timeout_s: float) -> int:
-    """`serve run` the config; show progress until /health answers 200, then wait for Ctrl-C."""
+def serve_foreground(
+    config: ServeConfigFile, *, log_path: Path, timeout_s: float, env: dict[str, str]
+) -> int:
+    """`serve run` the config (with `env`); show progress until /health answers 200, then
+    wait for Ctrl-C."""
     base = f"http://{config.http_host}:{config.http_port}"
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`: stop the stack cleanly
         signal.signal(sig, _interrupt)
@@ -112,7 +121,7 @@ def serve_foreground(config: ServeConfigFile, *, log_path: Path, timeout_s: floa
         proc = subprocess.Popen(
             [tool("serve"), "run", "--address", "auto", str(config.path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         threading.Thread(target=_pump, args=(proc.stdout, log, tail), daemon=True).start()
         try:

@@ -74,22 +74,6 @@ class SkipNoOpDownload(CallbackBase):
             self.ctx.run_init_node = False
 
 
-def serve_details() -> dict[str, Any]:
-    """The Serve controller's plain details dict (applications, deployments, replicas with their
-    states); empty when this process is not connected to Ray or no controller runs.
-
-    Why: `serve.status()` returns the same counts but first validates the whole dict into pydantic
-    models (re-serialising every deployment's request-router class): 13-18 ms of CPU per call for
-    a one-deployment app, against 1.1-1.2 ms for this."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    if not ray.is_initialized():  # asking would start a local Ray instance
-        return {}
-    client = _get_global_client(raise_if_no_controller_running=False)
-    return {} if client is None else client.get_serve_details()
-
-
 def add_stat_logger(engine: Any, stat_logger: Any) -> bool:
     """Add `stat_logger` to the stat loggers of Ray Serve LLM's vLLM engine (its `AsyncLLM`
     client's `StatLoggerManager`); False when the engine has none (stats logging disabled).

@@ -31,7 +31,10 @@ import httpx
 import ray
 from ray import serve
 
+from app.engines.http_server import Answer, EngineApp, EngineHttpServer
 from app.engines.items import Endpoint, EngineItem, error_item
+from app.engines.request_meter import RequestMeter, wants_usage
+from app.internal_token import internal_token
 from app.ray_internals import openai_request_models
 
 PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -76,31 +79,61 @@ class SimulatedEngine:
         if ray_llm:
             openai_request_models()
         self._delay_s, self._tokens, self._batch_ms = delay_s, tokens, batch_ms
-        self._in_flight = 0
-        self.url: str | None = None
+        self._in_flight = 0  # handle calls
+        self._meter = RequestMeter()
+        ctx = serve.get_replica_context()
+        self._port = EngineApp(self, await internal_token(ctx.app_name))
+        self._http = EngineHttpServer(self._port)
+        self.url: str | None = None  # the simulator replica this one forwards to
         if pool is not None:
-            ctx = serve.get_replica_context()
             self.url = await pool.claim.remote(ctx.rank.rank, ctx.replica_id.unique_id)
             self._client = httpx.AsyncClient(timeout=600.0, limits=KEEPALIVE_LIMITS)
+        else:
+            await self._http.start()
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Where the ingress relays HTTP requests: this replica's port, or (forwarding) the
+        simulator replica itself, as a peer router would reach it."""
+        return {"url": self.url or self._http.url}
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        return {"in_flight": self._in_flight}
+        return {
+            "in_flight": self._in_flight + self._port.in_flight,
+            "requests": self._meter.snapshot(),
+        }
 
     async def check_health(self) -> None:
         return None
 
+    async def __del__(self) -> None:
+        await self._http.stop(drain_s=5)
+
+    async def answer(self, endpoint: Endpoint, body: dict[str, Any]) -> Answer:
+        """An HTTP request's answer, made here (`app.engines.http_server.Backend`)."""
+        if endpoint not in PATHS:
+            return Answer.error(404, f"the simulated engine does not serve {endpoint}")
+        tokens = self._token_count(body)
+        if not body.get("stream"):
+            await asyncio.sleep(self._delay_s)
+            rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
+            return Answer.json(_completion(rid, created, body, "sim " * tokens, tokens))
+        batches = self._batches(_sse_stream(body, self._delay_s, tokens, usage=True))
+        return Answer(stream=self._meter.sse(endpoint, batches, keep_usage=wants_usage(body)))
+
     async def serve_openai(
-        self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
+        self, endpoint: Endpoint, body: dict[str, Any]
     ) -> AsyncGenerator[EngineItem, None]:
-        """Our engine interface; `route` is the request router's slot (unused here)."""
+        """Our handle interface: `{"body"}`, or `{"chunk"}` per stream chunk."""
         if endpoint not in PATHS:
             yield error_item(404, f"the simulated engine does not serve {endpoint}")
             return
         async for piece in self._pieces(endpoint, body):
             if isinstance(piece, dict):
                 yield piece
-            else:
-                yield {"sse": piece if isinstance(piece, str) else "".join(piece)}
+                continue
+            for event in [piece] if isinstance(piece, str) else piece:
+                if not event.startswith("data: [DONE]"):
+                    yield {"chunk": json.loads(event.removeprefix("data: "))}
 
     async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator:
         """Stock Ray Serve LLM's engine interface (as `LLMServer.completions`)."""
@@ -118,8 +151,6 @@ class SimulatedEngine:
         async for piece in self._pieces(endpoint, body):
             if not isinstance(piece, dict):
                 yield piece
-            elif "sse" in piece:
-                yield piece["sse"]
             elif "body" in piece:
                 kind = oai.ChatCompletionResponse if endpoint == "chat" else oai.CompletionResponse
                 yield kind.model_validate(piece["body"])
@@ -128,30 +159,39 @@ class SimulatedEngine:
                 yield oai.ErrorResponse(error=oai.ErrorInfo(**info))
 
     async def _pieces(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Piece]:
+        """Handle calls' answers: SSE strings (lists of them when batched) or plain items."""
         self._in_flight += 1
         try:
-            source = self._forward(PATHS[endpoint], body) if self.url else self._generate(body)
+            if self.url:
+                source = self._forward(PATHS[endpoint], body)
+            elif body.get("stream"):
+                usage = wants_usage(body)
+                tokens = self._token_count(body)
+                source = self._batches(_sse_stream(body, self._delay_s, tokens, usage=usage))
+            else:
+                source = self._plain(body)
             async for piece in source:
                 yield piece
         finally:
             self._in_flight -= 1
 
-    async def _generate(self, body: dict[str, Any]) -> AsyncIterator[Piece]:
-        tokens = self._tokens or max(
+    def _token_count(self, body: dict[str, Any]) -> int:
+        return self._tokens or max(
             1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         )
-        if not body.get("stream"):
-            await asyncio.sleep(self._delay_s)
-            rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
-            yield {"body": _completion(rid, created, body, "sim " * tokens, tokens)}
-            return
-        stream = _sse_stream(body, self._delay_s, tokens)
-        if self._batch_ms:
-            from ray.llm._internal.serve.utils.batcher import Batcher  # stock's own batching
 
-            stream = Batcher(stream, interval_ms=self._batch_ms).stream()
-        async for piece in stream:
-            yield piece
+    async def _plain(self, body: dict[str, Any]) -> AsyncIterator[Piece]:
+        await asyncio.sleep(self._delay_s)
+        tokens = self._token_count(body)
+        rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
+        yield {"body": _completion(rid, created, body, "sim " * tokens, tokens)}
+
+    def _batches(self, stream: AsyncIterator[str]) -> AsyncIterator[list[str]]:
+        """The stream in lists, gathered every `batch_ms` ms by stock's own `Batcher` as
+        `LLMServer` gathers them, or one string a list."""
+        from ray.llm._internal.serve.utils.batcher import Batcher
+
+        return Batcher(stream, interval_ms=self._batch_ms).stream()
 
     async def _forward(self, path: str, body: dict[str, Any]) -> AsyncIterator[Piece]:
         """POST to the simulator; whole SSE events as they arrive, or the JSON answer."""
@@ -175,16 +215,19 @@ class SimulatedEngine:
                 yield pending + "\n\n"
 
 
-async def _sse_stream(body: dict[str, Any], delay_s: float, tokens: int) -> AsyncIterator[str]:
-    """`tokens` SSE text chunks `delay_s / tokens` apart, a usage chunk if asked, then [DONE]."""
+async def _sse_stream(
+    body: dict[str, Any], delay_s: float, tokens: int, *, usage: bool
+) -> AsyncIterator[str]:
+    """`tokens` SSE text chunks `delay_s / tokens` apart, a usage chunk with `usage`, then
+    [DONE]."""
     created, rid = int(time.time()), f"sim-{uuid.uuid4().hex[:12]}"
     for _ in range(tokens):
         await asyncio.sleep(delay_s / tokens)
         chunk = _completion(rid, created, body, "sim ", tokens, usage=False)
         yield f"data: {json.dumps(chunk)}\n\n"
-    if (body.get("stream_options") or {}).get("include_usage"):
-        usage = {**_completion(rid, created, body, "", tokens), "choices": []}
-        yield f"data: {json.dumps(usage)}\n\n"
+    if usage:
+        final = {**_completion(rid, created, body, "", tokens), "choices": []}
+        yield f"data: {json.dumps(final)}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -3,6 +3,7 @@ Serve, shared by the end-to-end tests and the benchmarks' smoke tests."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ def cluster() -> Iterator[Cluster]:
     import ray
     from ray import serve
 
+    # Engine replicas' own ports listen on loopback (the tests talk to nothing else).
+    os.environ.setdefault("VRSTACK_ENGINE_HOST", "127.0.0.1")
     ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="vrstack-tests")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")

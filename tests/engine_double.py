@@ -1,94 +1,163 @@
-"""A test double of a Ray Serve `DeploymentHandle` to an engine deployment.
+"""An engine double for in-process tests: it stands in for vLLM (not for our code).
 
-It stands in for Ray and vLLM (not for our code) so the ingress's HTTP behaviour can be tested
-in-process: it answers `serve_openai(endpoint, body)` with the plain items a real `EngineServer`
-yields, and can be told to fail, hang or break a stream midway.
+`EngineDouble` answers like an engine replica (`app.engines.http_server.Backend`) and can be told
+to fail, hang or break a stream midway. `Stack` serves doubles on loopback ports with the real
+engine port app and server (`EngineApp`, `EngineHttpServer`), and hands the ingress each model's
+replicas through the real request router (`StackRequestRouter.route`) over fake Serve replica
+records, standing in for Serve's replica discovery. A "dead" replica is a port nothing listens
+on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator, Collection, Iterator
+from types import SimpleNamespace
 from typing import Any
 
+from app.engines import router_registry
+from app.engines.http_server import Answer, EngineApp, EngineHttpServer
+from app.engines.router import Routed, StackRequestRouter
+from app.routing import RequestView
+from benchmarks.processes import free_port
 
-class ActorDiedError(Exception):
-    """Named like Ray's exception for a dead replica."""
+TOKEN = "test-token"
+MODES = ("ok", "error400", "hang", "die", "die_once", "slow", "break_stream", "hang_stream")
 
 
-class SimulatedEngine:
+class EngineDouble:
+    """One model's engine, answering every replica of it."""
+
     def __init__(self, name: str, *, mode: str = "ok", tokens: int = 3) -> None:
+        assert mode in MODES, mode
         self.name = name
-        self.mode = (
-            mode  # ok | error400 | hang | die | die_once | slow | break_stream | hang_stream
-        )
+        self.mode = mode
         self.tokens = tokens
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
 
-    # DeploymentHandle API used by the gateway
-    def options(self, **_: Any) -> SimulatedEngine:
-        return self
-
-    def remote(self, endpoint: str, body: dict, route: dict | None = None) -> _Generator:
+    async def answer(self, endpoint: str, body: dict[str, Any]) -> Answer:
         self.calls.append((endpoint, body))
-        if route is not None:  # what the request router writes in the caller's process
-            route.update(
-                replica_id=f"{self.name}-r1",
-                policy="scored",
-                reason="least-load",
-                request_id=f"{self.name}-{len(self.calls)}",
+        try:
+            if self.mode == "hang":
+                await asyncio.sleep(3600)
+            if self.mode == "slow":
+                await asyncio.sleep(0.3)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.mode == "error400":
+            return Answer.error(400, "prompt too long", param="prompt")
+        if not body.get("stream"):
+            return Answer.json(
+                {"object": endpoint, "model": body["model"], "echo": body, "created": 1}
             )
-        return _Generator(self, endpoint, body)
+        return Answer(stream=self._stream())
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        try:
+            for i in range(self.tokens):
+                if self.mode == "break_stream" and i == 1:
+                    raise RuntimeError("engine died mid-stream")
+                if self.mode == "hang_stream" and i == 1:
+                    await asyncio.sleep(3600)
+                yield f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'.encode()
+            yield b"data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
 
 
-class _Generator:
-    def __init__(self, engine: SimulatedEngine, endpoint: str, body: dict) -> None:
-        self._engine = engine
-        self._items = self._run(endpoint, body)
+class LoopbackRoutes:
+    """A model's replicas as the ingress sees them: the real router over fake Serve records."""
 
-    def __aiter__(self) -> _Generator:
+    def __init__(self, model: str, urls: list[str], policy: str = "scored") -> None:
+        self.router = StackRequestRouter.__new__(StackRequestRouter)  # no Serve set-up needed
+        self.router.initialize_state(policy=policy, model=model)
+        self.replicas = [
+            SimpleNamespace(
+                replica_id=SimpleNamespace(unique_id=f"{model}-r{i + 1}"),
+                replica_metadata={"url": url},
+                routing_stats={},
+                max_ongoing_requests=64,
+            )
+            for i, url in enumerate(urls)
+        ]
+        self.routed: list[Routed] = []
+        self.finished: list[Routed] = []
+
+    def route(self, view: RequestView, exclude: Collection[str] = ()) -> Routed | None:
+        routed = self.router.route(view, exclude, candidates=self.replicas)
+        if routed is not None:
+            self.routed.append(routed)
+        return routed
+
+    def first_token(self, routed: Routed) -> None:
+        self.router.first_token(routed)
+
+    def finish(self, routed: Routed) -> None:
+        self.finished.append(routed)
+        self.router.finish(routed)
+
+    def replica_count(self) -> int:
+        return len(self.replicas)
+
+
+class Stack:
+    """Engine doubles on loopback ports for each model of a config, and their routes."""
+
+    def __init__(self, engines: dict[str, EngineDouble], ready: dict[str, int] | None = None):
+        self.engines = engines
+        self.ready = ready or {}
+        self.routes: dict[str, LoopbackRoutes] = {}
+        self._servers: list[EngineHttpServer] = []
+
+    async def start(self) -> Stack:
+        for name, engine in self.engines.items():
+            server = EngineHttpServer(EngineApp(engine, TOKEN), host="127.0.0.1")
+            url = await server.start()
+            self._servers.append(server)
+            dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+            urls = {"die": [dead] * 4, "die_once": [dead, url]}.get(engine.mode, [url])
+            urls = urls[: self.ready.get(name, len(urls))]
+            self.routes[name] = routes = LoopbackRoutes(name, urls)
+            if engine.mode == "die_once":  # the dead replica looks least loaded: chosen first
+                routes.replicas[1].routing_stats = {"in_flight": 5}
         return self
 
-    async def __anext__(self) -> dict:
-        return await self._items.__anext__()
+    def get(self, model: str) -> LoopbackRoutes | None:
+        return self.routes.get(model)
 
-    def cancel(self) -> None:
-        self._engine.cancelled += 1
+    async def stop(self) -> None:
+        for server in self._servers:
+            await server.stop(drain_s=0.1)
+        router_registry.forget_all()
 
-    async def _run(self, endpoint: str, body: dict):
-        mode = self._engine.mode
-        if mode == "hang":
-            await asyncio.sleep(3600)
-        if mode == "die" or (mode == "die_once" and len(self._engine.calls) == 1):
-            raise ActorDiedError("replica actor died: pid=1234 node=abc")
-        if mode == "slow":
-            await asyncio.sleep(0.3)
-        if mode == "error400":
-            yield {
-                "status": 400,
-                "error": {
-                    "message": "prompt too long",
-                    "type": "BadRequestError",
-                    "param": "prompt",
-                    "code": 400,
-                },
-            }
-            return
-        if not body.get("stream"):
-            yield {
-                "body": {
-                    "object": endpoint,
-                    "model": body["model"],
-                    "echo": body,
-                    "created": int(time.time()),
-                }
-            }
-            return
-        for i in range(self._engine.tokens):
-            if mode == "break_stream" and i == 1:
-                raise ActorDiedError("replica died mid-stream")
-            if mode == "hang_stream" and i == 1:
-                await asyncio.sleep(3600)
-            yield {"sse": f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'}
-        yield {"sse": "data: [DONE]\n\n"}
+
+@contextlib.contextmanager
+def serving(stack: Stack) -> Iterator[Stack]:
+    """The stack's engine ports served from a thread of their own (for synchronous callers)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(stack.start(), loop).result(30)
+    try:
+        yield stack
+    finally:
+        asyncio.run_coroutine_threadsafe(stack.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def events(text: str) -> list[Any]:
+    """The data payloads of an SSE text (JSON decoded, `[DONE]` as is)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            payload = line.removeprefix("data: ")
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out

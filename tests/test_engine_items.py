@@ -1,21 +1,27 @@
-"""What `EngineServer` sends the ingress for each item `LLMServer` yields."""
+"""What `EngineServer` answers for each response object or error `LLMServer` yields."""
 
 from __future__ import annotations
 
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
 
-from app.engines.llm_server import _plain_items
+from app.engines.llm_server import _plain
 
 
-def test_a_batch_of_sse_strings_is_one_item():
-    batch = ['data: {"a": 1}\n\n', 'data: {"a": 2}\n\n', "data: [DONE]\n\n"]
-    assert _plain_items(batch) == [{"sse": "".join(batch)}]
-    assert _plain_items('data: {"a": 1}\n\n') == [{"sse": 'data: {"a": 1}\n\n'}]
-
-
-def test_an_engine_error_becomes_an_openai_error_item():
+def test_an_engine_error_keeps_its_status_in_openai_shape():
     error = ErrorResponse(error=ErrorInfo(message="too long", type="BadRequestError", code=400))
-    (item,) = _plain_items([error])
-    assert item["status"] == 400
-    assert item["error"]["message"] == "too long"
-    assert set(item["error"]) == {"message", "type", "param", "code"}
+    status, body = _plain(error)
+    assert status == 400
+    assert body == {
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
+def test_an_error_without_an_http_code_is_a_500():
+    error = ErrorResponse(error=ErrorInfo(message="boom", type="InternalError", code=7))
+    status, body = _plain(error)
+    assert status == 500 and body["error"]["type"] == "server_error"

@@ -1,29 +1,35 @@
-"""schemathesis against the ingress's own OpenAPI schema (in-process, simulated engines):
-no 5xx for any generated request, and every error is OpenAI-shaped."""
+"""schemathesis against the ingress's own OpenAPI schema (in-process, in front of engine
+doubles on loopback ports): no 5xx for any generated request, and every error is OpenAI-shaped."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from app.config import load_config
 from app.ingress.asgi import create_app
 from app.ingress.gateway import Gateway
-from app.ingress.readiness import Readiness
-from tests.engine_double import SimulatedEngine
+from tests.engine_double import TOKEN, EngineDouble, Stack, serving
 
 MODEL = {"name": "smollm2", "source": "org/model", "aliases": ["default"]}
 
 
-def _app():
-    config = load_config({"models": [MODEL], "limits": {"max_tokens": 4096}})
-    engines = {"smollm2": SimulatedEngine("smollm2")}
-    return create_app(Gateway(config, engines, Readiness(lambda: {"engine:smollm2": 1})))
-
-
-schema = schemathesis.openapi.from_asgi("/openapi.json", _app())
+STACK = Stack({"smollm2": EngineDouble("smollm2")})
+_config = load_config({"models": [MODEL], "limits": {"max_tokens": 4096}})
+schema = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(Gateway(_config, {}, token=TOKEN, routes=STACK.get))
+)
 # Valid and invalid requests alike (wrong types, missing fields, out-of-range values).
 schema.config.generation.update(modes=list(schemathesis.GenerationMode))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_ports() -> Iterator[Stack]:
+    with serving(STACK) as stack:
+        yield stack
 
 
 @schema.parametrize()

@@ -1,21 +1,19 @@
-"""GET /metrics and GET /status of the ingress, in-process, in front of simulated engines."""
+"""GET /metrics and GET /status of the ingress (in-process, in front of engine doubles), and the
+per-token figures engine replicas report."""
 
 from __future__ import annotations
 
 import json
 from types import SimpleNamespace
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import load_config
 from app.engines import router_registry, stat_logger
-from app.ingress.asgi import create_app
-from app.ingress.gateway import Gateway
-from app.ingress.readiness import Readiness
-from app.observability.metrics import EngineCollector, RequestRecord, StackMetrics
-from tests.engine_double import SimulatedEngine
+from app.engines.request_meter import RequestMeter
+from app.observability.metrics import EngineCollector, StackMetrics, TokenFigures
+from tests.test_ingress import make_client
 
 pytestmark = pytest.mark.anyio
 
@@ -25,46 +23,8 @@ def anyio_backend():
     return "asyncio"
 
 
-class UsageEngine(SimulatedEngine):
-    """Streams chat chunks like vLLM: a role chunk, text chunks, then a usage chunk."""
-
-    def remote(self, endpoint: str, body: dict, route: dict | None = None):
-        self.calls.append((endpoint, body))
-        if route is not None:
-            route.update(replica_id="r-7", policy="prefix", reason="prefix-match=0.50")
-
-        async def items():
-            base = {"id": "c1", "object": "chat.completion.chunk", "model": body["model"]}
-            yield {"sse": _sse({**base, "choices": [{"index": 0, "delta": {"role": "x"}}]})}
-            for word in ("a", "b", "c", "d"):
-                delta = {"index": 0, "delta": {"content": word}}
-                yield {"sse": _sse({**base, "choices": [delta]})}
-            usage = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
-            yield {"sse": _sse({**base, "choices": [], "usage": usage})}
-            yield {"sse": "data: [DONE]\n\n"}
-
-        return _Items(items())
-
-
-class _Items:
-    def __init__(self, gen) -> None:
-        self._gen = gen
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self._gen.__anext__()
-
-    def cancel(self) -> None:
-        pass
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+ITL_COUNTS = [0, 0, 2, 1] + [0] * 10  # two gaps under 10 ms, one under 20 ms
 REPLICAS = {
     "smollm2": {
         "r-1": {
@@ -75,20 +35,25 @@ REPLICAS = {
             "prefix_cache_queries": 100,
             "prefix_cache_hits": 40,
             "prefix_cache_hit_rate": 0.4,
+            "requests": {
+                "chat": {
+                    "itl_counts": ITL_COUNTS,
+                    "itl_sum": 0.03,
+                    "prompt_tokens": 11,
+                    "output_tokens": 4,
+                }
+            },
         }
     }
 }
 
 
-def make(cpu_model, engine_cls=SimulatedEngine):
-    config = load_config({"models": [cpu_model, {**cpu_model, "name": "second", "aliases": []}]})
-    engines = {m.name: engine_cls(m.name) for m in config.models}
-    ready = {"engine:smollm2": 2, "engine:second": 0}
-    gateway = Gateway(config, engines, Readiness(lambda: ready, ttl_s=0))
-    app = create_app(gateway)
-    app.state.metrics.engines.source = lambda: REPLICAS  # what the routers would see
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://stack"), app
+def make(cpu_model):
+    """The ingress over engine doubles; `second` has no running replica."""
+    config = {"models": [cpu_model, {**cpu_model, "name": "second", "aliases": []}]}
+    return make_client(
+        cpu_model, config=config, ready={"second": 0}, replica_stats=lambda: REPLICAS
+    )
 
 
 async def scrape(client) -> dict[str, list]:
@@ -111,96 +76,91 @@ def value(samples, name, **labels) -> float:
 
 
 async def test_plain_request_counts_latency_and_routing(cpu_model):
-    client, _ = make(cpu_model)
-    response = await client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
-    assert response.status_code == 200
-    samples = await scrape(client)
-    labels = {"model": "smollm2", "endpoint": "completions"}
-    assert value(samples, "vrstack_requests_total", status="200", **labels) == 1
-    assert value(samples, "vrstack_request_latency_seconds_count", **labels) == 1
-    assert value(
-        samples,
-        "vrstack_routing_decisions_total",
-        model="smollm2",
-        policy="scored",
-        reason="least-load",
-        replica="smollm2-r1",
-    ) == 1  # fmt: skip
-    assert value(samples, "vrstack_requests_in_flight", endpoint="completions") == 0
-    assert value(samples, "vrstack_model_replicas_available", model="smollm2") == 2
-    assert value(samples, "vrstack_model_ready", model="second") == 0
+    async with make(cpu_model) as (client, _, _):
+        response = await client.post("/v1/completions", json={"model": "default", "prompt": "hi"})
+        assert response.status_code == 200
+        samples = await scrape(client)
+        labels = {"model": "smollm2", "endpoint": "completions"}
+        assert value(samples, "vrstack_requests_total", status="200", **labels) == 1
+        assert value(samples, "vrstack_request_latency_seconds_count", **labels) == 1
+        assert value(
+            samples,
+            "vrstack_routing_decisions_total",
+            model="smollm2",
+            policy="scored",
+            reason="least-load",
+            replica="smollm2-r1",
+        ) == 1  # fmt: skip
+        assert value(samples, "vrstack_requests_in_flight", endpoint="completions") == 0
+        assert value(samples, "vrstack_model_replicas_available", model="smollm2") == 1
+        assert value(samples, "vrstack_model_ready", model="second") == 0
 
 
 async def test_errors_are_counted_with_their_status_and_bounded_model_label(cpu_model):
-    client, _ = make(cpu_model)
-    await client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
-    await client.post("/v1/chat/completions", json={"model": "second", **CHAT})
-    await client.post("/v1/completions", json={"model": "smollm2", "prompt": "x", "n": 99})
-    samples = await scrape(client)
-    assert value(samples, "vrstack_requests_total", model="unknown", status="404") == 1
-    assert value(samples, "vrstack_requests_total", model="second", status="503") == 1
-    assert value(samples, "vrstack_requests_total", model="smollm2", status="400") == 1
+    async with make(cpu_model) as (client, _, _):
+        await client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+        await client.post("/v1/chat/completions", json={"model": "second", **CHAT})
+        await client.post("/v1/completions", json={"model": "smollm2", "prompt": "x", "n": 99})
+        samples = await scrape(client)
+        assert value(samples, "vrstack_requests_total", model="unknown", status="404") == 1
+        assert value(samples, "vrstack_requests_total", model="second", status="503") == 1
+        assert value(samples, "vrstack_requests_total", model="smollm2", status="400") == 1
 
 
-async def test_stream_without_usage_counts_text_chunks_ttft_and_itl(cpu_model):
-    client, _ = make(cpu_model)
-    body = {"model": "smollm2", "prompt": "hi", "stream": True}
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        text = "".join([chunk async for chunk in response.aiter_text()])
-    assert text.endswith("data: [DONE]\n\n")
-    samples = await scrape(client)
-    labels = {"model": "smollm2", "endpoint": "completions"}
-    assert value(samples, "vrstack_time_to_first_token_seconds_count", **labels) == 1
-    assert value(samples, "vrstack_inter_token_latency_seconds_count", **labels) == 2  # 3 chunks
-    assert value(samples, "vrstack_output_tokens_total", **labels) == 3
-    assert value(samples, "vrstack_prompt_tokens_total", **labels) == 0  # no usage in the stream
+async def test_streams_time_their_first_byte_and_plain_answers_do_not(cpu_model):
+    async with make(cpu_model) as (client, _, _):
+        body = {"model": "smollm2", "prompt": "hi", "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            text = "".join([chunk async for chunk in response.aiter_text()])
+        assert text.endswith("data: [DONE]\n\n")
+        await client.post("/v1/completions", json={**body, "stream": False})
+        samples = await scrape(client)
+        labels = {"model": "smollm2", "endpoint": "completions"}
+        assert value(samples, "vrstack_time_to_first_token_seconds_count", **labels) == 1
+        assert value(samples, "vrstack_request_latency_seconds_count", **labels) == 2
 
 
-async def test_stream_with_usage_takes_the_token_counts_from_it(cpu_model):
-    client, _ = make(cpu_model, UsageEngine)
-    body = {
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": 'say "model": "x"'}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    response = await client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 200
-    samples = await scrape(client)
-    labels = {"model": "smollm2", "endpoint": "chat"}
-    assert value(samples, "vrstack_prompt_tokens_total", **labels) == 11
-    assert value(samples, "vrstack_output_tokens_total", **labels) == 4
-    assert value(samples, "vrstack_inter_token_latency_seconds_count", **labels) == 3
-    assert value(samples, "vrstack_time_to_first_token_seconds_count", **labels) == 1
-    assert value(samples, "vrstack_routing_decisions_total", reason="prefix-match") == 1
+async def test_per_token_figures_come_from_the_replicas_reports(cpu_model):
+    async with make(cpu_model) as (client, _, _):
+        samples = await scrape(client)
+        labels = {"model": "smollm2", "endpoint": "chat"}
+        assert value(samples, "vrstack_prompt_tokens_total", **labels) == 11
+        assert value(samples, "vrstack_output_tokens_total", **labels) == 4
+        assert value(samples, "vrstack_inter_token_latency_seconds_count", **labels) == 3
+        assert (
+            value(samples, "vrstack_inter_token_latency_seconds_bucket", le="0.01", **labels) == 2
+        )
+        zero = {"model": "second", "endpoint": "completions"}
+        assert value(samples, "vrstack_output_tokens_total", **zero) == 0  # exists from the start
 
 
 async def test_engine_state_per_replica_and_production_stack_names(cpu_model):
-    client, _ = make(cpu_model)
-    samples = await scrape(client)
-    replica = {"model": "smollm2", "replica": "r-1"}
-    assert value(samples, "vrstack_engine_requests_running", **replica) == 1
-    assert value(samples, "vrstack_engine_requests_waiting", **replica) == 1
-    assert value(samples, "vrstack_engine_requests_in_flight", **replica) == 2
-    assert value(samples, "vrstack_engine_kv_cache_usage_ratio", **replica) == 0.25
-    assert value(samples, "vrstack_engine_prefix_cache_hit_rate", **replica) == 0.4
-    assert value(samples, "vrstack_engine_prefix_cache_hits_tokens_total", **replica) == 40
-    assert value(samples, "vrstack_engine_prefix_cache_queries_tokens_total", **replica) == 100
-    server = {"model": "smollm2", "server": "r-1"}
-    assert value(samples, "vllm:num_requests_running", **server) == 1
-    assert value(samples, "vllm:num_requests_waiting", **server) == 1
-    assert value(samples, "vllm:gpu_cache_usage_perc", **server) == 0.25
-    assert value(samples, "vllm:gpu_prefix_cache_hit_rate", **server) == 0.4
+    async with make(cpu_model) as (client, _, _):
+        samples = await scrape(client)
+        replica = {"model": "smollm2", "replica": "r-1"}
+        assert value(samples, "vrstack_engine_requests_running", **replica) == 1
+        assert value(samples, "vrstack_engine_requests_waiting", **replica) == 1
+        assert value(samples, "vrstack_engine_requests_in_flight", **replica) == 2
+        assert value(samples, "vrstack_engine_kv_cache_usage_ratio", **replica) == 0.25
+        assert value(samples, "vrstack_engine_prefix_cache_hit_rate", **replica) == 0.4
+        assert value(samples, "vrstack_engine_prefix_cache_hits_tokens_total", **replica) == 40
+        assert value(samples, "vrstack_engine_prefix_cache_queries_tokens_total", **replica) == 100
+        server = {"model": "smollm2", "server": "r-1"}
+        assert value(samples, "vllm:num_requests_running", **server) == 1
+        assert value(samples, "vllm:num_requests_waiting", **server) == 1
+        assert value(samples, "vllm:gpu_cache_usage_perc", **server) == 0.25
+        assert value(samples, "vllm:gpu_prefix_cache_hit_rate", **server) == 0.4
 
 
 async def test_status_route(cpu_model):
-    client, _ = make(cpu_model)
-    body = (await client.get("/status")).json()
-    smollm2, second = body["models"]
-    assert smollm2["name"] == "smollm2" and smollm2["ready"] and smollm2["running_replicas"] == 2
-    assert smollm2["replicas"]["r-1"]["kv_usage"] == 0.25
-    assert second["ready"] is False and second["replicas"] == {}
-    assert body["ingress_in_flight"]["chat"] == 0
+    async with make(cpu_model) as (client, _, _):
+        body = (await client.get("/status")).json()
+        smollm2, second = body["models"]
+        assert smollm2["name"] == "smollm2" and smollm2["ready"]
+        assert smollm2["running_replicas"] == 1
+        assert smollm2["replicas"]["r-1"]["kv_usage"] == 0.25
+        assert second["ready"] is False and second["replicas"] == {}
+        assert body["ingress_in_flight"]["chat"] == 0
 
 
 def test_metrics_registry_is_per_instance(cpu_model):
@@ -212,29 +172,38 @@ def test_metrics_registry_is_per_instance(cpu_model):
     assert two.registry.get_sample_value("vrstack_requests_total", labels) == 0  # pre-created
 
 
-def test_json_answer_usage_and_model_are_read_without_matching_escaped_keys():
-    record = RequestRecord("chat")
-    record.on_start({"status": 200, "headers": [(b"content-type", b"application/json")]})
-    answer = {
-        "id": "x",
-        "model": "smollm2",
-        "choices": [{"message": {"content": 'a "usage": {"prompt_tokens": 99}'}}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 7},
-    }
-    record.on_body(json.dumps(answer).encode())
-    record.on_end()
-    assert record.model == "smollm2"
-    assert record.tokens() == (5, 7)
+def test_token_sums_keep_a_gone_replicas_last_report():
+    figures = TokenFigures()
+    report = {"chat": {"output_tokens": 5, "prompt_tokens": 2, "itl_sum": 0.5, "itl_counts": []}}
+    both = {"m": {"a": {"requests": report}, "b": {"requests": report}}}
+    assert figures.totals(both)[("m", "chat")]["output_tokens"] == 10
+    assert figures.totals({"m": {"b": {"requests": report}}})[("m", "chat")]["output_tokens"] == 10
 
 
-def test_sse_events_split_across_chunks_are_joined():
-    record = RequestRecord("completions")
-    record.on_start({"status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-    event = _sse({"model": "m", "choices": [{"index": 0, "text": "hello"}]}).encode()
-    record.on_body(event[:10])
-    record.on_body(event[10:] + event)
-    record.on_body(b"data: [DONE]\n\n")
-    assert record.text_chunks == 2 and record.model == "m" and len(record.gaps) == 1
+async def _sse_of(events: list[str]):
+    yield events
+
+
+async def _metered(meter: RequestMeter, events: list[str], keep_usage: bool) -> list[bytes]:
+    return [chunk async for chunk in meter.sse("chat", _sse_of(events), keep_usage=keep_usage)]
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+async def test_the_meter_counts_usage_and_drops_it_unless_asked(separators):
+    def event(obj: dict) -> str:
+        return "data: " + json.dumps(obj, separators=separators) + "\n\n"
+
+    text = [event({"choices": [{"delta": {"content": f'say "usage": {{ {i}'}}]}) for i in range(3)]
+    usage = event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
+    stream = [*text, usage, "data: [DONE]\n\n"]
+    meter = RequestMeter()
+    dropped = await _metered(meter, stream, keep_usage=False)
+    assert dropped == [e.encode() for e in [*text, "data: [DONE]\n\n"]]
+    kept = await _metered(meter, stream, keep_usage=True)
+    assert kept == [e.encode() for e in stream]
+    figures = meter.snapshot()["chat"]
+    assert (figures["prompt_tokens"], figures["output_tokens"]) == (14, 6)
+    assert sum(figures["itl_counts"]) == 4  # 2 gaps between 3 text chunks, twice
 
 
 def test_engine_stats_follow_the_scheduler():

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -78,16 +76,6 @@ def test_no_telemetry_start_overrides_llm_servers_engine_start() -> None:
     assert inspect.iscoroutinefunction(LLMServer._start_engine)
     assert EngineServer._start_engine is NoTelemetryStart._start_engine
     assert isinstance(usage_stats_enabled(), bool)
-
-
-def test_serve_details_without_ray_is_empty_and_starts_no_ray() -> None:
-    # A fresh process: this one may hold the end-to-end tests' cluster.
-    code = (
-        "import ray; from app.ray_internals import serve_details; "
-        "print(serve_details(), ray.is_initialized())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["{}", "False"]
 
 
 def test_ray_serve_llm_still_misnames_vllms_tokenizer_service() -> None:

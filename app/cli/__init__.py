@@ -59,18 +59,27 @@ def up(
     """Start a local Ray head if none runs, then `serve run CONFIG` in the foreground."""
     from app import launcher
     from app.engines.embedded import cache_root
+    from app.stack_env import HIGH_THROUGHPUT, local_env, new_run
 
     loaded = _load(config)
     launcher.prepare_models_in_background(loaded)  # overlaps the Ray head and `serve run`
+    run = new_run()
+    env = local_env(run)
     started_ray = not launcher.ray_running()
     if started_ray:
-        launcher.start_ray_head(num_cpus)
+        launcher.start_ray_head(num_cpus, env)
+    else:
+        flags = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT.items())
+        console.print(
+            "Ray is already running: its processes keep the environment they started with "
+            f"(for Ray Serve's high-throughput path, start Ray with {flags})"
+        )
     log = cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
-        code = launcher.serve_foreground(loaded, log_path=log, timeout_s=timeout)
+        code = launcher.serve_foreground(loaded, log_path=log, timeout_s=timeout, env=env)
     finally:
         if started_ray and not keep_ray:
-            launcher.stop_ray()
+            launcher.stop_ray(run)
     raise typer.Exit(code)
 
 

@@ -1,8 +1,9 @@
-"""What an engine replica answers the ingress with: plain items, never vLLM objects.
+"""What an engine replica answers a handle call with: plain items, never vLLM objects.
 
 - ``{"body": dict}``: a whole JSON response (non-streaming endpoints),
-- ``{"sse": str}``: one or more ``data: ...`` server-sent-event lines of a stream,
-- ``{"error": dict, "status": int}``: an OpenAI-shaped error from the engine.
+- ``{"chunk": dict}``: one chunk of a stream,
+- ``{"error": dict, "status": int}``: an OpenAI-shaped error.
+(HTTP requests get the same answers as JSON or server-sent events: `app.engines.http_server`.)
 """
 
 from __future__ import annotations

@@ -131,12 +131,16 @@ def llm_config(
 
 
 def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
-    """A bound Serve application hosting `spec`'s vLLM engine in `EngineServer` replicas."""
+    """A bound Serve application hosting `spec`'s vLLM engine in `EngineServer` replicas, which
+    answer the ingress on their own HTTP ports."""
     from ray.serve.llm import build_llm_deployment
 
     from app.engines.llm_server import EngineServer
 
     config = llm_config(spec, router=router)
+    # Each stream chunk leaves as the engine makes it: the replica's port sends bytes, not Ray
+    # stream messages, so gathering chunks (50 ms by default) would only add latency.
+    config.experimental_configs["stream_batching_interval_ms"] = 0
     return build_llm_deployment(
         config,
         deployment_cls=EngineServer,

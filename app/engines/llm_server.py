@@ -1,27 +1,35 @@
-"""The engine deployment: Ray Serve LLM's `LLMServer` with a plain-data entry point.
+"""The engine deployment: Ray Serve LLM's `LLMServer` (one vLLM engine) with our two doors.
 
-The ingress never imports vLLM. It sends `(endpoint, body)` with the body as a JSON dict and gets
-back plain items, so nothing vLLM-specific crosses the process boundary:
-
-- ``{"body": dict}``: a whole JSON response (non-streaming endpoints),
-- ``{"sse": str}``: one or more ``data: ...`` server-sent-event lines of a stream,
-- ``{"error": dict, "status": int}``: an OpenAI-shaped error from the engine.
+- HTTP: the replica serves its OpenAI endpoints on a port of its own (`app.engines.http_server`);
+  the ingress relays clients' requests there and their answers' bytes back. This is the path of
+  every HTTP request.
+- Handle: `serve_openai(endpoint, body)` answers Python callers of the stack's handle API with
+  plain items (`app.engines.items`): the engine's JSON answer, or each chunk of a stream as a
+  dict.
+Both parse the body into Ray Serve LLM's (vLLM's) request objects here, so the ingress never
+imports vLLM, and both call `LLMServer`'s public methods. Streams are not batched (`LLMConfig`
+`stream_batching_interval_ms: 0`): each engine chunk leaves as it comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from ray import serve
 from ray.serve.llm import LLMServer
 
 from app.engines import embedded
-from app.engines.items import Endpoint, EngineItem, error_item
+from app.engines.http_server import Answer, EngineApp, EngineHttpServer
+from app.engines.items import Endpoint, EngineItem
+from app.engines.request_meter import RequestMeter, wants_usage
 from app.engines.stat_logger import EngineStats
-from app.errors import validation_message
+from app.errors import error_body, validation_message
+from app.internal_token import internal_token
 from app.ray_internals import (
     NoTelemetryStart,
     add_stat_logger,
@@ -30,6 +38,7 @@ from app.ray_internals import (
 )
 
 logger = logging.getLogger("vrstack.engine")
+DRAIN_S = 30.0  # how long a stopping replica lets its HTTP answers finish
 
 
 def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
@@ -45,73 +54,125 @@ def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
 
 
 class EngineServer(NoTelemetryStart, LLMServer):
-    """An `LLMServer` replica (one vLLM engine) that speaks plain dicts to the ingress."""
+    """An `LLMServer` replica that answers the ingress on its own HTTP port and Python callers
+    through `serve_openai`."""
 
     async def __init__(
-        self, llm_config: Any, *, embedded_model: str | None = None, **kwargs: Any
+        self,
+        llm_config: Any,
+        *,
+        embedded_model: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        self._in_flight = 0
         self._engine_stats = EngineStats()
+        self._meter = RequestMeter()
+        token = await internal_token(serve.get_replica_context().app_name)
+        self._port = EngineApp(self, token)
+        self._http = EngineHttpServer(self._port)
         if embedded_model:  # convert on this node, once; the engine then loads the folder
             await asyncio.to_thread(embedded.prepare, embedded_model)
         await super().__init__(llm_config, **kwargs)
-
-    async def record_routing_stats(self) -> dict[str, Any]:
-        """Stats for `StackRequestRouter` and the ingress's metrics: requests in this replica
-        (from every ingress), and the engine's running/queued requests, KV-cache usage and
-        prefix-cache hits (`app.engines.stat_logger`)."""
-        return {
-            **await super().record_routing_stats(),
-            "in_flight": self._in_flight,
-            **self._engine_stats.as_dict(),
-        }
 
     async def start(self) -> None:
         await super().start()
         enable_tokenization(self.engine)
         if not add_stat_logger(self.engine, self._engine_stats):
             logger.warning("vLLM engine has no stat loggers; engine state metrics stay at 0")
+        await self._http.start()
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """The replica's HTTP port, for the ingress's request router."""
+        return {"url": self._http.url}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Stats for the request router and the ingress's metrics: the replica's answers in
+        progress, its engine's running/queued requests, KV-cache usage and prefix-cache hits
+        (`app.engines.stat_logger`), and its per-token figures (`app.engines.request_meter`)."""
+        return {
+            **await super().record_routing_stats(),
+            "in_flight": self._port.in_flight,
+            **self._engine_stats.as_dict(),
+            "requests": self._meter.snapshot(),
+        }
+
+    async def __del__(self) -> None:
+        """Stop taking HTTP requests, let those in progress finish, then stop the engine."""
+        await self._http.stop(DRAIN_S)
+        await super().__del__()
+
+    # -- answers ----------------------------------------------------------------------------
+    async def answer(self, endpoint: Endpoint, body: dict[str, Any]) -> Answer:
+        """One HTTP request's answer (`app.engines.http_server.Backend`)."""
+        keep_usage = wants_usage(body)
+        request, items = await self._run(endpoint, body)
+        if isinstance(request, Answer):
+            return request
+        first = await anext(items, None)
+        if isinstance(first, list):  # a stream: batches of SSE strings
+            chunks = self._meter.sse(endpoint, _chained(first, items), keep_usage=keep_usage)
+            return Answer(stream=chunks)
+        if first is None:
+            return Answer.error(500, "the engine returned no answer", code="engine_error")
+        status, data = _plain(first)
+        if status == 200:
+            self._meter.usage(endpoint, data.get("usage"))
+        return Answer.json(data, status)
 
     async def serve_openai(
-        self, endpoint: Endpoint, body: dict[str, Any], *, route: dict | None = None
+        self, endpoint: Endpoint, body: dict[str, Any]
     ) -> AsyncGenerator[EngineItem, None]:
-        """Run one OpenAI request; yields plain items (see the module docstring).
+        """One handle call's answer: `{"body": dict}`, or `{"chunk": dict}` per stream chunk;
+        an error as `{"status", "error"}`."""
+        request, items = await self._run(endpoint, body)
+        if isinstance(request, Answer):
+            yield {"status": request.status, **json.loads(request.body)}
+            return
+        async for item in items:
+            for piece in item if isinstance(item, list) else [item]:
+                if isinstance(piece, str):
+                    if not piece.startswith("data: [DONE]"):
+                        yield {"chunk": json.loads(piece.removeprefix("data: "))}
+                    continue
+                status, data = _plain(piece)
+                yield {"body": data} if status == 200 else {"status": status, **data}
 
-        `route` is filled by the request router in the caller's process; unused here."""
+    async def _run(
+        self, endpoint: Endpoint, body: dict[str, Any]
+    ) -> tuple[Any, AsyncIterator[Any]]:
+        """Parse the body and start the engine on it: (request, its answer's items), or (an
+        error `Answer`, nothing) when the body is not a valid request."""
+        if body.get("stream") is True:  # usage counted on every stream (see the meter)
+            options = body.get("stream_options")
+            options = options if isinstance(options, dict) else {}
+            body = {**body, "stream_options": {**options, "include_usage": True}}
         try:
             request = _request_class(endpoint, body).model_validate(body)
         except ValidationError as exc:
             message, param = validation_message(exc)
-            yield error_item(400, message, param=param)
-            return
+            return Answer.error(400, message, param=param), _nothing()
         except ValueError as exc:
-            yield error_item(400, str(exc))
-            return
-        self._in_flight += 1
-        try:
-            async for item in await getattr(self, endpoint)(request):
-                for plain in _plain_items(item):
-                    yield plain
-        finally:
-            self._in_flight -= 1
+            return Answer.error(400, str(exc)), _nothing()
+        return request, await getattr(self, endpoint)(request)
 
 
-def _plain_items(item: Any) -> list[EngineItem]:
-    """`LLMServer` streams lists of SSE strings gathered every 50 ms: each list stays one item
-    (one Ray stream message per batch, not per token); anything else becomes one item each."""
-    chunks = item if isinstance(item, list) else [item]
-    if chunks and all(isinstance(chunk, str) for chunk in chunks):
-        return [{"sse": "".join(chunks)}]
-    return [_plain(chunk) for chunk in chunks]
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
 
 
-def _plain(item: Any) -> EngineItem:
-    if isinstance(item, str):
-        return {"sse": item}
+async def _chained(first: list[str], rest: AsyncIterator[Any]) -> AsyncIterator[list[str]]:
+    yield first
+    async for batch in rest:
+        yield batch
+
+
+def _plain(item: Any) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of an engine response object or error."""
     data = item.model_dump(mode="json", exclude_none=False)
     if "error" in data and len(data) == 1:
         error = data["error"]
         code = error.get("code")
         status = code if isinstance(code, int) and 400 <= code < 600 else 500
-        return error_item(status, error.get("message") or "engine error", param=error.get("param"))
-    return {"body": data}
+        message = error.get("message") or "engine error"
+        return status, error_body(status, message, param=error.get("param"))
+    return 200, data

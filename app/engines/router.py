@@ -1,19 +1,21 @@
 """Ray Serve's custom `RequestRouter` API, driven by a policy from `app.routing`.
 
-The router runs inside the calling (ingress) process, once per engine deployment. The ingress
-passes an empty dict as the `route` keyword of each engine call; the router writes its decision
-there (`replica_id`, `policy`, `reason`, and the call's `request_id`) before the call leaves the
-process, and the ingress turns it into `x-route-*` headers. When the engine's first item
-arrives, the ingress notes the request id with the model's routers
-(`app.engines.router_registry.first_token`, from the ingress's thread); the router applies
-the notes on its own thread at its next choice, as the policy's `on_first_token`.
-(Module-level state is no channel: Serve loads the router class apart from the ingress's own
-imports.)
+Serve creates one `StackRequestRouter` per engine deployment in every process holding a handle
+to it: the ingress. It learns the deployment's running replicas, their replica metadata (each
+replica's HTTP port) and their routing stats from Serve, and chooses replicas in two ways:
+- `route(view)`: for HTTP requests, which the ingress relays to the chosen replica's port itself
+  (`app.ingress.relay`); the ingress reports the answer's first byte and its end, so in-flight
+  counts and the policy's view of outstanding prefill stay true;
+- `choose_replicas(...)`: Serve's hook, for handle calls (the stack's Python API).
+Both go through one lock: Serve may run its hook on another thread than the ingress's.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+import threading
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
@@ -31,8 +33,19 @@ from app.routing import (
 ROUTER_CLASS = "app.engines.router:StackRequestRouter"
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Routed:
+    """The replica chosen for one relayed request, and why."""
+
+    replica_id: str
+    url: str  # the replica's HTTP port
+    decision: Decision
+    view: RequestView
+    key: int  # the request's entry among the router's open requests
+
+
 def request_view(model: str, pending: PendingRequest | None) -> RequestView:
-    """The routing view of an `EngineServer.serve_openai(endpoint, body)` call: its body
+    """The routing view of a `serve_openai(endpoint, body)` handle call: its body
     (`app.routing.view_of_body`), Serve's session id and multiplexed model id (LoRA adapter)."""
     if pending is None:
         return view_of_body({}, model=model)
@@ -46,42 +59,107 @@ def request_view(model: str, pending: PendingRequest | None) -> RequestView:
     )
 
 
-def _report(pending: PendingRequest, decision: Decision) -> None:
-    slot = pending.kwargs.get("route")
-    if isinstance(slot, dict):
-        slot.update(
-            replica_id=decision.replica_id,
-            policy=decision.policy,
-            reason=decision.reason,
-            request_id=pending.metadata.internal_request_id,
-        )
-
-
 class StackRequestRouter(FIFOMixin, RequestRouter):
     """Routes each engine request with an `app.routing` policy.
 
-    1. Read the request's model, prompt (text, messages or token ids), session key (Serve
-       session id or the body's `user`) and LoRA adapter.
+    1. Read the request's model, prompt (text, messages or token ids), session key and LoRA
+       adapter.
     2. Describe each candidate replica: in-flight requests (this router's own count, or the
        replica's reported one if higher), queued requests and KV usage from the replica's
        `record_routing_stats`, and its concurrency limit.
-    3. Ask the policy; the chosen replica is the first rank, the others follow by load as
-       fallbacks when it cannot take the request.
-    4. Track in-flight requests and tell the policy when each has its first token (noted by
-       the ingress, applied before the next choice) and when it completes. (Serve calls
-       `on_request_routed` only for routers that probe queue lengths, so the choice is
-       recorded when it is made.)
+    3. Ask the policy. A relayed request goes to the chosen replica's port; a handle call gets
+       the chosen replica as the first rank and the others, by load, as fallbacks.
+    4. Track in-flight requests; tell the policy when a relayed request has its first byte
+       (its prefill is done) and when any request completes.
     """
 
     def initialize_state(self, policy: str = "scored", model: str = "", **settings: Any) -> None:
         self._policy = make_policy(policy, **settings)
         self._model = model
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
         self._in_flight: dict[str, int] = {}
-        self._open: dict[str, tuple[str, RequestView]] = {}  # internal request id -> replica
-        self._first_tokens: deque[str] = deque(maxlen=100_000)  # ids noted by the ingress
-        router_registry.register(model, self)  # the ingress's metrics read `curr_replicas`
+        self._open: dict[Any, tuple[str, RequestView]] = {}  # request key -> replica, view
+        router_registry.register(model, self)
 
-    def _stats(self, replica: RunningReplica) -> ReplicaStats:
+    # -- relayed requests (the ingress's HTTP path) ------------------------------------------
+    def route(
+        self,
+        view: RequestView,
+        exclude: Collection[str] = (),
+        candidates: Iterable[Any] | None = None,
+    ) -> Routed | None:
+        """Choose a running replica with an HTTP port (none of `exclude`) for a relayed request;
+        None when there is none. `candidates` defaults to the replicas Serve reports."""
+        found = {
+            r.replica_id.unique_id: r
+            for r in (self.curr_replicas.values() if candidates is None else candidates)
+            if r.replica_id.unique_id not in exclude and r.replica_metadata.get("url")
+        }
+        if not found:
+            return None
+        with self._lock:
+            try:
+                decision = self._policy.choose(view, [self._stats(r) for r in found.values()])
+            except NoReplicaError:
+                return None
+            key = next(self._keys)
+            self._track(key, decision.replica_id, view)
+        url = found[decision.replica_id].replica_metadata["url"]
+        return Routed(decision.replica_id, url, decision, view, key)
+
+    def first_token(self, routed: Routed) -> None:
+        """The relayed request's answer started: its prefill is done."""
+        with self._lock:
+            if routed.key in self._open:
+                self._policy.on_first_token(routed.view, routed.replica_id)
+
+    def finish(self, routed: Routed) -> None:
+        """The relayed request ended (answered, failed or abandoned)."""
+        self._complete(routed.key)
+
+    def replica_count(self) -> int:
+        """Running replicas with an HTTP port."""
+        return sum(1 for r in self.curr_replicas.values() if r.replica_metadata.get("url"))
+
+    # -- Serve's hooks (handle calls) ----------------------------------------------------------
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        view = request_view(self._model, pending_request)
+        with self._lock:
+            try:
+                decision = self._policy.choose(view, [self._stats(r) for r in candidate_replicas])
+            except NoReplicaError:
+                return []
+            if pending_request is not None:
+                request_id = pending_request.metadata.internal_request_id
+                self._track(request_id, decision.replica_id, view)
+            loads = dict(self._in_flight)
+        chosen = next(
+            r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id
+        )
+        rest = sorted(
+            (r for r in candidate_replicas if r is not chosen),
+            key=lambda r: loads.get(r.replica_id.unique_id, 0),
+        )
+        return [[chosen], rest] if rest else [[chosen]]
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        self._complete(internal_request_id)
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        super().on_replica_actor_died(replica_id)
+        with self._lock:
+            self._in_flight.pop(replica_id.unique_id, None)
+            self._policy.forget_replica(replica_id.unique_id)
+
+    # -- bookkeeping (under the lock) ----------------------------------------------------------
+    def _stats(self, replica: Any) -> ReplicaStats:
         replica_id = replica.replica_id.unique_id
         reported = replica.routing_stats or {}
         return ReplicaStats(
@@ -92,61 +170,20 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
             max_concurrency=max(1, replica.max_ongoing_requests),
         )
 
-    async def choose_replicas(
-        self,
-        candidate_replicas: list[RunningReplica],
-        pending_request: PendingRequest | None = None,
-    ) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
-        self._apply_first_tokens()
-        view = request_view(self._model, pending_request)
-        try:
-            decision = self._policy.choose(view, [self._stats(r) for r in candidate_replicas])
-        except NoReplicaError:
-            return []
-        chosen = next(
-            r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id
-        )
-        rest = sorted(
-            (r for r in candidate_replicas if r is not chosen),
-            key=lambda r: self._in_flight.get(r.replica_id.unique_id, 0),
-        )
-        if pending_request is not None:
-            _report(pending_request, decision)
-            self._track(pending_request.metadata.internal_request_id, decision.replica_id, view)
-        return [[chosen], rest] if rest else [[chosen]]
-
-    def first_token(self, internal_request_id: str) -> None:
-        """The ingress got the request's first item (from any thread): noted for the policy."""
-        if internal_request_id in self._open:
-            self._first_tokens.append(internal_request_id)
-
-    def _apply_first_tokens(self) -> None:
-        notes = self._first_tokens
-        while notes:
-            opened = self._open.get(notes.popleft())
-            if opened is not None:
-                self._policy.on_first_token(opened[1], opened[0])
-
-    def _track(self, internal_request_id: str, replica_id: str, view: RequestView) -> None:
-        self._release(internal_request_id)  # routed again (the first choice was full)
+    def _track(self, key: Any, replica_id: str, view: RequestView) -> None:
+        self._release(key)  # routed again (the first choice was full)
         self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
-        self._open[internal_request_id] = (replica_id, view)
+        self._open[key] = (replica_id, view)
 
-    def _release(self, internal_request_id: str) -> tuple[str, RequestView] | None:
-        opened = self._open.pop(internal_request_id, None)
+    def _release(self, key: Any) -> tuple[str, RequestView] | None:
+        opened = self._open.pop(key, None)
         if opened is not None:
-            key = opened[0]
-            self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
+            replica_id = opened[0]
+            self._in_flight[replica_id] = max(0, self._in_flight.get(replica_id, 0) - 1)
         return opened
 
-    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-        opened = self._release(internal_request_id)
-        if opened is not None:
-            self._policy.on_complete(opened[1], opened[0])
-
-    def on_replica_actor_died(self, replica_id: Any) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._in_flight.pop(replica_id.unique_id, None)
-        self._policy.forget_replica(replica_id.unique_id)
+    def _complete(self, key: Any) -> None:
+        with self._lock:
+            opened = self._release(key)
+            if opened is not None:
+                self._policy.on_complete(opened[1], opened[0])

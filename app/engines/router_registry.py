@@ -1,20 +1,42 @@
 """The request routers of this (ingress) process, by model: how the ingress reaches them.
 
-Each `StackRequestRouter` registers itself here under its model; `snapshot()` reads the replicas
-each router currently sees with their last reported stats (for /metrics and /status), and
-`first_token()` passes the ingress's first-token notes to the routers. (Serve pickles the router
-module by value, so its own globals are not shared with the ingress; this module is imported by
-reference, so its registry is.) Plain Python: no Ray or vLLM imports.
+Each `StackRequestRouter` registers itself here under its model when Serve creates it (right
+after the ingress makes its handle to the model's engine deployment). The ingress asks `get()`
+for a model's router to route its HTTP requests (`EngineRoutes`), and `snapshot()` reads the
+replicas the routers see with their last reported stats (for /metrics and /status). (Serve
+pickles the router module by value, so its own globals are not shared with the ingress; this
+module is imported by reference, so its registry is.) Plain Python: no Ray or vLLM imports.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Protocol
 
 _lock = threading.Lock()
 _routers: dict[str, weakref.WeakSet] = {}
+
+
+class EngineRoutes(Protocol):
+    """What the ingress asks of a model's router (`app.engines.router.StackRequestRouter`)."""
+
+    def route(self, view: Any, exclude: Collection[str] = ()) -> Any:
+        """A `Routed` replica for the request (none of `exclude`), or None."""
+        ...
+
+    def first_token(self, routed: Any) -> None:
+        """The routed request's answer started."""
+        ...
+
+    def finish(self, routed: Any) -> None:
+        """The routed request ended."""
+        ...
+
+    def replica_count(self) -> int:
+        """Running replicas that can take requests."""
+        ...
 
 
 def register(model: str, router: Any) -> None:
@@ -23,18 +45,17 @@ def register(model: str, router: Any) -> None:
         _routers.setdefault(model, weakref.WeakSet()).add(router)
 
 
-def first_token(model: str, request_id: str) -> None:
-    """Tell the model's routers that a request they routed got its first item (any thread)."""
+def get(model: str) -> EngineRoutes | None:
+    """A router of the model in this process (one that sees replicas, if any does)."""
     with _lock:
         found = list(_routers.get(model, ()))
-    for router in found:
-        router.first_token(request_id)
+    return max(found, key=lambda router: router.replica_count(), default=None)
 
 
 def snapshot() -> dict[str, dict[str, dict[str, Any]]]:
     """model -> replica id -> last reported stats, for every replica the routers see.
 
-    Empty for a model until its router exists (Serve creates it on the first request)."""
+    Empty for a model until its router exists."""
     with _lock:
         routers = {model: list(found) for model, found in _routers.items()}
     out: dict[str, dict[str, dict[str, Any]]] = {}

@@ -1,36 +1,205 @@
-"""The FastAPI application: routes per endpoint, error handlers and middleware around a Gateway."""
+"""The ingress's ASGI app: the OpenAI POST endpoints answered in one pass, the rest by FastAPI.
+
+Every request gets an id (`x-request-id`). The POST endpoints (completions, chat, embeddings,
+tokenize, detokenize; `app.ingress.routes`) take the hot path, with no framework between the
+server and the relay: API key, body limit, JSON, the request model's checks, per-key limits,
+then `Gateway.relay_http`; each answer is counted in the metrics with what the path already
+holds. Everything else (models, health, version, metrics, status, OpenAPI, unknown routes) is
+FastAPI's, behind the same API keys. Every error is OpenAI-shaped.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from typing import Any
+
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
+from app.errors import OpenAIError, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
-from app.ingress.gateway import Gateway
-from app.ingress.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.ingress.gateway import Exchange, Gateway
+from app.ingress.middleware import read_body, request_id_of, send_error, with_request_id
+from app.ingress.protocol import OpenAIRequest
 from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
 from app.ingress.routes import metrics as metrics_routes
-from app.observability.metrics import MetricsMiddleware, StackMetrics
+from app.ingress.routes.common import PostRoute
+from app.observability.metrics import StackMetrics
+
+logger = logging.getLogger("vrstack.ingress")
+POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, tokenize.TOKENIZE,
+               tokenize.DETOKENIZE)  # fmt: skip
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+class StackApp:
     """An OpenAI-compatible ASGI app serving `gateway`'s models."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        config = gateway.config
+        self.gateway = gateway
+        self.metrics = StackMetrics(config)
+        self.keys = KeyStore.from_settings(config.auth)
+        self.max_body_bytes = config.limits.max_body_bytes
+        key = config.router.session_key
+        self.session_header = key.lower().encode() if key else None
+        self.posts = {path: route for route in POST_ROUTES for path in route.paths}
+        self.api = _fastapi(gateway, self.metrics, self.keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        request_id, given = request_id_of(scope)
+        if not given:  # Ray Serve's own middleware echoes a client's id
+            send = with_request_id(send, request_id)
+        path = scope["path"]
+        root = scope.get("root_path", "")  # an application's route prefix, under Serve
+        route = self.posts.get(path[len(root) :] if root and path.startswith(root) else path)
+        if route is None:
+            await self.api(scope, receive, send)
+        elif scope["method"] != "POST":
+            message = f"method {scope['method']} is not allowed on {path}"
+            await send_error(send, OpenAIError(405, message, code="method_not_allowed"))
+        else:
+            await self._post(route, scope, receive, send, request_id)
+
+    async def _post(
+        self, route: PostRoute, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        started = time.perf_counter()
+        endpoint = route.endpoint
+        gauge = self.metrics.in_flight.labels(endpoint)
+        gauge.inc()
+        answer = _Answer(send)
+        exchange = Exchange()
+        request: OpenAIRequest | None = None
+        try:
+            key_id, request = await self._request(route, scope, receive)
+            lease = self.gateway.admit(key_id, request)
+            try:
+                await self.gateway.relay_http(
+                    endpoint,
+                    request,
+                    send=answer,
+                    request_id=request_id,
+                    session=self._session(scope),
+                    exchange=exchange,
+                )
+            finally:
+                lease.release()
+        except OpenAIError as exc:
+            await answer.error(exc)
+        except Exception:
+            logger.exception("unhandled error in request %s", request_id)
+            message = f"internal error; quote request id {request_id} when reporting it"
+            await answer.error(OpenAIError(500, message))
+        finally:
+            gauge.dec()
+            streamed = (
+                answer.status == 200
+                and getattr(request, "stream", False)
+                and exchange.first_byte_at is not None
+            )
+            self.metrics.finish(
+                getattr(request, "model", None),
+                endpoint,
+                answer.status or 500,
+                time.perf_counter() - started,
+                ttft_s=exchange.first_byte_at - started if streamed else None,
+                decision=exchange.decision,
+            )
+
+    async def _request(
+        self, route: PostRoute, scope: Scope, receive: Receive
+    ) -> tuple[str, OpenAIRequest]:
+        """The caller's key id and the checked request: API key, body size, JSON, the request
+        model's fields."""
+        key_id = self.keys.authenticate(scope["headers"])
+        body = await read_body(scope, receive, self.max_body_bytes)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise OpenAIError(400, "request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "request body must be a JSON object")
+        try:
+            return key_id, route.request.model_validate(data)
+        except ValidationError as exc:
+            message, param = validation_message(exc)
+            raise OpenAIError(400, message, param=param) from None
+
+    def _session(self, scope: Scope) -> str | None:
+        if self.session_header is None:
+            return None
+        value = dict(scope["headers"]).get(self.session_header)
+        return value.decode("latin-1") if value else None
+
+
+class _Answer:
+    """The client's `send`, remembering the answer's status; errors only before it starts."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status: int | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    async def error(self, error: OpenAIError) -> None:
+        if self.status is None:
+            await send_error(self, error)
+
+
+def create_app(gateway: Gateway) -> StackApp:
+    """An OpenAI-compatible ASGI app serving `gateway`'s models."""
+    return StackApp(gateway)
+
+
+def _fastapi(gateway: Gateway, metrics: StackMetrics, keys: KeyStore) -> FastAPI:
+    """The GET endpoints, OpenAPI and error handlers, behind the API keys."""
     app = FastAPI(
         title="vllm-ray-stack",
         version=__version__,
         description="OpenAI-compatible API over vLLM engines on Ray Serve.",
     )
     app.state.gateway = gateway
-    for module in (models, completions, chat, embeddings, tokenize, health):
+    app.state.metrics = metrics
+    for module in (models, health, metrics_routes):
         app.include_router(module.router)
-    app.include_router(metrics_routes.router)
-    app.state.metrics = StackMetrics(gateway.config)
     install_error_handlers(app)
-    config = gateway.config
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
-    keys = KeyStore.from_settings(config.auth)
-    app.add_middleware(AuthMiddleware, keys=keys, protect_metrics=config.auth.protect_metrics)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every answer has an id
+    protect = gateway.config.auth.protect_metrics
+    app.add_middleware(AuthMiddleware, keys=keys, protect_metrics=protect)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema of the GET endpoints, with the POST endpoints added from `POST_ROUTES`."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    requests = [(route.request, "validation") for route in POST_ROUTES]
+    refs, defs = models_json_schema(requests, ref_template="#/components/schemas/{model}")
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for route in POST_ROUTES:
+        body = {"content": {"application/json": {"schema": refs[(route.request, "validation")]}}}
+        operation = {
+            "summary": route.summary,
+            "requestBody": {**body, "required": True},
+            "responses": {"200": {"description": "The engine's answer (JSON, or SSE)."}},
+        }
+        for path in route.paths:
+            schema["paths"][path] = {"post": operation}
+    app.openapi_schema = schema
+    return schema

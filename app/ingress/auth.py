@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import AuthSettings
+from app.errors import OpenAIError
 from app.ingress.middleware import send_error
 
 ANONYMOUS = "anonymous"
@@ -51,37 +53,48 @@ class KeyStore:
             found |= hmac.compare_digest(digest, known)
         return digest.hex()[:12] if found else None
 
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """The caller's key id (`anonymous` when auth is off), or a 401 `OpenAIError`."""
+        if not self.enabled:
+            return ANONYMOUS
+        header = dict(headers).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        found = self.identify(token.strip()) if scheme.lower() == "bearer" else None
+        if found is not None:
+            return found
+        missing = scheme.lower() != "bearer" or not token.strip()
+        raise OpenAIError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'" if missing else "invalid API key",
+            code="missing_api_key" if missing else "invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
+        )
+
 
 class AuthMiddleware:
-    """401 in OpenAI's shape without a valid `Authorization: Bearer <key>`; sets the key id
-    in `scope["state"]["api_key_id"]` for per-key limits."""
+    """401 in OpenAI's shape without a valid `Authorization: Bearer <key>` (but on the open
+    paths); sets the key id in `scope["state"]["api_key_id"]` for per-key limits."""
 
     def __init__(self, app: ASGIApp, *, keys: KeyStore, protect_metrics: bool = False) -> None:
         self.app = app
         self.keys = keys
-        self.open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
+        self.open_paths = open_paths(protect_metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         key_id = ANONYMOUS
-        if self.keys.enabled and scope["path"] not in self.open_paths:
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            found = self.keys.identify(token.strip()) if scheme.lower() == "bearer" else None
-            if found is None:
-                missing = scheme.lower() != "bearer" or not token.strip()
-                await send_error(
-                    send,
-                    401,
-                    "missing API key: send 'Authorization: Bearer <key>'"
-                    if missing
-                    else "invalid API key",
-                    code="missing_api_key" if missing else "invalid_api_key",
-                    headers=[(b"www-authenticate", b"Bearer")],
-                )
+        if scope["path"] not in self.open_paths:
+            try:
+                key_id = self.keys.authenticate(scope.get("headers") or [])
+            except OpenAIError as exc:
+                await send_error(send, exc)
                 return
-            key_id = found
         scope.setdefault("state", {})["api_key_id"] = key_id
         await self.app(scope, receive, send)
+
+
+def open_paths(protect_metrics: bool) -> frozenset[str]:
+    """Paths answered without a key: health and version, and metrics unless protected."""
+    return OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}

@@ -1,8 +1,8 @@
-"""The ingress as a Ray Serve deployment: HTTP through FastAPI, Python through handle methods."""
+"""The ingress as a Ray Serve deployment: HTTP through `app.ingress.asgi`, Python through handle
+methods."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -13,9 +13,9 @@ from app.config import load_config
 from app.engines.items import Endpoint
 from app.errors import OpenAIError, validation_message
 from app.ingress.asgi import create_app
-from app.ingress.gateway import DONE, EngineHandle, Gateway
+from app.ingress.gateway import EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from app.ingress.readiness import Readiness, serve_replica_counter
+from app.internal_token import internal_token
 
 _REQUESTS: dict[Endpoint, type[SamplingRequest]] = {
     "completions": CompletionRequest,
@@ -28,17 +28,20 @@ _REQUESTS: dict[Endpoint, type[SamplingRequest]] = {
 class Ingress:
     """OpenAI-compatible front door for every model of one stack.
 
-    Python callers use the handle methods (`completions`, `chat`, and their `_stream`
-    variants) with OpenAI request bodies as dicts; they get the same checks as HTTP.
+    HTTP requests are relayed to the engine replicas' own ports (`app.ingress.gateway`). Python
+    callers use the handle methods (`completions`, `chat`, and their `_stream` variants) with
+    OpenAI request bodies as dicts; they get the same checks as HTTP.
     """
 
     async def __init__(self, config: dict[str, Any], engines: Mapping[str, EngineHandle]) -> None:
-        stack = load_config(config)
-        app_name = serve.get_replica_context().app_name
-        self.gateway = Gateway(stack, engines, Readiness(serve_replica_counter(app_name)))
+        token = await internal_token(serve.get_replica_context().app_name)
+        self.gateway = Gateway(load_config(config), engines, token=token)
 
     async def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.gateway)
+
+    async def __del__(self) -> None:
+        await self.gateway.relay.close()
 
     async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
         """A completion (non-streaming); raises OpenAIError on bad input."""
@@ -52,28 +55,16 @@ class Ingress:
         self, body: dict[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Completion chunks as dicts (call with `handle.options(stream=True)`)."""
-        async for chunk in self._chunks("completions", body):
+        async for chunk in self.gateway.stream("completions", _parse("completions", body)):
             yield chunk
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Chat completion chunks as dicts (call with `handle.options(stream=True)`)."""
-        async for chunk in self._chunks("chat", body):
+        async for chunk in self.gateway.stream("chat", _parse("chat", body)):
             yield chunk
 
-    async def _chunks(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncGenerator[dict, None]:
-        stream = await self.gateway.open(endpoint, _parse(endpoint, body, stream=True))
-        async for text in stream.sse():
-            for line in text.splitlines():
-                if not line.startswith("data: ") or line == DONE.strip():
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    code = chunk["error"].get("code")
-                    raise OpenAIError.from_body(code if isinstance(code, int) else 500, chunk)
-                yield chunk
 
-
-def _parse(endpoint: Endpoint, body: dict[str, Any], *, stream: bool) -> SamplingRequest:
+def _parse(endpoint: Endpoint, body: dict[str, Any], *, stream: bool = True) -> SamplingRequest:
     try:
         return _REQUESTS[endpoint].model_validate({**body, "stream": stream})
     except ValidationError as exc:

@@ -1,6 +1,12 @@
-"""The ingress's core: resolve the model, apply limits, call its engine, shape the answer.
+"""The ingress's core: the model table, the checks, and the two ways a request reaches an engine.
 
-HTTP routes and Python handle calls both go through `Gateway`, so both get the same checks.
+- HTTP requests (`relay_http`) go to a replica chosen by the model's request router
+  (`app.engines.router`) and are relayed to that replica's own port (`app.ingress.relay`):
+  retried on another replica while nothing has been sent, the choice reported in `x-route-*`
+  headers, the first byte and the end reported back to the router.
+- Python handle calls (`call`, `stream`) go through the engine deployment's Serve handle,
+  which the same router routes, and get plain items (`app.engines.items`).
+Both take the same model resolution and limits.
 """
 
 from __future__ import annotations
@@ -9,20 +15,25 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.config import ModelSpec, StackConfig
 from app.engines import router_registry
+from app.engines.http_server import ENDPOINTS
 from app.engines.items import Endpoint, EngineItem
-from app.errors import OpenAIError, error_body
+from app.engines.router_registry import EngineRoutes
+from app.errors import OpenAIError
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
-from app.ingress.readiness import Readiness
-from app.routing import Decision
+from app.ingress.relay import Relay, RelayError, Send, pass_through
+from app.routing import Decision, view_of_body
 
 logger = logging.getLogger("vrstack.ingress")
-DONE = "data: [DONE]\n\n"
+ENGINE_PATHS: dict[str, str] = {endpoint: path for path, endpoint in ENDPOINTS.items()}
+REPLICA_FAILED = "replica_failed"
 
 
 class EngineHandle(Protocol):
@@ -31,16 +42,46 @@ class EngineHandle(Protocol):
     def options(self, **kwargs: Any) -> Any: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """Whether a model can take requests now."""
+
+    name: str
+    running_replicas: int
+    scales_to_zero: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.running_replicas > 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ready": self.ready, "running_replicas": self.running_replicas}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the HTTP path learns of one request as it goes (for metrics and logs)."""
+
+    first_byte_at: float | None = None
+    decision: Decision | None = None
+
+
 class Gateway:
     """Model-aware front door for every engine deployment of one stack."""
 
     def __init__(
-        self, config: StackConfig, engines: Mapping[str, EngineHandle], readiness: Readiness
+        self,
+        config: StackConfig,
+        engines: Mapping[str, EngineHandle],
+        *,
+        token: str = "",
+        routes: Callable[[str], EngineRoutes | None] = router_registry.get,
     ) -> None:
         self.config = config
-        self.readiness = readiness
         self.limiter = KeyLimiter(config.limits.per_key)
-        self._handles = {
+        self.relay = Relay(token, timeout_s=config.server.request_timeout_s)
+        self._routes = routes
+        self._handles = {  # making them starts each model's router in this process
             name: handle.options(stream=True, method_name="serve_openai")
             for name, handle in engines.items()
         }
@@ -75,7 +116,13 @@ class Gateway:
             for name in spec.names
         ]
 
-    # -- requests -----------------------------------------------------------------------------
+    def state(self, spec: ModelSpec) -> ModelState:
+        """The model's running replicas, as its router in this process sees them."""
+        routes = self._routes(spec.name)
+        scales_to_zero = spec.autoscaling is not None and spec.autoscaling.min_replicas == 0
+        return ModelState(spec.name, routes.replica_count() if routes else 0, scales_to_zero)
+
+    # -- checks -------------------------------------------------------------------------------
     def admit(self, key_id: str, request: OpenAIRequest) -> Lease:
         """Per-key rate, token and concurrency limits (429 with Retry-After when over)."""
         tokens = request.estimated_tokens() if isinstance(request, SamplingRequest) else 1
@@ -95,135 +142,138 @@ class Gateway:
                 param="max_tokens",
             )
 
-    async def open(
+    def _checked(self, request: OpenAIRequest) -> ModelSpec:
+        spec = self.resolve(request.model)
+        self.check_limits(request)
+        return spec
+
+    # -- HTTP: relayed to a replica's port ------------------------------------------------------
+    async def relay_http(
         self,
         endpoint: Endpoint,
         request: OpenAIRequest,
         *,
+        send: Send,
+        request_id: str,
         session: str | None = None,
-    ) -> EngineStream:
-        """Check and send a request; the result has already received the engine's first item.
-
-        `session` is the session id for session-aware routing. The request router writes its
-        decision into the `route` dict sent beside the request (see `app.engines.router`).
-        """
-        spec = self.resolve(request.model)
-        self.check_limits(request)
-        await self.readiness.require(spec)
-        handle = self._handles[spec.name]
-        if session:
-            handle = handle.options(session_id=session)
+        exchange: Exchange | None = None,
+    ) -> None:
+        """Answer one HTTP request from a replica of its model (see the module docstring)."""
+        exchange = exchange or Exchange()
+        spec = self._checked(request)
+        routes = await self._routes_of(spec)
         body = request.engine_body(spec.name)
-        retries = self.config.server.retries
-        for attempt in range(retries + 1):
-            route: dict[str, str] = {}
-            stream = EngineStream(
-                handle.remote(endpoint, body, route=route),
-                timeout_s=self.config.server.request_timeout_s,
-            )
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        view = view_of_body(body, model=spec.name, session_key=session)
+        failed: set[str] = set()
+        for attempt in range(self.config.server.retries + 1):
+            routed = routes.route(view, exclude=failed)
+            if routed is None:
+                break
             try:
-                await stream.start()
-            except OpenAIError as exc:  # nothing was sent yet: another replica may answer
-                if exc.code != REPLICA_FAILED or attempt == retries:
-                    raise
+                response = await self.relay.send(
+                    routed.url, ENGINE_PATHS[endpoint], payload, request_id
+                )
+            except RelayError as exc:
+                routes.finish(routed)
+                if exc.timed_out:
+                    raise _timed_out(self.relay.timeout_s) from None
+                logger.warning("replica %s failed before answering: %s", routed.replica_id, exc)
+                failed.add(routed.replica_id)
                 await asyncio.sleep(backoff_s(attempt))
                 continue
-            request_id = route.pop("request_id", None)
-            stream.decision = Decision(**route) if route else None
-            if request_id:  # the first item is in: the policy's prefill estimate can drop it
-                router_registry.first_token(spec.name, request_id)
-            return stream
-        raise AssertionError("unreachable")  # pragma: no cover
+            exchange.decision = routed.decision
 
+            def first_byte(routed: Any = routed) -> None:
+                exchange.first_byte_at = time.perf_counter()
+                routes.first_token(routed)
+
+            try:
+                await pass_through(response, send, route_headers(routed.decision), first_byte)
+            finally:
+                response.release()
+                routes.finish(routed)
+            return
+        raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
+
+    async def _routes_of(self, spec: ModelSpec) -> EngineRoutes:
+        """The model's router, once it sees a running replica. A model that scales to zero is
+        woken by a handle call (Serve queues it and scales the model up); any other model
+        without a replica is a 503."""
+        routes = self._routes(spec.name)
+        if routes is not None and routes.replica_count() > 0:
+            return routes
+        if not self.state(spec).scales_to_zero:
+            raise _not_ready(spec)
+        wake = self._handles[spec.name].options(method_name="check_health", stream=False)
+
+        async def woken() -> EngineRoutes:
+            await wake.remote()
+            while True:  # the router hears of the replica shortly after
+                routes = self._routes(spec.name)
+                if routes is not None and routes.replica_count() > 0:
+                    return routes
+                await asyncio.sleep(0.1)
+
+        timeout_s = self.config.server.request_timeout_s
+        try:
+            return await asyncio.wait_for(woken(), timeout_s)
+        except asyncio.TimeoutError:
+            raise _timed_out(timeout_s) from None
+
+    # -- handle calls: through the engine deployment's Serve handle -----------------------------
     async def call(self, endpoint: Endpoint, request: OpenAIRequest) -> dict[str, Any]:
-        """A non-streaming request: the engine's whole JSON answer."""
-        return (await self.open(endpoint, request)).body()
+        """A non-streaming request's JSON answer."""
+        async for item in self._items(endpoint, request):
+            if "body" in item:
+                return item["body"]
+        raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
+
+    async def stream(self, endpoint: Endpoint, request: OpenAIRequest) -> AsyncIterator[dict]:
+        """A streaming request's chunks, as dicts."""
+        async for item in self._items(endpoint, request):
+            if "chunk" in item:
+                yield item["chunk"]
+            elif "error" in item:
+                raise OpenAIError.from_body(item["status"], item)
+
+    async def _items(self, endpoint: Endpoint, request: OpenAIRequest) -> AsyncIterator[EngineItem]:
+        spec = self._checked(request)
+        state = self.state(spec)
+        if not state.ready and not state.scales_to_zero:
+            raise _not_ready(spec)
+        handle = self._handles[spec.name]
+        body = request.engine_body(spec.name)
+        for attempt in range(self.config.server.retries + 1):
+            items = handle.remote(endpoint, body)
+            try:
+                first = await asyncio.wait_for(anext(items), self.config.server.request_timeout_s)
+            except StopAsyncIteration:
+                raise OpenAIError(500, "the engine returned no answer") from None
+            except asyncio.TimeoutError:
+                items.cancel()
+                raise _timed_out(self.config.server.request_timeout_s) from None
+            except Exception as exc:  # nothing was sent yet: another replica may answer
+                error = engine_failure(exc)
+                if error.code != REPLICA_FAILED or attempt == self.config.server.retries:
+                    raise error from None
+                await asyncio.sleep(backoff_s(attempt))
+                continue
+            if "error" in first:
+                raise OpenAIError.from_body(first["status"], first)
+            yield first
+            async for item in items:
+                yield item
+            return
 
 
-class EngineStream:
-    """One engine call: the first item is awaited (with a timeout) before any byte is sent, so
-    failures up to then become proper HTTP errors; later failures become an SSE error event."""
-
-    def __init__(self, generator: Any, *, timeout_s: float) -> None:
-        self._generator = generator
-        self._timeout_s = timeout_s
-        self.first: EngineItem = {}
-        self.decision: Decision | None = None
-
-    def body(self) -> dict[str, Any]:
-        """The whole JSON answer of a non-streaming request."""
-        if "body" not in self.first:
-            self.cancel()
-            raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
-        return self.first["body"]
-
-    def route_headers(self) -> dict[str, str]:
-        """`x-route-policy`, `x-route-replica` and `x-route-reason` of the routing decision."""
-        if self.decision is None:
-            return {}
-        return {
-            "x-route-policy": self.decision.policy,
-            "x-route-replica": self.decision.replica_id,
-            "x-route-reason": self.decision.reason,
-        }
-
-    async def start(self) -> None:
-        try:
-            self.first = await asyncio.wait_for(self._generator.__anext__(), self._timeout_s)
-        except StopAsyncIteration:
-            raise OpenAIError(500, "the engine returned no answer") from None
-        except asyncio.TimeoutError:
-            self.cancel()
-            raise OpenAIError(
-                504, f"the engine did not answer within {self._timeout_s:g} s", code="timeout"
-            ) from None
-        except OpenAIError:
-            raise
-        except Exception as exc:
-            raise engine_failure(exc) from None
-        if "error" in self.first:
-            raise OpenAIError.from_body(self.first["status"], self.first)
-
-    async def sse(self) -> AsyncIterator[str]:
-        """The stream as SSE text; always ends with ``data: [DONE]``."""
-        done = finished = False
-        try:
-            item: EngineItem | None = self.first
-            while item is not None:
-                text = _sse_text(item)
-                done = done or DONE.strip() in text
-                yield text
-                item = await self._next()
-            finished = True
-        except Exception as exc:  # the stream already started: report in-band, then end it
-            finished = True
-            error = exc if isinstance(exc, OpenAIError) else engine_failure(exc)
-            yield f"data: {json.dumps(error.body())}\n\n"
-        finally:
-            if not finished:  # the client went away: stop generating for it
-                self.cancel()
-        if not done:
-            yield DONE
-
-    async def _next(self) -> EngineItem | None:
-        try:
-            return await asyncio.wait_for(self._generator.__anext__(), self._timeout_s)
-        except StopAsyncIteration:
-            return None
-        except asyncio.TimeoutError:
-            self.cancel()
-            raise OpenAIError(504, "the engine stopped answering mid-stream") from None
-
-    def cancel(self) -> None:
-        self._generator.cancel()
-
-
-def _sse_text(item: EngineItem) -> str:
-    if "sse" in item:
-        return item["sse"]
-    if "error" in item:
-        return f"data: {json.dumps(error_body(item['status'], item['error']['message']))}\n\n"
-    return f"data: {json.dumps(item['body'])}\n\n"
+def route_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """`x-route-policy`, `x-route-replica` and `x-route-reason` of a routing decision."""
+    return [
+        (b"x-route-policy", decision.policy.encode()),
+        (b"x-route-replica", decision.replica_id.encode()),
+        (b"x-route-reason", decision.reason.encode()),
+    ]
 
 
 def backoff_s(attempt: int) -> float:
@@ -231,11 +281,8 @@ def backoff_s(attempt: int) -> float:
     return min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
 
 
-REPLICA_FAILED = "replica_failed"
-
-
 def engine_failure(exc: BaseException) -> OpenAIError:
-    """Map a failed engine call to a client error without leaking internals."""
+    """Map a failed handle call to a client error without leaking internals."""
     name = type(exc).__name__
     logger.warning("engine call failed: %s: %s", name, exc)
     if name in {"BackPressureError", "DeploymentUnavailableError"}:
@@ -248,3 +295,13 @@ def engine_failure(exc: BaseException) -> OpenAIError:
     if name in {"RequestCancelledError", "CancelledError", "TaskCancelledError"}:
         return OpenAIError(503, "the request was cancelled", code="cancelled")
     return OpenAIError(500, "the engine failed to answer", code="engine_error")
+
+
+def _not_ready(spec: ModelSpec) -> OpenAIError:
+    return OpenAIError(
+        503, f"model {spec.name!r} has no ready replica yet; retry shortly", code="model_not_ready"
+    )
+
+
+def _timed_out(timeout_s: float) -> OpenAIError:
+    return OpenAIError(504, f"the engine did not answer within {timeout_s:g} s", code="timeout")

@@ -22,6 +22,7 @@ import yaml
 from app import __version__
 from app.config import ModelSpec, parse_quantity
 from app.serve_config import BUILDER, ServeConfigFile, read_serve_config
+from app.stack_env import HIGH_THROUGHPUT
 
 RAY_VERSION = "2.60.0"
 # Base images (Ray's own). The project images below add this package on top (docs/kubernetes.md).
@@ -249,12 +250,14 @@ def _container(
     resources: dict[str, Any],
     volume_mounts: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A Ray container whose resource requests equal its limits."""
+    """A Ray container whose resource requests equal its limits, in Ray Serve's high-throughput
+    mode (`app.stack_env.HIGH_THROUGHPUT`: every Ray process of the cluster reads it)."""
+    throughput = [{"name": key, "value": value} for key, value in HIGH_THROUGHPUT.items()]
     container: dict[str, Any] = {
         "name": name,
         "image": image,
         "ports": ports,
-        "env": env,
+        "env": [*throughput, *env],
         "resources": {"requests": resources, "limits": resources},
     }
     if volume_mounts:

@@ -1,18 +1,11 @@
 """POST /v1/completions (and /completions)."""
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
-
 from app.ingress.protocol import CompletionRequest
-from app.ingress.routes.common import GatewayDep, answer
+from app.ingress.routes.common import PostRoute
 
-router = APIRouter(tags=["completions"])
-
-
-@router.post("/v1/completions")
-@router.post("/completions", include_in_schema=False)
-async def create_completion(
-    body: CompletionRequest, gateway: GatewayDep, request: Request
-) -> Response:
-    """Text completion; `stream: true` answers with server-sent events."""
-    return await answer(gateway, "completions", body, request)
+ROUTE = PostRoute(
+    "completions",
+    CompletionRequest,
+    ("/v1/completions", "/completions"),
+    "Text completion; `stream: true` answers with server-sent events.",
+)

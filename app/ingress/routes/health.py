@@ -14,7 +14,7 @@ router = APIRouter(tags=["health"])
 @router.get("/health")
 async def health(gateway: GatewayDep) -> JSONResponse:
     """200 when every model has a ready replica, else 503; the body says which are ready."""
-    states = [await gateway.readiness.state(spec) for spec in gateway.config.models]
+    states = [gateway.state(spec) for spec in gateway.config.models]
     ready = all(s.ready or s.scales_to_zero for s in states)
     body = {
         "status": "ok" if ready else "unavailable",

@@ -16,7 +16,7 @@ router = APIRouter(tags=["metrics"])
 async def metrics(gateway: GatewayDep, request: Request) -> Response:
     """The ingress's metrics (docs/metrics.md), engine replicas' state included."""
     stack = request.app.state.metrics
-    await stack.refresh(gateway.readiness)
+    stack.refresh([gateway.state(spec) for spec in gateway.config.models])
     return Response(generate_latest(stack.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -27,7 +27,7 @@ async def status(gateway: GatewayDep, request: Request) -> dict[str, Any]:
     live = stack.status()
     models = []
     for spec in gateway.config.models:
-        state = await gateway.readiness.state(spec)
+        state = gateway.state(spec)
         models.append({
             "name": spec.name,
             "aliases": spec.aliases,

@@ -1,0 +1,236 @@
+"""An engine replica's own HTTP port: the ingress relays each OpenAI request there.
+
+Each engine replica (our `EngineServer`, or the benchmarks' simulated engine) serves its model's
+endpoints on a port of its own, beside its Serve replica, so the answer's bytes go from the
+engine's process to the ingress that relays them with no Serve hop in between. The replica
+publishes the port's URL as its Serve replica metadata (`record_replica_metadata`), where the
+ingress's request router reads it. Only the stack's ingress may call the port: every request
+carries the stack's internal token (`x-vrstack-token`, made by the builder and bound to the
+ingress and the engines); anything else is refused with 403.
+
+The port binds the address in `VRSTACK_ENGINE_HOST`, else the Ray node's address (what other
+nodes reach). A client that goes away mid-stream cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.engines.items import Endpoint
+from app.errors import error_body
+
+logger = logging.getLogger("vrstack.engine")
+TOKEN_HEADER = "x-vrstack-token"
+HOST_ENV = "VRSTACK_ENGINE_HOST"
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+}
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+MAX_BODY_BYTES = 64 * 2**20  # the ingress enforces the configured limit; this only bounds memory
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One engine answer: a JSON body with its status, or (`stream`) SSE bytes with status 200."""
+
+    status: int = 200
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200) -> Answer:
+        return cls(status, json.dumps(obj, separators=(",", ":")).encode())
+
+    @classmethod
+    def error(
+        cls, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> Answer:
+        return cls.json(error_body(status, message, param=param, code=code), status)
+
+
+class Backend(Protocol):
+    """What answers the requests of one engine replica's port."""
+
+    async def answer(self, endpoint: Endpoint, body: dict[str, Any]) -> Answer:
+        """The answer to one OpenAI request (already parsed from JSON)."""
+        ...
+
+
+class EngineApp:
+    """The ASGI app of an engine replica's port: token check, JSON body, the backend's answer."""
+
+    def __init__(self, backend: Backend, token: str) -> None:
+        self.backend = backend
+        self._token = token.encode()
+        self.in_flight = 0  # requests being answered now (for routing stats and draining)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health":
+            await _send(send, Answer.json({"status": "ok"}))
+            return
+        endpoint = ENDPOINTS.get(path)
+        if endpoint is None or method != "POST":
+            status = 404 if endpoint is None else 405
+            await _send(send, Answer.error(status, f"no route {method} {path} on an engine"))
+            return
+        token = dict(scope["headers"]).get(TOKEN_HEADER.encode(), b"")
+        if not hmac.compare_digest(token, self._token):
+            await _send(send, Answer.error(403, "engine ports take requests from the ingress only"))
+            return
+        body = await _read_body(receive)
+        if body is None:
+            await _send(send, Answer.error(413, "request body too large"))
+            return
+        self.in_flight += 1
+        try:
+            await _unless_disconnected(self._respond(endpoint, body, send), receive)
+        finally:
+            self.in_flight -= 1
+
+    async def _respond(self, endpoint: Endpoint, body: bytes, send: Any) -> None:
+        answer = await self._answer(endpoint, body)
+        if answer.stream is None:
+            await _send(send, answer)
+            return
+        chunks = answer.stream
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+            try:
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except Exception:  # the stream has started: say so in-band, then end it
+                logger.exception("engine failed in the middle of a %s stream", endpoint)
+                failure = error_body(500, "the engine failed mid-stream", code="engine_error")
+                event = b"data: " + json.dumps(failure).encode() + b"\n\ndata: [DONE]\n\n"
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:
+                await closer()  # stops the generation if the stream did not end
+
+    async def _answer(self, endpoint: Endpoint, body: bytes) -> Answer:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return Answer.error(400, "request body is not valid JSON")
+        if not isinstance(data, dict):
+            return Answer.error(400, "request body must be a JSON object")
+        try:
+            return await self.backend.answer(endpoint, data)
+        except Exception:
+            logger.exception("engine failed to answer a %s request", endpoint)
+            return Answer.error(500, "the engine failed to answer", code="engine_error")
+
+
+async def _read_body(receive: Any) -> bytes | None:
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts)
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > MAX_BODY_BYTES:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _send(send: Any, answer: Answer) -> None:
+    headers = [*_JSON, (b"content-length", str(len(answer.body)).encode())]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+async def _unless_disconnected(work: Any, receive: Any) -> None:
+    """Run `work` (the answer); cancel it if the client goes away first."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    working = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((working, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, watching):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await working  # a failure of the answer itself is raised here
+
+
+def engine_host() -> str:
+    """The address engine ports bind: `VRSTACK_ENGINE_HOST`, else this Ray node's address."""
+    host = os.environ.get(HOST_ENV)
+    if host:
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class EngineHttpServer:
+    """The uvicorn server of one engine replica's port, on this process's event loop."""
+
+    def __init__(self, app: EngineApp, host: str | None = None) -> None:
+        self.app = app
+        self.host = host or engine_host()
+        self.url = ""
+        self._server: Any = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        """Listen on a free port of the host; the port's base URL."""
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            http="httptools",
+            loop="none",
+            timeout_keep_alive=75,
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped the server
+            await asyncio.sleep(0.01)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Stop accepting; let the requests in progress finish for up to `drain_s`."""
+        if self._server is None or self._task is None:
+            return
+        self._server.config.timeout_graceful_shutdown = drain_s
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._task), drain_s + 5)
+        self._task.cancel()
