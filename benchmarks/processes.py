@@ -20,7 +20,26 @@ from pathlib import Path
 
 import httpx
 
+from app.stack_env import local_env
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository: `python -m benchmarks.X` runs here
+
+
+def serve_env(run: str) -> dict[str, str]:
+    """The environment of an in-process Ray cluster of tests and benchmarks: the stack's local
+    environment (`app.stack_env.local_env`: Ray Serve's high-throughput mode, engine ports on
+    loopback, the run's mark), HAProxy's side ports and Serve's fallback proxy on free ports (so
+    two clusters on one machine do not collide), and a 1 s drain of stopping ingress replicas
+    (Ray waits 30 s by default, for load balancers that tests do not have)."""
+    stats, metrics, fallback_http, fallback_grpc = free_ports(4)
+    return {
+        **local_env(run),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
 
 
 def free_port() -> int:

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from app.engines.http_server import route_path
 from app.lab.simulator import BlockCache, SimSettings, replay
 from app.lab.trace import TraceRequest
 from app.routing import RequestView, make_policy, prompt_text
@@ -209,7 +210,7 @@ class App:
                     return
         if scope["type"] != "http":
             return
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], route_path(scope)
         body = await read_body(receive)
         try:
             data = json.loads(body) if body else {}

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.processes import free_port
+from app.stack_env import new_run, sweep
+from benchmarks.processes import free_port, serve_env
 
+# The stack's high-throughput mode for every Ray process the tests start (read at start-up, so
+# set before anything imports Ray Serve); every such process carries the session's mark.
+RUN = new_run()
+os.environ.update(serve_env(RUN))
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = ROOT / "serve_configs"
 
@@ -44,8 +49,6 @@ def cluster() -> Iterator[Cluster]:
     import ray
     from ray import serve
 
-    # Engine replicas' own ports listen on loopback (the tests talk to nothing else).
-    os.environ.setdefault("VRSTACK_ENGINE_HOST", "127.0.0.1")
     ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="vrstack-tests")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
@@ -54,3 +57,5 @@ def cluster() -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        left = sweep(RUN)
+        assert not left, f"the test cluster left processes behind: {left}"

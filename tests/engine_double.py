@@ -88,6 +88,7 @@ class LoopbackRoutes:
         ]
         self.routed: list[Routed] = []
         self.finished: list[Routed] = []
+        self.replicas_known = True
 
     def route(self, view: RequestView, exclude: Collection[str] = ()) -> Routed | None:
         routed = self.router.route(view, exclude, candidates=self.replicas)

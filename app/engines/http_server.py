@@ -70,6 +70,13 @@ class Backend(Protocol):
         ...
 
 
+def route_path(scope: dict[str, Any]) -> str:
+    """The request's path within its application: without the route prefix Serve puts in
+    `root_path` (an ASGI path includes it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class EngineApp:
     """The ASGI app of an engine replica's port: token check, JSON body, the backend's answer."""
 
@@ -81,7 +88,7 @@ class EngineApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        path, method = scope["path"], scope["method"]
+        path, method = route_path(scope), scope["method"]
         if path == "/health":
             await _send(send, Answer.json({"status": "ok"}))
             return

@@ -80,6 +80,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._keys = itertools.count()
         self._in_flight: dict[str, int] = {}
         self._open: dict[Any, tuple[str, RequestView]] = {}  # request key -> replica, view
+        self.replicas_known = False  # Serve has told this router the running replicas
         router_registry.register(model, self)
 
     # -- relayed requests (the ingress's HTTP path) ------------------------------------------
@@ -122,7 +123,11 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         """Running replicas with an HTTP port."""
         return sum(1 for r in self.curr_replicas.values() if r.replica_metadata.get("url"))
 
-    # -- Serve's hooks (handle calls) ----------------------------------------------------------
+    # -- Serve's hooks ---------------------------------------------------------------------------
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self.replicas_known = True
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],

@@ -38,6 +38,11 @@ class EngineRoutes(Protocol):
         """Running replicas that can take requests."""
         ...
 
+    @property
+    def replicas_known(self) -> bool:
+        """Whether Serve has told the router the running replicas (none, maybe) yet."""
+        ...
+
 
 def register(model: str, router: Any) -> None:
     """Called by each request router (in the calling process) for its model."""

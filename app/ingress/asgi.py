@@ -22,6 +22,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
+from app.engines.http_server import route_path
 from app.errors import OpenAIError, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
@@ -59,13 +60,11 @@ class StackApp:
         request_id, given = request_id_of(scope)
         if not given:  # Ray Serve's own middleware echoes a client's id
             send = with_request_id(send, request_id)
-        path = scope["path"]
-        root = scope.get("root_path", "")  # an application's route prefix, under Serve
-        route = self.posts.get(path[len(root) :] if root and path.startswith(root) else path)
+        route = self.posts.get(route_path(scope))
         if route is None:
             await self.api(scope, receive, send)
         elif scope["method"] != "POST":
-            message = f"method {scope['method']} is not allowed on {path}"
+            message = f"method {scope['method']} is not allowed on {scope['path']}"
             await send_error(send, OpenAIError(405, message, code="method_not_allowed"))
         else:
             await self._post(route, scope, receive, send, request_id)

@@ -17,6 +17,7 @@ from app.ingress.gateway import EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from app.internal_token import internal_token
 
+ROUTERS_READY_S = 30.0
 _REQUESTS: dict[Endpoint, type[SamplingRequest]] = {
     "completions": CompletionRequest,
     "chat": ChatCompletionRequest,
@@ -36,6 +37,8 @@ class Ingress:
     async def __init__(self, config: dict[str, Any], engines: Mapping[str, EngineHandle]) -> None:
         token = await internal_token(serve.get_replica_context().app_name)
         self.gateway = Gateway(load_config(config), engines, token=token)
+        # Ready (for HAProxy and the proxy) once the routers know the engine replicas.
+        await self.gateway.wait_for_routers(ROUTERS_READY_S)
 
     async def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.gateway)

@@ -34,6 +34,7 @@ from app.routing import Decision, view_of_body
 logger = logging.getLogger("vrstack.ingress")
 ENGINE_PATHS: dict[str, str] = {endpoint: path for path, endpoint in ENDPOINTS.items()}
 REPLICA_FAILED = "replica_failed"
+ROUTER_WAIT_S = 5.0  # how long a request waits for its model's router to learn the replicas
 
 
 class EngineHandle(Protocol):
@@ -196,11 +197,28 @@ class Gateway:
             return
         raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
 
+    async def wait_for_routers(self, timeout_s: float, models: list[str] | None = None) -> bool:
+        """Wait until each model's router in this process knows its running replicas (Serve
+        starts the routers when the ingress makes its handles, and tells them shortly after);
+        whether they all do within `timeout_s`."""
+        names = models or [spec.name for spec in self.config.models]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            routers = [self._routes(name) for name in names]
+            if all(r is not None and r.replicas_known for r in routers):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
     async def _routes_of(self, spec: ModelSpec) -> EngineRoutes:
         """The model's router, once it sees a running replica. A model that scales to zero is
         woken by a handle call (Serve queues it and scales the model up); any other model
         without a replica is a 503."""
         routes = self._routes(spec.name)
+        if routes is None or not routes.replicas_known:  # a new ingress replica's first moments
+            await self.wait_for_routers(ROUTER_WAIT_S, models=[spec.name])
+            routes = self._routes(spec.name)
         if routes is not None and routes.replica_count() > 0:
             return routes
         if not self.state(spec).scales_to_zero:

@@ -79,7 +79,19 @@ def test_tables_name_every_target_and_failures() -> None:
     assert "| direct | 3 / 3 | 0 | 2 | 2.00 |" in text
     assert "| stock | could not run: could not deploy |" in text
     cpu = cpu_table(results)
-    assert "| direct | 166.67 | 333.33 | 25% |" in cpu and "stock" not in cpu
+    # load generator (none measured), backend, path (none for direct), machine, machine busy
+    assert "| direct | 0.00 | 166.67 | 0.00 | 333.33 | 25% |" in cpu and "stock" not in cpu
+
+
+def test_a_serve_targets_path_is_its_replicas_with_haproxy_and_the_proxy() -> None:
+    t = _target("ours", [0.01, 0.02], 0.0)
+    t.cpu_s.update({"ours: front": 0.2, "haproxy": 0.1, "serve proxy": 0.02, "stock: front": 5})
+    t.cpu_s.update({"ours: engines": 0.3})
+    assert pooled(t)["path_cpu_ms_per_request"] == pytest.approx(160.0)  # 0.32 s / 2 answered
+    assert pooled(t)["backend_cpu_ms_per_request"] == pytest.approx(150.0)
+    t = _target("vllm-router", [0.01, 0.02], 0.0)
+    t.cpu_s.update({"vllm-router": 0.1, "haproxy": 9.0})
+    assert pooled(t)["path_cpu_ms_per_request"] == pytest.approx(50.0)
 
 
 def test_top_frames_shares_merge_lines_of_one_function() -> None:

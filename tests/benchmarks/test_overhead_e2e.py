@@ -34,5 +34,5 @@ def test_overhead_bench_direct_and_ours_every_request_answered(cluster):
         assert results["direct"]["added_e2e_p50"] == 0.0
         ours = results["ours"]
         assert ours["added_e2e_p50"] == ours["e2e_p50"] - results["direct"]["e2e_p50"]
-        assert ours["cpu_ms_per_request"]["ours: ingress"] > 0
+        assert ours["cpu_ms_per_request"]["ours: front"] > 0
     assert "| ours | 80 / 80 | 0 |" in markdown(report)
