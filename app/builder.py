@@ -18,14 +18,22 @@ def build_app(args: dict[str, Any] | StackConfig) -> Any:
     """Engine deployments (one per model) behind the OpenAI ingress deployment, which relays
     HTTP requests to the engine replicas' own ports."""
     from app.engines.llm_config import build_engine
-    from app.ingress.deployment import Ingress
 
     config = load_config(args)
-    engines = {spec.name: build_engine(spec, config.router) for spec in config.models}
+    return ingress_app(
+        config, {spec.name: build_engine(spec, config.router) for spec in config.models}
+    )
+
+
+def ingress_app(config: StackConfig, engines: dict[str, Any]) -> Any:
+    """The ingress deployment of `config`, bound to its models' engine applications."""
+    from app.ingress.deployment import Ingress
+
     server = config.server
     return Ingress.options(
         name="ingress",
         num_replicas=server.ingress_replicas,
         ray_actor_options={"num_cpus": server.ingress_cpus},
         max_ongoing_requests=1000,
+        logging_config={"enable_access_log": False},  # /metrics counts every request
     ).bind(config.model_dump(), engines)  # python mode: API keys stay SecretStr, not masked

@@ -5,7 +5,8 @@ instead of the Python proxy, each ingress replica on its own port, gRPC between 
 replica code on its event loop. Ray reads it at start-up in every process, so it goes into the
 environment of `ray start` (whose raylet starts every worker) and of `serve run`; KubeRay
 manifests set it on every container. HAProxy's per-request log parsing (Ray's own `serve_*`
-request metrics in that mode) is off: the stack's `/metrics` counts requests itself.
+request metrics in that mode) is off, and so are the stack's deployments' access logs: the
+stack's `/metrics` counts requests itself.
 
 Every process a `vrstack up` starts carries `VRSTACK_RUN=<id>` in its environment, inherited by
 what they start in turn (Ray workers, vLLM engine cores, HAProxy). `leftovers(run)` finds those
@@ -27,6 +28,11 @@ HIGH_THROUGHPUT = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # Two of the throughput mode's defaults turned back: handle routers keep their own event
+    # loop (so Python callers may use a handle from one `asyncio.run` to the next; the HTTP path
+    # makes no handle call), and Serve's logs (a build error, say) still reach `serve run`.
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
 }
 RUN_MARK = "VRSTACK_RUN"
 

@@ -118,18 +118,11 @@ def _engine(config: Any, cls: Any = None, name: str | None = None) -> Any:
 def build_target(target: str, replicas: int) -> Any:
     """The Serve application of a Serve target (see the module docstring)."""
     from benchmarks import candidates
+    from benchmarks.simulated_engine import simulated_stack
 
     config = _stack_config(replicas)
     if target == "ours":
-        from app.ingress.deployment import Ingress
-
-        server = config.server
-        return Ingress.options(  # as app.builder.build_app configures it
-            name="ingress",
-            num_replicas=server.ingress_replicas,
-            ray_actor_options={"num_cpus": server.ingress_cpus},
-            max_ongoing_requests=1000,
-        ).bind(config.model_dump(), {MODEL: _engine(config)})
+        return simulated_stack(config, delay_s=0.0, tokens=None)
     if target == "stock":
         return _stock_app(replicas)
     if target == "stock-direct":

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from benchmarks.simulated_engine import BackendPool, SimulatedEngine
+from benchmarks.simulated_engine import BackendPool, SimulatedEngine, simulated_stack
 
 FRONT_KINDS = ("ours-stack", "ray")
 
@@ -28,8 +28,6 @@ FRONT_KINDS = ("ours-stack", "ray")
 def stack_app(pool: Any, replicas: int, policy: str, cache_blocks: int, model: str) -> Any:
     """Our stack as `app.builder.build_app` wires it, with forwarding simulated engines."""
     from app.config import load_config
-    from app.engines.llm_config import deployment_name, router_config
-    from app.ingress.deployment import Ingress
 
     settings = (
         {"block_size": 16, "max_blocks": cache_blocks} if policy in ("prefix", "scored") else {}
@@ -40,19 +38,8 @@ def stack_app(pool: Any, replicas: int, policy: str, cache_blocks: int, model: s
             "router": {"policy": policy, "settings": settings},
         }
     )
-    spec = config.models[0]
-    engine = SimulatedEngine.options(
-        name=deployment_name(spec),
-        num_replicas=replicas,
-        max_ongoing_requests=_ray_llm_max_ongoing(),
-        request_router_config=router_config(spec, config.router),
-    ).bind(pool=pool)
-    return Ingress.options(
-        name="ingress",
-        num_replicas=config.server.ingress_replicas,
-        ray_actor_options={"num_cpus": config.server.ingress_cpus},
-        max_ongoing_requests=1000,
-    ).bind(config.model_dump(), {model: engine})
+    options = {"max_ongoing_requests": _ray_llm_max_ongoing()}
+    return simulated_stack(config, engine_options=options, pool=pool)
 
 
 def ray_prefix_app(pool: Any, replicas: int, model: str) -> Any:

@@ -31,6 +31,7 @@ import httpx
 import ray
 from ray import serve
 
+from app.engines.autoscaling import RELAYED
 from app.engines.http_server import Answer, EngineApp, EngineHttpServer
 from app.engines.items import Endpoint, EngineItem, error_item
 from app.engines.request_meter import RequestMeter, wants_usage
@@ -104,6 +105,9 @@ class SimulatedEngine:
 
     async def check_health(self) -> None:
         return None
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return {RELAYED: self._port.in_flight}
 
     async def __del__(self) -> None:
         await self._http.stop(drain_s=5)
@@ -244,3 +248,21 @@ def _completion(
     if usage:
         out["usage"] = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
     return out
+
+
+def simulated_stack(config: Any, *, engine_options: dict | None = None, **engine_args: Any) -> Any:
+    """The stack of `config` as `app.builder` builds it, with `SimulatedEngine` replicas
+    (`engine_args`, and Serve `engine_options`) where each model's engine replicas go."""
+    from app.builder import ingress_app
+    from app.engines.llm_config import deployment_name, router_config
+
+    engines = {
+        spec.name: SimulatedEngine.options(
+            name=deployment_name(spec),
+            num_replicas=spec.replicas,
+            request_router_config=router_config(spec, config.router),
+            **(engine_options or {}),
+        ).bind(**engine_args)
+        for spec in config.models
+    }
+    return ingress_app(config, engines)

@@ -7,6 +7,7 @@ from typing import Any
 from app.config import KVOffload, ModelSpec, RouterSettings
 from app.config.embedded import embedded_name
 from app.engines import embedded
+from app.engines.autoscaling import POLICY as AUTOSCALING_POLICY
 
 DEPLOYMENT_PREFIX = "engine:"
 
@@ -92,9 +93,16 @@ def deployment_config(spec: ModelSpec, router: RouterSettings | None = None) -> 
     scaling: dict[str, Any] = (
         {"num_replicas": spec.replicas}
         if spec.autoscaling is None
-        else {"autoscaling_config": spec.autoscaling.model_dump()}
+        else {
+            "autoscaling_config": {
+                **spec.autoscaling.model_dump(),
+                "policy": {"policy_function": AUTOSCALING_POLICY},  # relayed requests count
+            }
+        }
     )
+    # No access log: the ingress's /metrics counts every request.
     options = {**scaling, "ray_actor_options": {"num_cpus": 0}}
+    options["logging_config"] = {"enable_access_log": False}
     if router is not None:
         options["request_router_config"] = router_config(spec, router)
     return options

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.llm import LLMServer
 
 from app.engines import embedded
+from app.engines.autoscaling import RELAYED
 from app.engines.http_server import Answer, EngineApp, EngineHttpServer
 from app.engines.items import Endpoint, EngineItem
 from app.engines.request_meter import RequestMeter, wants_usage
@@ -94,6 +95,11 @@ class EngineServer(NoTelemetryStart, LLMServer):
             **self._engine_stats.as_dict(),
             "requests": self._meter.snapshot(),
         }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The answers in progress on this replica's port, for the autoscaling policy
+        (`app.engines.autoscaling`), which Serve's own count does not see."""
+        return {RELAYED: self._port.in_flight}
 
     async def __del__(self) -> None:
         """Stop taking HTTP requests, let those in progress finish, then stop the engine."""

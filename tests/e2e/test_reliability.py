@@ -15,9 +15,7 @@ import ray
 from ray import serve
 
 from app.config import load_config
-from app.engines.llm_config import router_config
-from app.ingress.deployment import Ingress
-from benchmarks.simulated_engine import SimulatedEngine
+from benchmarks.simulated_engine import simulated_stack
 from tests.e2e.conftest import wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -28,16 +26,7 @@ BODY = {"model": "sim", "prompt": "hello", "max_tokens": 4}
 def deploy_simulated(name: str, *, delay_s: float, timeout_s: float = 300) -> None:
     server = {"retries": 3, "request_timeout_s": timeout_s}
     config = load_config({"models": [MODEL], "server": server})
-    spec = config.models[0]
-    engine = SimulatedEngine.options(
-        name="engine:sim",
-        num_replicas=2,
-        request_router_config=router_config(spec, config.router),
-    ).bind(delay_s=delay_s)
-    app = Ingress.options(name="ingress", max_ongoing_requests=2000).bind(
-        config.model_dump(), {"sim": engine}
-    )
-    serve.run(app, name=name, route_prefix="/")
+    serve.run(simulated_stack(config, delay_s=delay_s), name=name, route_prefix="/")
 
 
 def ingress_rss_mb(app_name: str) -> float:

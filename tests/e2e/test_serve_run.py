@@ -5,8 +5,11 @@ Ray's `serve run` keeps waiting after a failed deploy, so the test reads its out
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,18 +38,18 @@ def test_serve_run_rejects_bad_config_naming_the_field(cluster, tmp_path):
         [str(serve_cli), "run", "--address", cluster.gcs_address, str(config)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    lines: list[str] = []
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
     deadline = time.monotonic() + 180
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "models.0.resources.cpu" in line or time.monotonic() > deadline:
-                break
+        while time.monotonic() < deadline and not any("models.0.resources.cpu" in s for s in seen):
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    output = "".join(lines)
+    output = "".join(seen)
     assert "invalid vllm-ray-stack config (2 error(s))" in output, output[-3000:]
     assert "models.0.dtype: Input should be 'auto', 'float32', 'float16' or 'bfloat16'" in output
     assert "(got 'float8')" in output
