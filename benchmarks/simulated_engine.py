@@ -251,18 +251,19 @@ def _completion(
 
 
 def simulated_stack(config: Any, *, engine_options: dict | None = None, **engine_args: Any) -> Any:
-    """The stack of `config` as `app.builder` builds it, with `SimulatedEngine` replicas
-    (`engine_args`, and Serve `engine_options`) where each model's engine replicas go."""
+    """The stack of `config` as `app.builder` builds it (the engine deployments' options from
+    `app.engines.llm_config.deployment_config`), with `SimulatedEngine` replicas (`engine_args`)
+    where each model's engine replicas go; `engine_options` are merged into those options."""
     from app.builder import ingress_app
-    from app.engines.llm_config import deployment_name, router_config
+    from app.engines.llm_config import deployment_config, deployment_name
 
-    engines = {
-        spec.name: SimulatedEngine.options(
-            name=deployment_name(spec),
-            num_replicas=spec.replicas,
-            request_router_config=router_config(spec, config.router),
-            **(engine_options or {}),
-        ).bind(**engine_args)
-        for spec in config.models
-    }
+    engines = {}
+    for spec in config.models:
+        options = deployment_config(spec, config.router)
+        for key, value in (engine_options or {}).items():
+            merge = isinstance(value, dict) and isinstance(options.get(key), dict)
+            options[key] = {**options[key], **value} if merge else value
+        engines[spec.name] = SimulatedEngine.options(name=deployment_name(spec), **options).bind(
+            **engine_args
+        )
     return ingress_app(config, engines)

@@ -109,3 +109,23 @@ def test_redeploying_a_changed_config_under_load_loses_no_request(cluster):
         assert codes.count(200) == 400, {c: codes.count(c) for c in set(codes)}
     finally:
         serve.delete("redeploy")
+
+
+def test_relayed_requests_scale_the_engine_deployment_up(cluster):
+    """The engines' own ports are out of Serve's sight: their in-flight answers, reported as a
+    custom metric, must still drive Serve's autoscaler (`app.engines.autoscaling`)."""
+    model = {"name": "sim", "source": "org/sim"}
+    model["autoscaling"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
+    config = load_config({"models": [model]})
+    fast = {"autoscaling_config": {"upscale_delay_s": 0, "look_back_period_s": 2}}
+    app = simulated_stack(config, engine_options=fast, delay_s=2.0)
+    serve.run(app, name="scale", route_prefix="/")
+    wait_healthy(cluster.base_url)
+    try:
+        assert len(_replica_actor_names("scale", "engine:sim")) == 1
+        codes = asyncio.run(_fire(cluster.base_url, 200, 20, BODY))  # 20 in flight for ~20 s
+        assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
+        running = serve.status().applications["scale"].deployments["engine:sim"].replica_states
+        assert running.get("RUNNING", 0) == 2, running
+    finally:
+        serve.delete("scale")
