@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import httpx
 from rich.console import Console
 
 from app.engines import embedded
+from app.ray_internals import forget_started_cluster, started_cluster_address
 from app.serve_config import ServeConfigFile
 from app.stack_env import sweep
 
@@ -59,30 +61,44 @@ def _report_conversion(name: str, proc: subprocess.Popen) -> None:
         console.print(output[-2000:], markup=False, highlight=False)
 
 
-def ray_running() -> bool:
-    result = subprocess.run(
-        [tool("ray"), "status", "--address", "auto"], capture_output=True, timeout=60
-    )
-    return result.returncode == 0
+def running_cluster() -> str | None:
+    """The address of the Ray cluster `vrstack up` would join: `RAY_ADDRESS`, else the one the
+    last `ray start --head` made (if its GCS port answers), else None. Other Ray processes on
+    the machine (a notebook's `ray.init()`) are not joined, nor stopped."""
+    address = os.environ.get("RAY_ADDRESS") or started_cluster_address()
+    if not address or address.startswith(("ray://", "local")):
+        return address or None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return None
+    return address
 
 
-def start_ray_head(num_cpus: int, env: dict[str, str]) -> None:
-    """`ray start --head` with `env` added to its environment (and so to every Ray worker's)."""
+def start_ray_head(num_cpus: int, env: dict[str, str]) -> str:
+    """`ray start --head` with `env` added to its environment (and so to every Ray worker's);
+    returns the new cluster's address."""
     with console.status(f"Starting a local Ray head ({num_cpus} logical CPUs)..."):
         subprocess.run(
             [tool("ray"), "start", "--head", f"--num-cpus={num_cpus}", "--disable-usage-stats",
              "--include-dashboard=false"],
             check=True, capture_output=True, timeout=180, env={**os.environ, **env},
         )  # fmt: skip
+    address = started_cluster_address()
+    if address is None:
+        raise RuntimeError("`ray start --head` left no cluster address")
     console.print("[green]✓[/] Ray head started")
+    return address
 
 
 def stop_ray(run: str) -> None:
-    """`ray stop`, then end whatever the run left (`app.stack_env.sweep`)."""
-    subprocess.run([tool("ray"), "stop"], capture_output=True, timeout=120)
-    left = sweep(run)
+    """End the processes of the run (`app.stack_env.sweep`): the Ray head this run started, its
+    workers and what they started. Unlike `ray stop`, other Ray clusters on the machine live on."""
+    left = sweep(run, grace_s=0, timeout_s=16)
+    forget_started_cluster()
     if left:
-        console.print(f"stopped {len(left)} process(es) Ray left behind: {', '.join(left)}")
+        console.print(f"stopped {len(left)} Ray process(es) of this run")
 
 
 def stamp(at: float | None = None) -> str:
@@ -107,7 +123,12 @@ def _health(url: str) -> int | None:
 
 
 def serve_foreground(
-    config: ServeConfigFile, *, log_path: Path, timeout_s: float, env: dict[str, str]
+    config: ServeConfigFile,
+    *,
+    address: str,
+    log_path: Path,
+    timeout_s: float,
+    env: dict[str, str],
 ) -> int:
     """`serve run` the config (with `env`); show progress until /health answers 200, then
     wait for Ctrl-C."""
@@ -119,7 +140,7 @@ def serve_foreground(
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [tool("serve"), "run", "--address", "auto", str(config.path)],
+            [tool("serve"), "run", "--address", address, str(config.path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

@@ -9,8 +9,10 @@ Everything else in `app` uses Ray's public APIs only (`ray.serve`, `ray.serve.ll
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -98,3 +100,26 @@ def enable_tokenization(engine: Any) -> None:
     state = getattr(engine, "_app_state", None)
     if getattr(engine, "_oai_serving_tokenization", True) is None and state is not None:
         engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)
+
+
+def started_cluster_address() -> str | None:
+    """The GCS address `ray start --head` left in Ray's temp dir (`RAY_TMPDIR` respected), if any.
+
+    Why: `ray status --address auto` and `serve run --address auto` fall back to any GCS process
+    found on the machine (a notebook's `ray.init()`, another user's test cluster); this file
+    names the one `ray start` made, which is the cluster `vrstack up` may join or stop."""
+    from ray._common.utils import get_ray_address_file
+
+    with contextlib.suppress(OSError):
+        return Path(get_ray_address_file(None)).read_text().strip() or None
+    return None
+
+
+def forget_started_cluster() -> None:
+    """Remove the address `ray start --head` left (as `ray stop` does).
+
+    Why: `ray stop` stops every Ray process on the machine; `vrstack up` stops only its own
+    and then forgets the address itself (`ray._common.utils.reset_ray_address`)."""
+    from ray._common.utils import reset_ray_address
+
+    reset_ray_address(None)

@@ -10,9 +10,9 @@ stack's `/metrics` counts requests itself.
 
 Every process a `vrstack up` starts carries `VRSTACK_RUN=<id>` in its environment, inherited by
 what they start in turn (Ray workers, vLLM engine cores, HAProxy). `leftovers(run)` finds those
-still alive after the stack stopped; `sweep(run)` ends them. (`ray stop` stops the raylet before
-its workers, and HAProxy and vLLM's engine core are not Ray processes, so both can outlive a
-stopped Ray otherwise.)
+still alive after the stack stopped; `sweep(run)` ends them: the Ray head the run started, its
+workers, HAProxy and vLLM's engine cores (not Ray processes, they can outlive a stopped Ray), and
+nothing else (`ray stop` would stop every Ray cluster on the machine).
 """
 
 from __future__ import annotations

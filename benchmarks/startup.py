@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from app.launcher import ray_running, tool
+from app.launcher import running_cluster, tool
 from app.serve_config import read_serve_config
 
 DEFAULT_CONFIG = Path("serve_configs/smollm2-cpu.yaml")
@@ -156,7 +156,7 @@ def _answers(client: httpx.Client, url: str, model: str) -> bool:
 
 def measure(label: str, config: Path, cache: Path, timeout_s: float) -> dict[str, Any]:
     """One start of `vrstack up config` with VRSTACK_CACHE=cache, to the first answer."""
-    if ray_running():
+    if running_cluster():
         raise RuntimeError("a Ray cluster is running: start-up runs need Ray stopped")
     loaded = read_serve_config(config)
     model = loaded.apps[0].config.models[0].name

@@ -18,7 +18,9 @@ from app.ray_internals import (
     NoTelemetryStart,
     SkipNoOpDownload,
     add_stat_logger,
+    forget_started_cluster,
     openai_request_models,
+    started_cluster_address,
     usage_stats_enabled,
 )
 
@@ -96,3 +98,15 @@ def test_stat_logger_joins_the_engines_stat_logger_manager() -> None:
     assert add_stat_logger(engine, stats) and add_stat_logger(engine, stats)
     assert manager.stat_loggers == [stats]
     assert not add_stat_logger(SimpleNamespace(_engine_client=None), stats)
+
+
+def test_the_address_ray_start_writes_is_read_and_forgotten(tmp_path, monkeypatch) -> None:
+    from ray._private.utils import write_ray_address  # what `ray start --head` calls
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()  # made by `ray start`
+    assert started_cluster_address() is None
+    write_ray_address("10.1.2.3:6379")
+    assert started_cluster_address() == "10.1.2.3:6379"
+    forget_started_cluster()
+    assert started_cluster_address() is None

@@ -65,18 +65,21 @@ def up(
     launcher.prepare_models_in_background(loaded)  # overlaps the Ray head and `serve run`
     run = new_run()
     env = local_env(run)
-    started_ray = not launcher.ray_running()
-    if started_ray:
-        launcher.start_ray_head(num_cpus, env)
+    address = launcher.running_cluster()
+    started_ray = address is None
+    if address is None:
+        address = launcher.start_ray_head(num_cpus, env)
     else:
         flags = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT.items())
         console.print(
-            "Ray is already running: its processes keep the environment they started with "
-            f"(for Ray Serve's high-throughput path, start Ray with {flags})"
+            f"Ray is already running at {address}: its processes keep the environment they "
+            f"started with (for Ray Serve's high-throughput path, start Ray with {flags})"
         )
     log = cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
-        code = launcher.serve_foreground(loaded, log_path=log, timeout_s=timeout, env=env)
+        code = launcher.serve_foreground(
+            loaded, address=address, log_path=log, timeout_s=timeout, env=env
+        )
     finally:
         if started_ray and not keep_ray:
             launcher.stop_ray(run)

@@ -168,21 +168,26 @@ async def _send(send: Any, answer: Answer) -> None:
 
 
 async def _unless_disconnected(work: Any, receive: Any) -> None:
-    """Run `work` (the answer); cancel it if the client goes away first."""
+    """Run `work` (the answer) in this task; cancel it if the client goes away first."""
+    this = asyncio.current_task()
+    gone = False
 
-    async def disconnected() -> None:
+    async def watch() -> None:
+        nonlocal gone
         while (await receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        if this is not None:
+            this.cancel()
 
-    working = asyncio.ensure_future(work)
-    watching = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((working, watching), return_when=asyncio.FIRST_COMPLETED)
+        await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from outside, not by the client leaving
     finally:
-        for task in (working, watching):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await working  # a failure of the answer itself is raised here
+        watcher.cancel()
 
 
 def engine_host() -> str:

@@ -102,6 +102,7 @@ class StackMetrics:
                 self.ttft.labels(spec.name, endpoint)
         for endpoint in ENDPOINT_NAMES:
             self.in_flight.labels(endpoint).set(0)
+        self._series: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         models = [spec.name for spec in config.models]
         self.engines = EngineCollector(replica_stats or router_registry.snapshot, models)
         r.register(self.engines)
@@ -129,10 +130,18 @@ class StackMetrics:
     ) -> None:
         """Record one finished request."""
         label = self.model_label(model)
-        self.requests.labels(label, endpoint, str(status)).inc()
-        self.latency.labels(label, endpoint).observe(elapsed_s)
+        key = (label, endpoint, status)
+        series = self._series.get(key)
+        if series is None:  # label lookups cost more than the updates: once per combination
+            series = self._series[key] = (
+                self.requests.labels(label, endpoint, str(status)),
+                self.latency.labels(label, endpoint),
+                self.ttft.labels(label, endpoint),
+            )
+        series[0].inc()
+        series[1].observe(elapsed_s)
         if ttft_s is not None:
-            self.ttft.labels(label, endpoint).observe(ttft_s)
+            series[2].observe(ttft_s)
         if decision is not None:
             kind = decision.reason.split("=", 1)[0] or "none"
             self.routing.labels(label, decision.policy, kind, decision.replica_id).inc()

@@ -45,6 +45,7 @@ def test_autoscaling_reaches_serve_options(cluster, cpu_model):
     options = EngineServer.get_deployment_options(llm_config(spec, source="x/y"))
     assert "num_replicas" not in options
     assert options["autoscaling_config"] == {
-        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16
+        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16,
+        "policy": {"policy_function": "app.engines.autoscaling:relay_aware_policy"},
     }  # fmt: skip
     assert deployment_name(spec) == "engine:smollm2"
