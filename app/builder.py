@@ -30,10 +30,13 @@ def ingress_app(config: StackConfig, engines: dict[str, Any]) -> Any:
     from app.ingress.deployment import Ingress
 
     server = config.server
+    actor_options: dict[str, Any] = {"num_cpus": server.ingress_cpus}
+    if server.ingress_resources:  # e.g. the ingress group's custom resource on KubeRay
+        actor_options["resources"] = dict(server.ingress_resources)
     return Ingress.options(
         name="ingress",
         num_replicas=server.ingress_replicas,
-        ray_actor_options={"num_cpus": server.ingress_cpus},
+        ray_actor_options=actor_options,
         max_ongoing_requests=1000,
         logging_config={"enable_access_log": False},  # /metrics counts every request
     ).bind(config.model_dump(), engines)  # python mode: API keys stay SecretStr, not masked

@@ -123,3 +123,18 @@ def forget_started_cluster() -> None:
     from ray._common.utils import reset_ray_address
 
     reset_ray_address(None)
+
+
+def use_token_auth_if_available() -> bool:
+    """Turn on Ray's token authentication in this process (and so in what it starts) when a
+    token is available (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token) and
+    `RAY_AUTH_MODE` is unset: the rule `ray start` follows for the cluster it starts.
+
+    Why: a process that connects with an explicit address (`serve run --address`,
+    `ray.init(address=...)`) does not follow that rule, so against such a cluster it fails with
+    InvalidAuthToken; Ray has no public call for the rule (`RAY_AUTH_MODE` is the switch)."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

@@ -47,23 +47,26 @@ def local_env(run: str) -> dict[str, str]:
     return {**HIGH_THROUGHPUT, "VRSTACK_ENGINE_HOST": "127.0.0.1", RUN_MARK: run}
 
 
-def leftovers(run: str) -> list[psutil.Process]:
-    """Live processes (but this one) whose environment carries the run's mark."""
+def leftovers(run: str, *, mark: str = RUN_MARK) -> list[psutil.Process]:
+    """Live processes (but this one) whose environment carries the run's mark (`mark=run`)."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid == os.getpid():
             continue
         with contextlib.suppress(psutil.Error):
-            if proc.environ().get(RUN_MARK) == run:
+            if proc.environ().get(mark) == run:
                 found.append(proc)
     return found
 
 
-def sweep(run: str, *, grace_s: float = 5.0, timeout_s: float = 10.0) -> list[str]:
+def sweep(
+    run: str, *, grace_s: float = 5.0, timeout_s: float = 10.0, mark: str = RUN_MARK
+) -> list[str]:
     """What of the run is still alive after `grace_s` (processes still on their way out get
-    that long): SIGTERM, then SIGKILL after `timeout_s`; the command lines of what was left."""
+    that long): SIGTERM, then SIGKILL after `timeout_s`; the command lines of what was left.
+    `mark` names another variable carrying the run (`benchmarks.gpu_check` marks its own)."""
     deadline = time.monotonic() + grace_s
-    while (procs := leftovers(run)) and time.monotonic() < deadline:
+    while (procs := leftovers(run, mark=mark)) and time.monotonic() < deadline:
         time.sleep(0.2)
     names = []
     for proc in procs:

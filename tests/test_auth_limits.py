@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from app.config import KeyLimits
+from app.config import AuthSettings, ConfigError, KeyLimits
 from app.ingress.auth import KeyStore
 from app.ingress.limits import KeyLimiter
 from tests.test_ingress import assert_openai_error, make_client
@@ -139,6 +139,18 @@ def test_key_store_never_keeps_key_text():
     store = KeyStore(["sk-secret-value"])
     assert "sk-secret-value" not in repr(vars(store))
     assert store.identify("sk-secret-value") and store.identify("sk-other") is None
+
+
+def test_keys_from_a_secret_fail_closed_when_the_secret_is_missing(monkeypatch):
+    settings = AuthSettings(
+        api_keys_env="VRSTACK_TEST_KEYS", api_keys_secret={"name": "keys", "key": "api"}
+    )
+    monkeypatch.delenv("VRSTACK_TEST_KEYS", raising=False)
+    with pytest.raises(ConfigError, match=r"\$VRSTACK_TEST_KEYS holds no key.*'keys'"):
+        KeyStore.from_settings(settings)
+    monkeypatch.setenv("VRSTACK_TEST_KEYS", "sk-a,sk-b")
+    store = KeyStore.from_settings(settings)
+    assert store.identify("sk-b") and store.identify("sk-c") is None
 
 
 async def test_metrics_open_by_default_and_protectable(cpu_model):

@@ -211,8 +211,7 @@ def test_apply_creates_then_patches_against_kubernetes_api_test_double(kube):
     assert code == 0, out
     assert "persistentvolumeclaim/vllm-model-cache created" in out
     assert "rayservice/vllm created" in out
-    assert "service/vllm-router-service created" in out
-    assert "podmonitor/vllm-ray skipped" in out  # no Prometheus operator on the double
+    assert "router-service" not in out  # the router Service is the RayService's serveService
     rayservice = kube.objects[("llm", "rayservices", "vllm")]
     assert rayservice["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     assert ("POST", "/apis/ray.io/v1/namespaces/llm/rayservices") in [r[:2] for r in kube.requests]
@@ -220,10 +219,7 @@ def test_apply_creates_then_patches_against_kubernetes_api_test_double(kube):
     assert code == 0, out
     assert "rayservice/vllm configured" in out and "unchanged (kept)" in out
     patches = [r for r in kube.requests if r[0] == "PATCH"]
-    assert {r[1] for r in patches} == {
-        "/apis/ray.io/v1/namespaces/llm/rayservices/vllm",
-        "/api/v1/namespaces/llm/services/vllm-router-service",
-    }
+    assert {r[1] for r in patches} == {"/apis/ray.io/v1/namespaces/llm/rayservices/vllm"}
     assert all(r[2] == "application/merge-patch+json" for r in patches)
 
 
@@ -245,7 +241,7 @@ def test_status_waits_for_ready_and_prints_endpoint_with_kubernetes_api_test_dou
     code, out = run("status", "vllm", "--kubeconfig", kube.kubeconfig, "--poll", "0.01")
     assert code == 0, out
     assert "Ready" in out and "vrstack: RUNNING" in out
-    assert "http://vllm-serve-svc.llm.svc.cluster.local:8000" in out
+    assert "http://vllm-router-service.llm.svc.cluster.local" in out
     assert "port-forward svc/vllm-router-service 30080:80" in out
     assert kube.gets >= 3
 
@@ -265,7 +261,7 @@ def test_delete_keeps_model_cache_on_kubernetes_api_test_double(kube):
     assert run("apply", str(MANIFEST), "--kubeconfig", kube.kubeconfig)[0] == 0
     code, out = run("delete", "vllm", "--kubeconfig", kube.kubeconfig)
     assert code == 0, out
-    assert "rayservice/vllm deleted" in out and "service/vllm-router-service deleted" in out
+    assert "rayservice/vllm deleted" in out
     assert list(kube.objects) == [("llm", "persistentvolumeclaims", "vllm-model-cache")]
     code, out = run("delete", "vllm", "--kubeconfig", kube.kubeconfig, "--delete-cache")
     assert code == 0 and "persistentvolumeclaim/vllm-model-cache deleted" in out

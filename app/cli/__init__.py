@@ -56,27 +56,45 @@ def up(
     timeout: float = typer.Option(900, help="Seconds to wait for every model to be ready."),
     keep_ray: bool = typer.Option(False, help="Leave the Ray head running on exit."),
 ) -> None:
-    """Start a local Ray head if none runs, then `serve run CONFIG` in the foreground."""
+    """Start a local Ray head if none runs, then `serve run CONFIG` in the foreground.
+    Exits 2 at once when the head it started cannot hold a model (a GPU config without GPU)."""
     from app import launcher
     from app.engines.embedded import cache_root
+    from app.ray_internals import use_token_auth_if_available
     from app.stack_env import HIGH_THROUGHPUT, local_env, new_run
 
     loaded = _load(config)
-    launcher.prepare_models_in_background(loaded)  # overlaps the Ray head and `serve run`
+    use_token_auth_if_available()  # as `ray start` will: `serve run --address` must match it
     run = new_run()
     env = local_env(run)
+    launcher.prepare_models_in_background(loaded, env)  # overlaps the Ray head and `serve run`
     address = launcher.running_cluster()
     started_ray = address is None
-    if address is None:
-        address = launcher.start_ray_head(num_cpus, env)
-    else:
-        flags = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT.items())
-        console.print(
-            f"Ray is already running at {address}: its processes keep the environment they "
-            f"started with (for Ray Serve's high-throughput path, start Ray with {flags})"
-        )
-    log = cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
+        if address is None:
+            try:
+                address = launcher.start_ray_head(num_cpus, env)
+            except launcher.RayHeadFailed as exc:
+                console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+        else:
+            flags = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT.items())
+            console.print(
+                f"Ray is already running at {address}: its processes keep the environment they "
+                f"started with (for Ray Serve's high-throughput path, start Ray with {flags})"
+            )
+        try:
+            nodes = launcher.cluster_nodes(address)
+        except launcher.ClusterUnreachable as exc:
+            console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        problems = launcher.check_resources(loaded, nodes)
+        if problems and started_ray:  # one machine, no autoscaler: it would wait forever
+            console.print("Nothing deployed: this machine cannot run the config.")
+            raise typer.Exit(2)
+        if problems:
+            console.print("Deploying anyway: the cluster may grow (an autoscaler adds nodes).")
+        log = cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
         code = launcher.serve_foreground(
             loaded, address=address, log_path=log, timeout_s=timeout, env=env
         )

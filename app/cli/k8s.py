@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,17 +30,44 @@ def _die(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _options(path: Path, name: str | None, image: str | None, working_dir: str | None,
-             upgrade_strategy: str, hf_token_secret: str):  # fmt: skip
-    from app.k8s.render import RenderOptions, default_name
+def _upgrade(strategy: str, gateway_class: str | None, max_surge_percent: int | None,
+             step_size_percent: int | None, interval_seconds: int | None):  # fmt: skip
+    """--upgrade-strategy's ClusterUpgradeOptions (exit 2 when the options do not fit it)."""
+    from app.k8s.render import (
+        INCREMENTAL_UPGRADE,
+        UPGRADE_INTERVAL_S,
+        UPGRADE_STRATEGIES,
+        ClusterUpgradeOptions,
+    )
 
-    if upgrade_strategy not in ("NewCluster", "None"):
-        raise _die(f"--upgrade-strategy must be NewCluster or None (got {upgrade_strategy!r})", 2)
+    if strategy not in UPGRADE_STRATEGIES:
+        choices = ", ".join(UPGRADE_STRATEGIES)
+        raise _die(f"--upgrade-strategy must be one of {choices} (got {strategy!r})", 2)
+    given = (gateway_class, max_surge_percent, step_size_percent, interval_seconds)
+    if strategy != INCREMENTAL_UPGRADE and any(v is not None for v in given):
+        raise _die(
+            "--gateway-class, --max-surge-percent, --step-size-percent and --interval-seconds "
+            f"only apply to --upgrade-strategy {INCREMENTAL_UPGRADE}",
+            2,
+        )
+    return ClusterUpgradeOptions(
+        gateway_class_name=gateway_class,
+        max_surge_percent=max_surge_percent,
+        step_size_percent=step_size_percent,
+        interval_seconds=UPGRADE_INTERVAL_S if interval_seconds is None else interval_seconds,
+    )
+
+
+def _options(path: Path, name: str | None, image: str | None, working_dir: str | None,
+             upgrade_strategy: str, hf_token_secret: str, cluster_upgrade: Any = None):  # fmt: skip
+    from app.k8s.render import ClusterUpgradeOptions, RenderOptions, default_name
+
     return RenderOptions(
         name=name or default_name(path),
         image=image,
         working_dir=working_dir,
         upgrade_strategy=upgrade_strategy,  # type: ignore[arg-type]
+        cluster_upgrade=cluster_upgrade or ClusterUpgradeOptions(),
         hf_token_secret=hf_token_secret,
     )
 
@@ -48,21 +76,81 @@ def _options(path: Path, name: str | None, image: str | None, working_dir: str |
 def render(
     configs: Annotated[list[Path] | None, typer.Argument(help="Serve config files.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every serve_configs/*.yaml.")] = False,
-    out_dir: Annotated[Path, typer.Option(help="Where kuberay/X.yaml files go.")] = OUT_DIR,
+    out_dir: Annotated[
+        Path, typer.Option(help="Where manifests go (the minimal stack; others in examples/).")
+    ] = OUT_DIR,
     stdout: Annotated[bool, typer.Option("--stdout", help="Print instead of writing.")] = False,
     check: Annotated[bool, typer.Option(help="Exit 1 if a file differs (write nothing).")] = False,
     name: Annotated[str | None, typer.Option(help="RayService name (one config).")] = None,
-    image: Annotated[str | None, typer.Option(help="Container image for all pods.")] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Image of every pod, with this package in it (built from kuberay/image/); "
+            "default: Ray's public image, the package installed at start-up (--package)."
+        ),
+    ] = None,
     working_dir: Annotated[
         str | None, typer.Option(help="Remote zip URI of this project (runtime_env working_dir).")
     ] = None,
+    package: Annotated[
+        str | None,
+        typer.Option(
+            help="pip requirement Ray's images install this package from (runtime_env pip), "
+            "e.g. a wheel's URL; default: vllm-ray-stack==VERSION from PyPI."
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", help="KEY=VALUE label on every document and pod (repeat for more)."
+        ),
+    ] = None,
+    storage_class: Annotated[
+        str | None,
+        typer.Option(help="StorageClass of the model-cache claim (default: the cluster's)."),
+    ] = None,
+    pod_monitor: Annotated[
+        bool,
+        typer.Option(help="Add a PodMonitor (needs the Prometheus operator's CRDs)."),
+    ] = False,
     upgrade_strategy: Annotated[
-        str, typer.Option(help="NewCluster (blue/green) or None (in place; no spare GPUs).")
+        str,
+        typer.Option(
+            help="NewCluster (blue/green: a second cluster, then the switch), None (in place, no "
+            "new cluster) or NewClusterWithIncrementalUpgrade (the new cluster grows step by step "
+            "while a Gateway moves traffic; needs model autoscaling and --gateway-class)."
+        ),
     ] = "NewCluster",
+    gateway_class: Annotated[
+        str | None,
+        typer.Option(help="Incremental upgrades: a GatewayClass of the cluster (e.g. istio)."),
+    ] = None,
+    max_surge_percent: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=100,
+            help="Incremental upgrades: Serve capacity added per step, in % (default: one pod "
+            "of the largest worker group).",
+        ),
+    ] = None,
+    step_size_percent: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=100,
+            help="Incremental upgrades: traffic moved per interval, in % (default: the max surge).",
+        ),
+    ] = None,
+    interval_seconds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Incremental upgrades: seconds between traffic moves (60)."),
+    ] = None,
     hf_token_secret: Annotated[str, typer.Option(help="Secret with key 'token'.")] = "hf-token",
 ) -> None:
-    """Render serve configs into RayService manifests (kuberay/X.yaml); with --all also the
-    Grafana dashboard (kuberay/grafana-dashboard.yaml, docs/grafana/vrstack-dashboard.json)."""
+    """Render serve configs into RayService manifests (kuberay/opt125m.yaml, the minimal stack;
+    kuberay/examples/X.yaml, the others); with --all also the Grafana dashboard
+    (kuberay/grafana-dashboard.yaml, docs/grafana/vrstack-dashboard.json)."""
     from app.k8s.render import companion_files, output_path, render_file
 
     paths = sorted(SERVE_CONFIGS.glob("*.yaml")) if all_ else list(configs or [])
@@ -70,9 +158,22 @@ def render(
         raise _die("name serve config files, or pass --all", 2)
     if name and len(paths) > 1:
         raise _die("--name needs exactly one serve config", 2)
+    labels = _labels(label or [])
     drift = []
+    upgrade = _upgrade(
+        upgrade_strategy, gateway_class, max_surge_percent, step_size_percent, interval_seconds
+    )
     for path in paths:
-        options = _options(path, name, image, working_dir, upgrade_strategy, hf_token_secret)
+        options = _options(
+            path, name, image, working_dir, upgrade_strategy, hf_token_secret, upgrade
+        )
+        options = replace(
+            options,
+            package=package,
+            labels=labels,
+            storage_class=storage_class,
+            pod_monitor=pod_monitor,
+        )
         try:
             text = render_file(path, options)
         except (ConfigError, ValueError) as exc:
@@ -83,6 +184,17 @@ def render(
             _emit("dashboard", target, text, stdout, check, drift)
     if drift:
         raise _die(f"out of date (run `vrstack k8s render --all`): {', '.join(drift)}", 1)
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """`--label KEY=VALUE` options as a dict (syntax checked by the renderer)."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _die(f"--label takes KEY=VALUE (got {pair!r})", 2)
+        labels[key] = value
+    return labels
 
 
 def _emit(source: str, target: Path, text: str, stdout: bool, check: bool, drift: list) -> None:
@@ -111,7 +223,7 @@ def validate(
     crd_dir = crds or (Path(env_dir) if env_dir else None)
     if crd_dir is None:
         console.print("[yellow]no --crds folder: RayService schemas not checked[/]")
-    files = list(paths or sorted(OUT_DIR.glob("*.yaml")))
+    files = list(paths or sorted(OUT_DIR.rglob("*.yaml")))
     errors = [e for path in files for e in file_errors(path, crd_dir)]
     for error in errors:
         console.print(error, markup=False, highlight=False, soft_wrap=True)
@@ -278,11 +390,10 @@ def import_values_command(
         output.write_text(text)
         console.print(f"[green]✓[/] {output}")
     if k8s_output is not None:
-        secret, key = imported.hf_token_secret or ("hf-token", "token")
         source = output or values.with_suffix(".serve.yaml")
         if output is None:
             source.write_text(text)
         loaded = read_serve_config(source)
-        options = RenderOptions(name=name, hf_token_secret=secret, hf_token_key=key)
+        options = RenderOptions(name=name)  # each model's secrets are in the serve config
         k8s_output.write_text(dump_documents(render_documents(loaded, options), str(source)))
         console.print(f"[green]✓[/] {k8s_output}")

@@ -1,6 +1,6 @@
 """The configuration model: the one schema behind serve configs, manifests and the CLI."""
 
-from app.config.models import Autoscaling, KVOffload, ModelSpec, Resources
+from app.config.models import Autoscaling, KVOffload, ModelSpec, Resources, SecretRef
 from app.config.quantity import parse_quantity
 from app.config.stack import (
     AuthSettings,
@@ -23,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "Resources",
     "RouterSettings",
+    "SecretRef",
     "ServerSettings",
     "StackConfig",
     "load_config",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,10 @@ from app.config.embedded import EMBEDDED_MODELS, EMBEDDED_SCHEME, embedded_name
 from app.config.quantity import parse_quantity
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+# Resources Ray manages itself (num_cpus, num_gpus, memory options; `ray start` flags), which
+# therefore cannot be requested or advertised as custom resources.
+RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+CUSTOM_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
 # vLLM engine arguments that have a field of their own here; naming them in engine_args is an error.
 OWN_FIELDS = {"model": "source", "max_model_len": "max_model_len", "dtype": "dtype"}
 
@@ -22,6 +27,38 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_custom_resources(resources: dict[str, float], builtin_hint: str) -> dict[str, float]:
+    """Ray custom resources as `ray start --resources` and Ray's scheduler accept them."""
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ValueError(
+                f"{name!r} is a resource Ray sets itself; name a custom resource instead "
+                f"({builtin_hint})"
+            )
+        if not CUSTOM_RESOURCE_NAME.match(name):
+            raise ValueError(
+                f"resource name {name!r}: use letters, digits and '-', '_', '.', ':', "
+                "'/', starting with a letter or digit (it goes on `ray start --resources`)"
+            )
+        if not math.isfinite(amount) or amount < 0:
+            raise ValueError(f"resource {name!r}: the amount must be a number >= 0")
+        if amount != 0 and int(amount * 10_000) == 0:
+            raise ValueError(f"resource {name!r}: Ray counts amounts in steps of 0.0001")
+    return resources
+
+
+class SecretRef(StrictModel):
+    """A key of a Kubernetes Secret, read by the rendered manifests (not by `serve run`)."""
+
+    name: str = Field(
+        max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="Secret name."
+    )
+    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in it.")
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class Resources(StrictModel):
     """What one engine replica needs (Kubernetes-style quantities for memory and storage)."""
 
@@ -30,6 +67,25 @@ class Resources(StrictModel):
     memory: str | None = Field(None, description="Memory for one replica, e.g. '16Gi'.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'L4'.")
     storage: str | None = Field(None, description="Model cache volume size, e.g. '10Gi'.")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each replica requests, e.g. {vrstack-engine-x: 1} to "
+        "pin it to nodes that advertise them (KubeRay manifests pin each model to its group).",
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources, "use cpu, gpu and memory for those")
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_gpus(cls, value: float) -> float:
+        if value > 1 and not value.is_integer():
+            raise ValueError(
+                f"{value:g} GPUs: above 1, use a whole number (one GPU per engine worker)"
+            )
+        return value
 
     @field_validator("memory", "storage")
     @classmethod
@@ -91,6 +147,9 @@ class KVOffload(StrictModel):
         return self
 
 
+PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size")  # GPU workers = product
+
+
 class ModelSpec(StrictModel):
     """One served model: a name clients use, a source, engine settings and resources."""
 
@@ -105,6 +164,11 @@ class ModelSpec(StrictModel):
         default_factory=dict, description="Other vLLM engine arguments, passed as they are."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Engine process environment.")
+    secret_env: dict[str, SecretRef] = Field(
+        default_factory=dict,
+        description="Engine pod environment from Kubernetes Secrets (rendered manifests only; "
+        "with `serve run`, export these variables yourself).",
+    )
     replicas: int = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
     autoscaling: Autoscaling | None = None
     resources: Resources = Field(default_factory=Resources)
@@ -144,7 +208,20 @@ class ModelSpec(StrictModel):
                 raise ValueError(
                     f"engine_args.{key} has a field of its own: set `{OWN_FIELDS[key]}` instead"
                 )
+        for key in PARALLEL_SIZES:
+            size = value.get(key, 1)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"engine_args.{key} must be a whole number >= 1, not {size!r}")
         return value
+
+    @model_validator(mode="after")
+    def _secret_env(self) -> ModelSpec:
+        for name in self.secret_env:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"secret_env: {name!r} is not an environment variable name")
+            if name in self.env:
+                raise ValueError(f"{name} is in both env and secret_env; keep one")
+        return self
 
     @model_validator(mode="after")
     def _kv_offload(self) -> ModelSpec:
@@ -157,6 +234,21 @@ class ModelSpec(StrictModel):
                 "engine_args.kv_transfer_config and kv_offload both set the KV connector; keep one"
             )
         return self
+
+    @model_validator(mode="after")
+    def _gpus_per_worker(self) -> ModelSpec:
+        gpu, workers = self.resources.gpu, self.gpu_workers
+        if gpu and math.ceil(gpu) < workers:
+            raise ValueError(
+                f"resources.gpu {gpu:g} is fewer than the engine's {workers} GPU workers "
+                f"(tensor_parallel_size x pipeline_parallel_size); set resources.gpu: {workers}"
+            )
+        return self
+
+    @property
+    def gpu_workers(self) -> int:
+        """vLLM's workers, one GPU each: tensor_parallel_size x pipeline_parallel_size."""
+        return math.prod(self.engine_args.get(key, 1) for key in PARALLEL_SIZES)
 
     @property
     def names(self) -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from app.config.models import ModelSpec, StrictModel
+from app.config.models import ModelSpec, SecretRef, StrictModel, check_custom_resources
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
 
 # Policies the routing package has but the engines cannot feed yet: refused with the reason.
@@ -48,12 +48,22 @@ class ServerSettings(StrictModel):
 
     ingress_replicas: int = Field(1, ge=1)
     ingress_cpus: float = Field(0.5, ge=0)
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each ingress replica requests, e.g. "
+        "{vrstack-ingress: 1} to pin it to nodes that advertise them (KubeRay manifests do).",
+    )
     request_timeout_s: float = Field(
         300, gt=0, description="Longest wait for an engine answer (first byte for streams)."
     )
     retries: int = Field(
         2, ge=0, le=10, description="Retries on another replica when one fails before answering."
     )
+
+    @field_validator("ingress_resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources, "use ingress_cpus for CPUs")
 
 
 class KeyLimits(StrictModel):
@@ -88,7 +98,21 @@ class AuthSettings(StrictModel):
     api_keys_file: str | None = Field(
         None, description="File with one key per line (e.g. a mounted Kubernetes Secret)."
     )
+    api_keys_secret: SecretRef | None = Field(
+        None,
+        description="Kubernetes Secret key with comma-separated keys; the rendered manifests "
+        "put it in `api_keys_env` on the ingress pods.",
+    )
     protect_metrics: bool = Field(False, description="Require a key for GET /metrics too.")
+
+    @model_validator(mode="after")
+    def _secret_needs_env(self) -> AuthSettings:
+        if self.api_keys_secret is not None and not self.api_keys_env:
+            raise ValueError(
+                "api_keys_secret is read through api_keys_env; set api_keys_env (e.g. "
+                "VRSTACK_API_KEYS)"
+            )
+        return self
 
 
 class StackConfig(StrictModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from app.config import KVOffload, ModelSpec, RouterSettings
@@ -67,14 +68,20 @@ def engine_env(spec: ModelSpec) -> dict[str, str]:
 
 
 def placement_bundles(spec: ModelSpec) -> list[dict[str, float]]:
-    """One bundle per replica: the engine's CPUs, GPUs and memory."""
+    """One replica's placement group: one bundle per GPU, since vLLM places one worker per
+    bundle and refuses a bundle with more than one GPU (`initialize_ray_cluster` in
+    `vllm/v1/executor/ray_utils.py`). The replica's CPUs, memory and custom resources go in the
+    first bundle, where Ray Serve LLM puts the replica actor's own (`_merge_replica_actor_and_
+    child_actor_bundles`) and the engine process runs. A CPU engine (or a fraction of a GPU):
+    one bundle."""
     res = spec.resources
-    bundle: dict[str, float] = {"CPU": res.cpu}
+    first: dict[str, float] = {"CPU": res.cpu}
     if res.gpu:
-        bundle["GPU"] = res.gpu
+        first["GPU"] = min(res.gpu, 1.0)
     if (memory := res.memory_bytes()) is not None:
-        bundle["memory"] = memory
-    return [bundle]
+        first["memory"] = memory
+    first.update(res.custom)
+    return [first] + [{"GPU": 1.0} for _ in range(1, math.ceil(res.gpu))]
 
 
 def router_config(spec: ModelSpec, router: RouterSettings) -> dict[str, Any]:
@@ -144,7 +151,9 @@ def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
     from ray.serve.llm import build_llm_deployment
 
     from app.engines.llm_server import EngineServer
+    from app.engines.placement import warn_if_unplaceable
 
+    warn_if_unplaceable(spec)  # a replica no node can hold would otherwise wait in silence
     config = llm_config(spec, router=router)
     # Each stream chunk leaves as the engine makes it: the replica's port sends bytes, not Ray
     # stream messages, so gathering chunks (50 ms by default) would only add latency.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.config import AuthSettings
+from app.config import AuthSettings, ConfigError
 from app.errors import OpenAIError
 from app.ingress.middleware import send_error
 
@@ -39,7 +39,16 @@ class KeyStore:
             keys += os.environ.get(settings.api_keys_env, "").split(",")
         if settings.api_keys_file:
             keys += Path(settings.api_keys_file).read_text().splitlines()
-        return cls(keys)
+        store = cls(keys)
+        if settings.api_keys_secret is not None and not store.enabled:
+            # Fail closed: a stack meant to check keys must not serve everyone.
+            raise ConfigError(
+                f"auth.api_keys_secret is set but ${settings.api_keys_env} holds no key: create "
+                f"Secret {settings.api_keys_secret.name!r} with key "
+                f"{settings.api_keys_secret.key!r}, or export {settings.api_keys_env} when "
+                "serving outside Kubernetes"
+            )
+        return store
 
     @property
     def enabled(self) -> bool:

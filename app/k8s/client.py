@@ -308,9 +308,10 @@ class ServiceState:
 
 
 def endpoints(name: str, namespace: str, port: int = 8000) -> dict[str, str]:
-    """Where the stack answers: in-cluster URL and the production-stack-style port-forward."""
+    """Where the stack answers: in-cluster URL and the production-stack-style port-forward
+    (the router Service is the RayService's serveService, port 80 -> Serve's `port`)."""
     return {
-        "in-cluster": f"http://{name}-serve-svc.{namespace}.svc.cluster.local:{port}",
+        "in-cluster": f"http://{name}-router-service.{namespace}.svc.cluster.local",
         "router service": f"{name}-router-service (port 80)",
         "port-forward": f"kubectl -n {namespace} port-forward svc/{name}-router-service 30080:80",
     }

@@ -3,6 +3,8 @@
 - RayService / RayCluster: the KubeRay CRD's `openAPIV3Schema` (jsonschema), made strict the way
   `kubectl apply` (field validation "Strict") is: unknown fields are errors.
 - Core kinds (Service, PVC, Secret, ...): Kubernetes' own schemas via `kubernetes-validate`.
+- KubeRay's spec rules: what its controller refuses after the API server accepted the object
+  (`app.k8s.spec_rules`, from KubeRay v1.7.0's validation.go).
 - Ours: serveConfigV2 parses as our config and passes its validation, HTTP host 0.0.0.0,
   quantities parse, names fit Kubernetes' and KubeRay's limits.
 """
@@ -22,13 +24,16 @@ import yaml
 
 from app.config import ConfigError, parse_quantity
 from app.k8s.render import MAX_NAME_LENGTH
+from app.k8s.spec_rules import (
+    DNS_1035_LABEL,
+    DNS_1123_LABEL,
+    DNS_1123_SUBDOMAIN,
+    MAX_RAY_CLUSTER_NAME_LENGTH,
+    spec_rule_errors,
+)
 from app.serve_config import read_serve_config
 
 KUBERNETES_VERSION = "1.33"
-DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
 CORE_KINDS = {"Service", "PersistentVolumeClaim", "Secret", "ConfigMap", "ServiceAccount"}
 
 
@@ -102,8 +107,8 @@ def _name_errors(document: dict[str, Any]) -> list[str]:
     name = str((document.get("metadata") or {}).get("name", ""))
     kind = document.get("kind")
     errors = []
-    if kind == "RayService":
-        if len(name) > MAX_NAME_LENGTH or not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name):
+    if kind == "RayService":  # ValidateRayServiceMetadata
+        if len(name) > MAX_NAME_LENGTH or not DNS_1035_LABEL.match(name):
             errors.append(
                 f"metadata.name: {name!r} must be a DNS-1035 label of at most "
                 f"{MAX_NAME_LENGTH} characters (KubeRay appends a suffix)"
@@ -116,6 +121,12 @@ def _name_errors(document: dict[str, Any]) -> list[str]:
             group_name = str(group.get("groupName", ""))
             if len(group_name) > 63 or not DNS_1123_LABEL.match(group_name):
                 errors.append(f"workerGroupSpecs[{index}].groupName: {group_name!r} is no label")
+    elif kind == "RayCluster":  # ValidateRayClusterMetadata
+        if len(name) > MAX_RAY_CLUSTER_NAME_LENGTH or not DNS_1035_LABEL.match(name):
+            errors.append(
+                f"metadata.name: {name!r} must be a DNS-1035 label of at most "
+                f"{MAX_RAY_CLUSTER_NAME_LENGTH} characters"
+            )
     elif kind in ("Service",):
         if len(name) > 63 or not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name):
             errors.append(f"metadata.name: {name!r} must be a DNS-1035 label (<= 63 characters)")
@@ -168,6 +179,7 @@ def document_errors(document: dict[str, Any], crd_dir: str | Path | None) -> lis
                 errors.append(f"(top level): no CRD schema for {key[0]} {key[1]} in {crd_dir}")
             else:
                 errors += _schema_errors(document, schema)
+        errors += spec_rule_errors(document)
         if document["kind"] == "RayService":
             errors += serve_config_errors(str(document.get("spec", {}).get("serveConfigV2", "")))
     elif document["kind"] == "PodMonitor":
