@@ -16,15 +16,11 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import ConfigError, load_config, parse_quantity
+from app.k8s.images import CPU_BASE_IMAGE, DOCKERFILES, GPU_BASE_IMAGE, GPU_IMAGE, PACKAGE
+from app.k8s.options import RenderOptions
 from app.k8s.render import (
-    CPU_BASE_IMAGE,
-    DOCKERFILES,
     ENGINE_RESOURCE_PREFIX,
-    GPU_BASE_IMAGE,
-    GPU_IMAGE,
     INGRESS_RESOURCE,
-    PACKAGE,
-    RenderOptions,
     companion_files,
     default_name,
     output_path,
@@ -715,7 +711,7 @@ def test_validate_reads_the_examples_too(monkeypatch):
 def test_every_embedded_model_has_a_package_for_cpu_stacks():
     """Ray's CPU image gets an embedded model's GGUF from its wheel, installed by pip."""
     from app.config.embedded import EMBEDDED_MODELS
-    from app.k8s.render import EMBEDDED_PACKAGES
+    from app.k8s.images import EMBEDDED_PACKAGES
 
     for name, (module, _gguf) in EMBEDDED_MODELS.items():
         distribution = EMBEDDED_PACKAGES[name].split("==")[0]

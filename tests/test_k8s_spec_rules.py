@@ -14,12 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.k8s.render import (
-    INCREMENTAL_UPGRADE,
-    ClusterUpgradeOptions,
-    RenderOptions,
-    render_documents,
-)
+from app.k8s.options import INCREMENTAL_UPGRADE, ClusterUpgradeOptions, RenderOptions
+from app.k8s.render import render_documents
 from app.k8s.spec_rules import CRD_DEFAULTS, generic_version, go_duration_seconds
 from app.k8s.validate import _schema_errors, crd_schemas, document_errors, file_errors
 from app.serve_config import read_serve_config

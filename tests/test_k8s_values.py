@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import ConfigError, load_config
-from app.k8s.render import RenderOptions, dump_documents, render_documents
+from app.k8s.options import RenderOptions
+from app.k8s.render import dump_documents, render_documents
 from app.k8s.validate import file_errors
 from app.k8s.values import dump_serve_config, import_values, parse_extra_args
 from app.serve_config import BUILDER, read_serve_config

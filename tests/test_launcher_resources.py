@@ -31,7 +31,7 @@ from app.engines.placement import (
     total,
 )
 from app.serve_config import read_serve_config
-from app.stack_env import new_run
+from app.stack_env import leftovers, new_run
 from benchmarks.processes import free_port, serve_env
 from tests.conftest import SERVE_CONFIGS
 
@@ -167,12 +167,8 @@ def test_the_builder_warns_once_per_model_no_node_can_hold(cluster, serve_warnin
 
 
 def _with(ray_tmp: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                found.append(proc)
-    return found
+    """The processes started with `ray_tmp` as their Ray temp folder."""
+    return leftovers(ray_tmp, mark="RAY_TMPDIR")
 
 
 @pytest.mark.e2e

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +32,7 @@ def _die(message: str, code: int = 1) -> typer.Exit:
 def _upgrade(strategy: str, gateway_class: str | None, max_surge_percent: int | None,
              step_size_percent: int | None, interval_seconds: int | None):  # fmt: skip
     """--upgrade-strategy's ClusterUpgradeOptions (exit 2 when the options do not fit it)."""
-    from app.k8s.render import (
+    from app.k8s.options import (
         INCREMENTAL_UPGRADE,
         UPGRADE_INTERVAL_S,
         UPGRADE_STRATEGIES,
@@ -55,20 +54,6 @@ def _upgrade(strategy: str, gateway_class: str | None, max_surge_percent: int | 
         max_surge_percent=max_surge_percent,
         step_size_percent=step_size_percent,
         interval_seconds=UPGRADE_INTERVAL_S if interval_seconds is None else interval_seconds,
-    )
-
-
-def _options(path: Path, name: str | None, image: str | None, working_dir: str | None,
-             upgrade_strategy: str, hf_token_secret: str, cluster_upgrade: Any = None):  # fmt: skip
-    from app.k8s.render import ClusterUpgradeOptions, RenderOptions, default_name
-
-    return RenderOptions(
-        name=name or default_name(path),
-        image=image,
-        working_dir=working_dir,
-        upgrade_strategy=upgrade_strategy,  # type: ignore[arg-type]
-        cluster_upgrade=cluster_upgrade or ClusterUpgradeOptions(),
-        hf_token_secret=hf_token_secret,
     )
 
 
@@ -151,7 +136,8 @@ def render(
     """Render serve configs into RayService manifests (kuberay/opt125m.yaml, the minimal stack;
     kuberay/examples/X.yaml, the others); with --all also the Grafana dashboard
     (kuberay/grafana-dashboard.yaml, docs/grafana/vrstack-dashboard.json)."""
-    from app.k8s.render import companion_files, output_path, render_file
+    from app.k8s.options import RenderOptions
+    from app.k8s.render import companion_files, default_name, output_path, render_file
 
     paths = sorted(SERVE_CONFIGS.glob("*.yaml")) if all_ else list(configs or [])
     if not paths:
@@ -164,15 +150,17 @@ def render(
         upgrade_strategy, gateway_class, max_surge_percent, step_size_percent, interval_seconds
     )
     for path in paths:
-        options = _options(
-            path, name, image, working_dir, upgrade_strategy, hf_token_secret, upgrade
-        )
-        options = replace(
-            options,
+        options = RenderOptions(
+            name=name or default_name(path),
+            image=image,
+            working_dir=working_dir,
             package=package,
+            upgrade_strategy=upgrade_strategy,  # type: ignore[arg-type]  # checked by _upgrade
+            cluster_upgrade=upgrade,
+            hf_token_secret=hf_token_secret,
+            pod_monitor=pod_monitor,
             labels=labels,
             storage_class=storage_class,
-            pod_monitor=pod_monitor,
         )
         try:
             text = render_file(path, options)
@@ -234,7 +222,8 @@ def validate(
 
 def _documents(target: str) -> list[dict[str, Any]]:
     """Documents of a serve config (rendered), a manifest file, or a RayService name."""
-    from app.k8s.render import RenderOptions, default_name, render_documents
+    from app.k8s.options import RenderOptions
+    from app.k8s.render import default_name, render_documents
 
     path = Path(target)
     if path.is_file():
@@ -372,7 +361,8 @@ def import_values_command(
     ] = "vllm",
 ) -> None:
     """Convert production-stack Helm values into a serve config (and a RayService)."""
-    from app.k8s.render import RenderOptions, dump_documents, render_documents
+    from app.k8s.options import RenderOptions
+    from app.k8s.render import dump_documents, render_documents
     from app.k8s.values import dump_serve_config, import_values
     from app.serve_config import read_serve_config
 

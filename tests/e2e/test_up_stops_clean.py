@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from app.stack_env import new_run
+from app.stack_env import leftovers, new_run
 from benchmarks.processes import free_port, serve_env
 from tests.conftest import SERVE_CONFIGS
 
@@ -34,12 +34,8 @@ pytestmark = pytest.mark.e2e
 
 
 def _with(ray_tmp: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                found.append(proc)
-    return found
+    """The processes started with `ray_tmp` as their Ray temp folder."""
+    return leftovers(ray_tmp, mark="RAY_TMPDIR")
 
 
 def _listening(port: int) -> bool:
