@@ -179,6 +179,23 @@ async def test_unknown_route_and_method(cpu_model):
         )
 
 
+@pytest.mark.parametrize("path", ["/health", "/status", "/v1/models", "/models", "/metrics"])
+async def test_head_answers_like_get_without_a_body(cpu_model, path):
+    """Load balancers check with HEAD: the GET answer's status and headers, no body."""
+    async with make_client(cpu_model) as (client, _, _):
+        get, head = await client.get(path), await client.head(path)
+        assert get.status_code == head.status_code == 200
+        assert head.content == b"" and get.content
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers.get("x-request-id")
+
+
+async def test_head_on_a_post_endpoint_is_405(cpu_model):
+    async with make_client(cpu_model) as (client, _, _):
+        response = await client.head("/v1/completions")
+        assert response.status_code == 405 and response.headers.get("x-request-id")
+
+
 async def test_oversized_body_is_413(cpu_model):
     async with make_client(cpu_model, limits={"max_body_bytes": 4096}) as (client, engines, _):
         big = {"model": "smollm2", "prompt": "x" * 10_000}

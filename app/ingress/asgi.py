@@ -27,7 +27,13 @@ from app.errors import OpenAIError, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
 from app.ingress.gateway import Exchange, Gateway
-from app.ingress.middleware import read_body, request_id_of, send_error, with_request_id
+from app.ingress.middleware import (
+    read_body,
+    request_id_of,
+    send_error,
+    with_request_id,
+    without_body,
+)
 from app.ingress.protocol import OpenAIRequest
 from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
 from app.ingress.routes import metrics as metrics_routes
@@ -61,7 +67,9 @@ class StackApp:
         if not given:  # Ray Serve's own middleware echoes a client's id
             send = with_request_id(send, request_id)
         route = self.posts.get(route_path(scope))
-        if route is None:
+        if route is None and scope["method"] == "HEAD":  # load balancers' checks: GET, no body
+            await self.api({**scope, "method": "GET"}, receive, without_body(send))
+        elif route is None:
             await self.api(scope, receive, send)
         elif scope["method"] != "POST":
             message = f"method {scope['method']} is not allowed on {scope['path']}"

@@ -40,6 +40,17 @@ def with_request_id(send: Send, request_id: str) -> Send:
     return send_with_id
 
 
+def without_body(send: Send) -> Send:
+    """`send` for a HEAD request: the GET answer's status and headers, no body bytes."""
+
+    async def send_head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
+
+
 async def send_error(send: Send, error: OpenAIError) -> None:
     """Answer an OpenAI-shaped error from ASGI code."""
     payload = json.dumps(error.body()).encode()

@@ -112,6 +112,8 @@ def test_health_and_version(smollm2):
     assert health.status_code == 200
     assert health.json()["models"]["smollm2"] == {"ready": True, "running_replicas": 1}
     assert httpx.get(f"{smollm2.base_url}/version").json()["ray"] == "2.60.0"
+    head = httpx.head(f"{smollm2.base_url}/health")  # a load balancer's check, through HAProxy
+    assert head.status_code == 200 and head.content == b"" and head.headers.get("x-request-id")
 
 
 def test_handle_client(smollm2):
