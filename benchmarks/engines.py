@@ -310,10 +310,10 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in rows.items():
-            errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
             out.append(
-                f"| {name} | {r['succeeded']} / {r['requests']} | {errors} | {_ms(r['ttft_p50'])} "
-                f"| {_ms(r['ttft_p99'])} | {_ms(r['itl_p50'])} | {_ms(r['itl_p99'])} "
+                f"| {name} | {r['succeeded']} / {r['requests']} | {_errors(r)} "
+                f"| {_ms(r['ttft_p50'])} | {_ms(r['ttft_p99'])} "
+                f"| {_ms(r['itl_p50'])} | {_ms(r['itl_p99'])} "
                 f"| {_ms(r['e2e_p50'])} | {_ms(r['e2e_p99'])} | {_x(r['tokens_per_s'])} "
                 f"| {_x(r['requests_per_s'])} | {_x(rel[name]['ttft_p50'])} "
                 f"| {_x(rel[name]['tokens_per_s'])} |"
@@ -338,6 +338,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _errors(row: dict[str, Any]) -> str:
+    """A row's errors by kind, or 0."""
+    return ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0"
+
+
 def serial_table(
     rows: dict[str, dict[str, Any]], rel: dict[str, dict], report: dict[str, Any]
 ) -> list[str]:
@@ -350,9 +355,8 @@ def serial_table(
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         out.append(
-            f"| {name} | {r['succeeded']} / {r['requests']} | {errors} | {_ms(r['e2e_p50'])} "
+            f"| {name} | {r['succeeded']} / {r['requests']} | {_errors(r)} | {_ms(r['e2e_p50'])} "
             f"| {_ms(r['e2e_p99'])} | {_x(r['requests_per_s'])} | {_x(rel[name]['e2e_p50'])} |"
         )
     return [*out, ""]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from app.k8s.options import INCREMENTAL_UPGRADE
+
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(
@@ -21,7 +23,6 @@ DNS_1123_SUBDOMAIN = re.compile(
 # (feature gates: a field refused only because its gate is off, or allowed only when it is on).
 RAY_SERVICE_UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 RAY_CLUSTER_UPGRADE_TYPES = ("Recreate", "None")
-INCREMENTAL_UPGRADE = "NewClusterWithIncrementalUpgrade"
 MAX_RAY_CLUSTER_NAME_LENGTH = 53  # 63 - len("-serve-svc")
 # CRD defaults the rules read: the API server fills them in before the controller looks.
 CRD_DEFAULTS = {"minReplicas": 0, "maxReplicas": 2**31 - 1, "maxSurgePercent": 100}
