@@ -27,10 +27,16 @@ def build_app(args: dict[str, Any] | StackConfig) -> Any:
 
 def ingress_app(config: StackConfig, engines: dict[str, Any]) -> Any:
     """The ingress deployment of `config`, bound to its models' engine applications."""
+    from app.engines.http_server import SHUTDOWN_S
     from app.ingress.deployment import Ingress
+    from app.ingress.middleware import RAY_EDGE_ENV
 
     server = config.server
-    actor_options: dict[str, Any] = {"num_cpus": server.ingress_cpus}
+    # Ray's env_vars merge with the application's runtime_env (its pip package stays).
+    actor_options: dict[str, Any] = {
+        "num_cpus": server.ingress_cpus,
+        "runtime_env": {"env_vars": dict(RAY_EDGE_ENV)},
+    }
     if server.ingress_resources:  # e.g. the ingress group's custom resource on KubeRay
         actor_options["resources"] = dict(server.ingress_resources)
     return Ingress.options(
@@ -38,5 +44,6 @@ def ingress_app(config: StackConfig, engines: dict[str, Any]) -> Any:
         num_replicas=server.ingress_replicas,
         ray_actor_options=actor_options,
         max_ongoing_requests=1000,
+        graceful_shutdown_timeout_s=SHUTDOWN_S,  # its streams last as long as the engines' drain
         logging_config={"enable_access_log": False},  # /metrics counts every request
     ).bind(config.model_dump(), engines)  # python mode: API keys stay SecretStr, not masked

@@ -1,5 +1,5 @@
 """OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`, the exception that
-carries it, and pydantic errors as one readable sentence."""
+carries it, and pydantic errors as one readable sentence without pydantic's internals."""
 
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ _TYPE_TAG = re.compile(
 )
 
 
+# What pydantic adds to its messages for developers: documentation links and error-type tags.
+_PYDANTIC_DETAIL = re.compile(
+    r"\s*(For further information visit \S+|\[type=\w+(,.*?input_type=[\w.]+)?\]"
+    r"|https?://errors\.pydantic\.dev\S*)"
+)
+MAX_MESSAGE_CHARS = 1000
+
+
+def public_message(text: str) -> str:
+    """`text` fit for a client: one line, without pydantic's links and type tags, bounded."""
+    text = " ".join(_PYDANTIC_DETAIL.sub("", text).split())
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def validation_message(errors: list[dict[str, Any]] | ValidationError) -> tuple[str, str | None]:
     """One readable sentence for pydantic errors, and the offending parameter's name."""
     if isinstance(errors, ValidationError):
@@ -50,7 +64,7 @@ def validation_message(errors: list[dict[str, Any]] | ValidationError) -> tuple[
         return "request body is not valid JSON", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = public_message(str(first.get("msg", "invalid value")).removeprefix("Value error, "))
     if first.get("type") == "missing":
         message = f"missing required parameter '{param}'"
     elif param:

@@ -15,6 +15,11 @@ Its answers come from one of two sources:
 - forwarded (`pool` given): each replica takes the URL of its Serve replica rank from a
   `BackendPool` and relays every call over HTTP to that replica of the lab's HTTP simulator
   (`benchmarks.sim_server`), so Ray's fronts and the peer routers face the same simulated replicas.
+Tests may shape one request with a `simulate` object in its body (`{"delay_s": 25, "tokens":
+100}` overrides the deployment's), and stop a replica's engine as vLLM's engine core dies inside
+a live replica (`fail_engine`, or `"engine_dies_after_s"` in a request's `simulate`: the engine
+of the replica answering it): streams in progress end with vLLM's error event and [DONE], new
+requests fail with vLLM's text, and the health check raises (so Serve replaces the replica).
 It is never built from a serve config: tests and benchmarks bind it.
 """
 
@@ -32,7 +37,7 @@ import ray
 from ray import serve
 
 from app.engines.autoscaling import RELAYED
-from app.engines.http_server import Answer, EngineApp, EngineHttpServer
+from app.engines.http_server import DRAIN_S, Answer, EngineApp, EngineHttpServer
 from app.engines.items import Endpoint, EngineItem, error_item
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.internal_token import internal_token
@@ -41,6 +46,10 @@ from app.ray_internals import openai_request_models
 PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 KEEPALIVE_LIMITS = httpx.Limits(max_connections=1000, keepalive_expiry=1.0)
 Piece = str | list[str] | EngineItem  # an SSE text, a batch of them, or a plain item
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+_DEAD_EVENT = "data: " + json.dumps(
+    {"error": {"message": ENGINE_DEAD, "type": "InternalServerError", "param": None, "code": 500}}
+)  # what vLLM's stream says when its engine core dies
 
 
 @ray.remote(num_cpus=0)
@@ -81,6 +90,8 @@ class SimulatedEngine:
             openai_request_models()
         self._delay_s, self._tokens, self._batch_ms = delay_s, tokens, batch_ms
         self._in_flight = 0  # handle calls
+        self._running = 0  # answers being generated (vLLM's running requests)
+        self._engine_dead = False
         self._meter = RequestMeter()
         ctx = serve.get_replica_context()
         self._port = EngineApp(self, await internal_token(ctx.app_name))
@@ -99,29 +110,37 @@ class SimulatedEngine:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         return {
+            **self._port.stats(),
             "in_flight": self._in_flight + self._port.in_flight,
+            "running": self._running,
             "requests": self._meter.snapshot(),
         }
 
     async def check_health(self) -> None:
-        return None
+        if self._engine_dead:
+            raise RuntimeError(ENGINE_DEAD)
+
+    async def fail_engine(self) -> str:
+        """Stop this replica's engine for good (as vLLM's engine core dying); the replica id."""
+        self._engine_dead = True
+        return serve.get_replica_context().replica_id.unique_id
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return {RELAYED: self._port.in_flight}
 
     async def __del__(self) -> None:
-        await self._http.stop(drain_s=5)
+        await self._http.stop(DRAIN_S)
 
     async def answer(self, endpoint: Endpoint, body: dict[str, Any]) -> Answer:
         """An HTTP request's answer, made here (`app.engines.http_server.Backend`)."""
         if endpoint not in PATHS:
             return Answer.error(404, f"the simulated engine does not serve {endpoint}")
-        tokens = self._token_count(body)
         if not body.get("stream"):
-            await asyncio.sleep(self._delay_s)
-            rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
-            return Answer.json(_completion(rid, created, body, "sim " * tokens, tokens))
-        batches = self._batches(_sse_stream(body, self._delay_s, tokens, usage=True))
+            piece = await anext(self._plain(body))
+            return Answer.json(piece["body"])
+        delay_s, tokens = self._shape(body)
+        events = self._engine(_sse_stream(body, delay_s, tokens, usage=True))
+        batches = self._batches(events)
         return Answer(stream=self._meter.sse(endpoint, batches, keep_usage=wants_usage(body)))
 
     async def serve_openai(
@@ -169,9 +188,9 @@ class SimulatedEngine:
             if self.url:
                 source = self._forward(PATHS[endpoint], body)
             elif body.get("stream"):
-                usage = wants_usage(body)
-                tokens = self._token_count(body)
-                source = self._batches(_sse_stream(body, self._delay_s, tokens, usage=usage))
+                delay_s, tokens = self._shape(body)
+                events = _sse_stream(body, delay_s, tokens, usage=wants_usage(body))
+                source = self._batches(self._engine(events))
             else:
                 source = self._plain(body)
             async for piece in source:
@@ -179,16 +198,44 @@ class SimulatedEngine:
         finally:
             self._in_flight -= 1
 
-    def _token_count(self, body: dict[str, Any]) -> int:
-        return self._tokens or max(
-            1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
-        )
+    def _shape(self, body: dict[str, Any]) -> tuple[float, int]:
+        """(delay_s, tokens) of one answer: the body's `simulate` object, else the
+        deployment's (`tokens=None`: the request's max_tokens); the engine's death scheduled
+        if the object asks for it."""
+        shape = body.get("simulate") if isinstance(body.get("simulate"), dict) else {}
+        if "engine_dies_after_s" in shape:
+            asyncio.get_running_loop().call_later(
+                float(shape["engine_dies_after_s"]), setattr, self, "_engine_dead", True
+            )
+        tokens = shape.get("tokens") or self._tokens
+        tokens = tokens or int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        return float(shape.get("delay_s", self._delay_s)), max(1, int(tokens))
 
     async def _plain(self, body: dict[str, Any]) -> AsyncIterator[Piece]:
-        await asyncio.sleep(self._delay_s)
-        tokens = self._token_count(body)
+        delay_s, tokens = self._shape(body)
+        self._running += 1
+        try:
+            await asyncio.sleep(delay_s)
+        finally:
+            self._running -= 1
+        if self._engine_dead:
+            raise RuntimeError(ENGINE_DEAD)  # as vLLM's EngineDeadError
         rid, created = f"sim-{uuid.uuid4().hex[:12]}", int(time.time())
         yield {"body": _completion(rid, created, body, "sim " * tokens, tokens)}
+
+    async def _engine(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A stream's events as the engine makes them (counted as running): once the engine is
+        dead, vLLM's error event and [DONE] instead."""
+        self._running += 1
+        try:
+            async for event in events:
+                if self._engine_dead:
+                    yield _DEAD_EVENT + "\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield event
+        finally:
+            self._running -= 1
 
     def _batches(self, stream: AsyncIterator[str]) -> AsyncIterator[list[str]]:
         """The stream in lists, gathered every `batch_ms` ms by stock's own `Batcher` as

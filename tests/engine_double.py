@@ -1,11 +1,13 @@
 """An engine double for in-process tests: it stands in for vLLM (not for our code).
 
 `EngineDouble` answers like an engine replica (`app.engines.http_server.Backend`) and can be told
-to fail, hang or break a stream midway. `Stack` serves doubles on loopback ports with the real
-engine port app and server (`EngineApp`, `EngineHttpServer`), and hands the ingress each model's
-replicas through the real request router (`StackRequestRouter.route`) over fake Serve replica
-records, standing in for Serve's replica discovery. A "dead" replica is a port nothing listens
-on.
+to fail, hang or break a stream midway, or lose its engine as vLLM does when its engine core
+process dies (`engine_dead`: from the start; `engine_dies`: after a stream's first chunk;
+`engine_dead_once`: one replica's engine is dead, the other's lives). `Stack` serves doubles on
+loopback ports with the real engine port app and server (`EngineApp`, `EngineHttpServer`), and
+hands the ingress each model's replicas through the real request router
+(`StackRequestRouter.route`) over fake Serve replica records, standing in for Serve's replica
+discovery. A "dead" replica is a port nothing listens on.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from app.routing import RequestView
 from benchmarks.processes import free_port
 
 TOKEN = "test-token"
-MODES = ("ok", "error400", "hang", "die", "die_once", "slow", "break_stream", "hang_stream")
+MODES = ("ok", "error400", "error500", "hang", "die", "die_once", "slow", "break_stream",
+         "hang_stream", "engine_dead", "engine_dies", "engine_dead_once")  # fmt: skip
+VLLM_OOPS = "CUDA error: an illegal memory access was encountered"
+VLLM_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+_DEAD_EVENT = json.dumps({"error": {"message": VLLM_DEAD, "type": "InternalServerError",
+                                    "param": None, "code": 500}})  # fmt: skip
 
 
 class EngineDouble:
@@ -38,9 +45,18 @@ class EngineDouble:
         self.tokens = tokens
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
+        self.engine_dead = mode == "engine_dead"
+
+    async def check_health(self) -> None:
+        if self.engine_dead:
+            raise RuntimeError(VLLM_DEAD)
 
     async def answer(self, endpoint: str, body: dict[str, Any]) -> Answer:
         self.calls.append((endpoint, body))
+        if self.engine_dead:  # as vLLM: a stream says so in-band, an answer raises
+            if body.get("stream"):
+                return Answer(stream=_chunks([f"data: {_DEAD_EVENT}\n\n", "data: [DONE]\n\n"]))
+            raise RuntimeError(VLLM_DEAD)
         try:
             if self.mode == "hang":
                 await asyncio.sleep(3600)
@@ -51,6 +67,9 @@ class EngineDouble:
             raise
         if self.mode == "error400":
             return Answer.error(400, "prompt too long", param="prompt")
+        if self.mode == "error500":
+            error = {"message": VLLM_OOPS, "type": "InternalServerError", "code": 500}
+            return Answer.json({"error": error}, 500)
         if not body.get("stream"):
             return Answer.json(
                 {"object": endpoint, "model": body["model"], "echo": body, "created": 1}
@@ -64,11 +83,20 @@ class EngineDouble:
                     raise RuntimeError("engine died mid-stream")
                 if self.mode == "hang_stream" and i == 1:
                     await asyncio.sleep(3600)
+                if self.mode == "engine_dies" and i == 1:
+                    self.engine_dead = True
+                    yield f"data: {_DEAD_EVENT}\n\n".encode()
+                    break
                 yield f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'.encode()
             yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
+
+
+async def _chunks(events: list[str]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event.encode()
 
 
 class LoopbackRoutes:
@@ -114,20 +142,34 @@ class Stack:
         self.engines = engines
         self.ready = ready or {}
         self.routes: dict[str, LoopbackRoutes] = {}
+        self.apps: list[EngineApp] = []  # each replica's port app
         self._servers: list[EngineHttpServer] = []
 
     async def start(self) -> Stack:
         for name, engine in self.engines.items():
-            server = EngineHttpServer(EngineApp(engine, TOKEN), host="127.0.0.1")
-            url = await server.start()
-            self._servers.append(server)
+            url = await self._serve(engine)
             dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-            urls = {"die": [dead] * 4, "die_once": [dead, url]}.get(engine.mode, [url])
+            if engine.mode == "engine_dead_once":  # a replica whose engine is gone, then ours
+                dead = await self._serve(EngineDouble(name, mode="engine_dead"))
+            once = {"die_once", "engine_dead_once"}
+            urls = (
+                [dead] * 4
+                if engine.mode == "die"
+                else [dead, url]
+                if engine.mode in once
+                else [url]
+            )
             urls = urls[: self.ready.get(name, len(urls))]
             self.routes[name] = routes = LoopbackRoutes(name, urls)
-            if engine.mode == "die_once":  # the dead replica looks least loaded: chosen first
+            if engine.mode in once:  # the dead replica looks least loaded: chosen first
                 routes.replicas[1].routing_stats = {"in_flight": 5}
         return self
+
+    async def _serve(self, engine: EngineDouble) -> str:
+        self.apps.append(app := EngineApp(engine, TOKEN))
+        server = EngineHttpServer(app, host="127.0.0.1")
+        self._servers.append(server)
+        return await server.start()
 
     def get(self, model: str) -> LoopbackRoutes | None:
         return self.routes.get(model)

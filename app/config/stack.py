@@ -87,7 +87,14 @@ class Limits(StrictModel):
 
 
 class AuthSettings(StrictModel):
-    """Bearer API keys. Auth is on when any source yields a key; keys are never logged."""
+    """Bearer API keys. Auth is on when any source yields a key; keys are never logged. Without
+    a key the ingress serves everyone (with a warning), or refuses to start if `required`."""
+
+    required: bool = Field(
+        False,
+        description="Refuse to start when no source yields a key (a Secret implies it); "
+        "else a stack without keys serves everyone and logs a warning.",
+    )
 
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Keys in the config itself (prefer env or file)."
@@ -106,11 +113,16 @@ class AuthSettings(StrictModel):
     protect_metrics: bool = Field(False, description="Require a key for GET /metrics too.")
 
     @model_validator(mode="after")
-    def _secret_needs_env(self) -> AuthSettings:
+    def _sources(self) -> AuthSettings:
         if self.api_keys_secret is not None and not self.api_keys_env:
             raise ValueError(
                 "api_keys_secret is read through api_keys_env; set api_keys_env (e.g. "
                 "VRSTACK_API_KEYS)"
+            )
+        if self.required and not (self.api_keys or self.api_keys_env or self.api_keys_file):
+            raise ValueError(
+                "auth.required needs a place to find keys: api_keys_env, api_keys_file, "
+                "api_keys_secret or api_keys"
             )
         return self
 

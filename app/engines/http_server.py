@@ -10,6 +10,14 @@ ingress and the engines); anything else is refused with 403.
 
 The port binds the address in `VRSTACK_ENGINE_HOST`, else the Ray node's address (what other
 nodes reach). A client that goes away mid-stream cancels its generation.
+
+Engine failures never show the engine's own text (it is logged with the request id): before the
+answer's first byte a failed answer is a 500 `engine_error`, or, when the engine is gone for good
+(its health check fails, e.g. vLLM's engine core process died while the replica lives), a 503
+`engine_unavailable` that the ingress retries on another replica; every later request to the
+replica gets that 503 at once and the replica reports itself unhealthy to the routers until
+Serve's health check replaces it. After the first byte, the stream ends with an OpenAI-shaped
+error event (`engine_unavailable` or `engine_error`) and `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -41,6 +49,13 @@ ENDPOINTS: dict[str, Endpoint] = {
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 MAX_BODY_BYTES = 64 * 2**20  # the ingress enforces the configured limit; this only bounds memory
+ENGINE_UNAVAILABLE = "engine_unavailable"  # the replica's engine is gone: retry elsewhere
+HEALTH_TIMEOUT_S = 5.0  # a health check slower than this is not taken as the engine's death
+DRAIN_S = 30.0  # how long a stopping replica lets its answers in progress finish
+# Serve's graceful shutdown of a replica (`graceful_shutdown_timeout_s`, Ray's default 20 s):
+# long enough for the drain and for the engine to stop after it.
+SHUTDOWN_S = DRAIN_S + 30.0
+_ERROR_EVENT = b'data: {"error"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +84,10 @@ class Backend(Protocol):
         """The answer to one OpenAI request (already parsed from JSON)."""
         ...
 
+    async def check_health(self) -> None:
+        """Raise if the engine is gone for good (Serve's replica health check)."""
+        ...
+
 
 def route_path(scope: dict[str, Any]) -> str:
     """The request's path within its application: without the route prefix Serve puts in
@@ -84,6 +103,16 @@ class EngineApp:
         self.backend = backend
         self._token = token.encode()
         self.in_flight = 0  # requests being answered now (for routing stats and draining)
+        self.engine_dead = False  # the engine failed its health check: every request is a 503
+        self.refused = 0  # requests answered 503 engine_unavailable
+
+    def stats(self) -> dict[str, Any]:
+        """The port's part of the replica's routing stats."""
+        return {
+            "in_flight": self.in_flight,
+            "healthy": not self.engine_dead,
+            ENGINE_UNAVAILABLE: self.refused,
+        }
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -97,35 +126,51 @@ class EngineApp:
             status = 404 if endpoint is None else 405
             await _send(send, Answer.error(status, f"no route {method} {path} on an engine"))
             return
-        token = dict(scope["headers"]).get(TOKEN_HEADER.encode(), b"")
-        if not hmac.compare_digest(token, self._token):
+        headers = dict(scope["headers"])
+        if not hmac.compare_digest(headers.get(TOKEN_HEADER.encode(), b""), self._token):
             await _send(send, Answer.error(403, "engine ports take requests from the ingress only"))
             return
         body = await _read_body(receive)
         if body is None:
             await _send(send, Answer.error(413, "request body too large"))
             return
+        if self.engine_dead:
+            await _send(send, self._refused())
+            return
+        request_id = headers.get(b"x-request-id", b"-").decode("latin-1")
         self.in_flight += 1
         try:
-            await _unless_disconnected(self._respond(endpoint, body, send), receive)
+            work = self._respond(endpoint, body, send, request_id)
+            await unless_disconnected(work, receive)
         finally:
             self.in_flight -= 1
 
-    async def _respond(self, endpoint: Endpoint, body: bytes, send: Any) -> None:
-        answer = await self._answer(endpoint, body)
+    async def _respond(self, endpoint: Endpoint, body: bytes, send: Any, request_id: str) -> None:
+        answer = await self._answer(endpoint, body, request_id)
         if answer.stream is None:
             await _send(send, answer)
             return
         chunks = answer.stream
         try:
+            try:  # the answer's head waits for its first chunk: a failure may still be retried
+                chunk = await anext(chunks, None)
+            except Exception as exc:
+                await _send(send, await self.failure(endpoint, request_id, exc))
+                return
+            if chunk is not None and _ERROR_EVENT in chunk and await self._engine_gone():
+                self._log(endpoint, request_id, chunk)
+                await _send(send, self._refused())
+                return
             await send({"type": "http.response.start", "status": 200, "headers": _SSE})
             try:
-                async for chunk in chunks:
+                while chunk is not None:
+                    if _ERROR_EVENT in chunk:
+                        chunk = await self._error_event(endpoint, request_id, chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except Exception:  # the stream has started: say so in-band, then end it
-                logger.exception("engine failed in the middle of a %s stream", endpoint)
-                failure = error_body(500, "the engine failed mid-stream", code="engine_error")
-                event = b"data: " + json.dumps(failure).encode() + b"\n\ndata: [DONE]\n\n"
+                    chunk = await anext(chunks, None)
+            except Exception as exc:  # the stream has started: say so in-band, then end it
+                failure = await self.failure(endpoint, request_id, exc)
+                event = _event(json.loads(failure.body)) + b"data: [DONE]\n\n"
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
@@ -133,7 +178,7 @@ class EngineApp:
             if closer is not None:
                 await closer()  # stops the generation if the stream did not end
 
-    async def _answer(self, endpoint: Endpoint, body: bytes) -> Answer:
+    async def _answer(self, endpoint: Endpoint, body: bytes, request_id: str) -> Answer:
         try:
             data = json.loads(body)
         except ValueError:
@@ -141,10 +186,61 @@ class EngineApp:
         if not isinstance(data, dict):
             return Answer.error(400, "request body must be a JSON object")
         try:
-            return await self.backend.answer(endpoint, data)
-        except Exception:
-            logger.exception("engine failed to answer a %s request", endpoint)
-            return Answer.error(500, "the engine failed to answer", code="engine_error")
+            answer = await self.backend.answer(endpoint, data)
+        except Exception as exc:
+            return await self.failure(endpoint, request_id, exc)
+        if answer.status >= 500 and answer.stream is None:
+            return await self.failure(endpoint, request_id, answer.body)
+        return answer
+
+    async def _error_event(self, endpoint: Endpoint, request_id: str, chunk: bytes) -> bytes:
+        """An error event of the engine's stream: a 4xx as it is, anything else replaced by
+        ours (the engine's text logged)."""
+        try:
+            status = int(json.loads(chunk.removeprefix(b"data: "))["error"]["code"])
+        except (ValueError, KeyError, TypeError):
+            status = 500
+        if 400 <= status < 500:
+            return chunk
+        return _event(json.loads((await self.failure(endpoint, request_id, chunk)).body))
+
+    async def failure(self, endpoint: Endpoint, request_id: str, detail: object) -> Answer:
+        """The answer to an engine failure (`detail`: the exception or the engine's error,
+        logged, never answered): 503 `engine_unavailable` when the engine is gone, else 500."""
+        self._log(endpoint, request_id, detail)
+        if await self._engine_gone():
+            return self._refused()
+        return Answer.error(500, "the engine failed to answer", code="engine_error")
+
+    async def _engine_gone(self) -> bool:
+        """Whether the engine is gone for good: its health check raises (remembered)."""
+        if not self.engine_dead:
+            try:
+                await asyncio.wait_for(self.backend.check_health(), HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return False
+            except Exception:
+                logger.error("the engine failed its health check; refusing every request")
+                self.engine_dead = True
+        return self.engine_dead
+
+    def _refused(self) -> Answer:
+        self.refused += 1
+        return Answer.error(503, "the replica's engine is gone; retry", code=ENGINE_UNAVAILABLE)
+
+    @staticmethod
+    def _log(endpoint: Endpoint, request_id: str, detail: object) -> None:
+        if isinstance(detail, BaseException):
+            logger.error("request %s: the engine failed a %s request", request_id, endpoint,
+                         exc_info=detail)  # fmt: skip
+        else:
+            text = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else detail
+            logger.error("request %s: the engine failed a %s request: %.2000s", request_id,
+                         endpoint, text)  # fmt: skip
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
 async def _read_body(receive: Any) -> bytes | None:
@@ -167,7 +263,7 @@ async def _send(send: Any, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-async def _unless_disconnected(work: Any, receive: Any) -> None:
+async def unless_disconnected(work: Any, receive: Any) -> None:
     """Run `work` (the answer) in this task; cancel it if the client goes away first."""
     this = asyncio.current_task()
     gone = False
@@ -221,6 +317,10 @@ class EngineHttpServer:
         config = uvicorn.Config(
             self.app,
             lifespan="off",
+            # No logging config of uvicorn's own: applying one (`dictConfig`) closes every
+            # handler of the process, Ray Serve's included, and a Serve controller restarting
+            # then fails to recover the replica (it reads the log file off Serve's handler).
+            log_config=None,
             log_level="warning",
             access_log=False,
             http="httptools",
@@ -237,7 +337,7 @@ class EngineHttpServer:
         self.url = f"http://{host}:{port}"
         return self.url
 
-    async def stop(self, drain_s: float = 30.0) -> None:
+    async def stop(self, drain_s: float = DRAIN_S) -> None:
         """Stop accepting; let the requests in progress finish for up to `drain_s`."""
         if self._server is None or self._task is None:
             return

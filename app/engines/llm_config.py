@@ -9,6 +9,7 @@ from app.config import KVOffload, ModelSpec, RouterSettings
 from app.config.embedded import embedded_name
 from app.engines import embedded
 from app.engines.autoscaling import POLICY as AUTOSCALING_POLICY
+from app.engines.http_server import SHUTDOWN_S
 
 DEPLOYMENT_PREFIX = "engine:"
 
@@ -107,8 +108,10 @@ def deployment_config(spec: ModelSpec, router: RouterSettings | None = None) -> 
             }
         }
     )
-    # No access log: the ingress's /metrics counts every request.
+    # No access log: the ingress's /metrics counts every request. A stopping replica finishes
+    # its answers (`http_server.DRAIN_S`), longer than Ray's default shutdown allows.
     options = {**scaling, "ray_actor_options": {"num_cpus": 0}}
+    options["graceful_shutdown_timeout_s"] = SHUTDOWN_S
     options["logging_config"] = {"enable_access_log": False}
     if router is not None:
         options["request_router_config"] = router_config(spec, router)

@@ -25,7 +25,7 @@ from ray.serve.llm import LLMServer
 
 from app.engines import embedded
 from app.engines.autoscaling import RELAYED
-from app.engines.http_server import Answer, EngineApp, EngineHttpServer
+from app.engines.http_server import DRAIN_S, Answer, EngineApp, EngineHttpServer
 from app.engines.items import Endpoint, EngineItem
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.engines.stat_logger import EngineStats
@@ -39,7 +39,6 @@ from app.ray_internals import (
 )
 
 logger = logging.getLogger("vrstack.engine")
-DRAIN_S = 30.0  # how long a stopping replica lets its HTTP answers finish
 
 
 def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
@@ -87,11 +86,12 @@ class EngineServer(NoTelemetryStart, LLMServer):
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Stats for the request router and the ingress's metrics: the replica's answers in
-        progress, its engine's running/queued requests, KV-cache usage and prefix-cache hits
-        (`app.engines.stat_logger`), and its per-token figures (`app.engines.request_meter`)."""
+        progress and whether its engine lives (`EngineApp.stats`), its engine's running/queued
+        requests, KV-cache usage and prefix-cache hits (`app.engines.stat_logger`), and its
+        per-token figures (`app.engines.request_meter`)."""
         return {
             **await super().record_routing_stats(),
-            "in_flight": self._port.in_flight,
+            **self._port.stats(),
             **self._engine_stats.as_dict(),
             "requests": self._meter.snapshot(),
         }
@@ -128,19 +128,27 @@ class EngineServer(NoTelemetryStart, LLMServer):
         self, endpoint: Endpoint, body: dict[str, Any]
     ) -> AsyncGenerator[EngineItem, None]:
         """One handle call's answer: `{"body": dict}`, or `{"chunk": dict}` per stream chunk;
-        an error as `{"status", "error"}`."""
-        request, items = await self._run(endpoint, body)
-        if isinstance(request, Answer):
-            yield {"status": request.status, **json.loads(request.body)}
-            return
-        async for item in items:
-            for piece in item if isinstance(item, list) else [item]:
-                if isinstance(piece, str):
-                    if not piece.startswith("data: [DONE]"):
-                        yield {"chunk": json.loads(piece.removeprefix("data: "))}
-                    continue
-                status, data = _plain(piece)
-                yield {"body": data} if status == 200 else {"status": status, **data}
+        an error as `{"status", "error"}` (an engine failure as the HTTP port answers it)."""
+        try:
+            request, items = await self._run(endpoint, body)
+            if isinstance(request, Answer):
+                yield {"status": request.status, **json.loads(request.body)}
+                return
+            async for item in items:
+                for piece in item if isinstance(item, list) else [item]:
+                    if isinstance(piece, str):
+                        if piece.startswith('data: {"error"'):
+                            raise RuntimeError(piece)
+                        if not piece.startswith("data: [DONE]"):
+                            yield {"chunk": json.loads(piece.removeprefix("data: "))}
+                        continue
+                    status, data = _plain(piece)
+                    if status >= 500:
+                        raise RuntimeError(json.dumps(data))
+                    yield {"body": data} if status == 200 else {"status": status, **data}
+        except Exception as exc:
+            failure = await self._port.failure(endpoint, "handle", exc)
+            yield {"status": failure.status, **json.loads(failure.body)}
 
     async def _run(
         self, endpoint: Endpoint, body: dict[str, Any]

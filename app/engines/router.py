@@ -65,12 +65,15 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
     1. Read the request's model, prompt (text, messages or token ids), session key and LoRA
        adapter.
     2. Describe each candidate replica: in-flight requests (this router's own count, or the
-       replica's reported one if higher), queued requests and KV usage from the replica's
-       `record_routing_stats`, and its concurrency limit.
+       replica's reported one if higher), queued requests, KV usage and health (a replica
+       whose engine is gone says so) from the replica's `record_routing_stats`, and its
+       concurrency limit.
     3. Ask the policy. A relayed request goes to the chosen replica's port; a handle call gets
        the chosen replica as the first rank and the others, by load, as fallbacks.
     4. Track in-flight requests; tell the policy when a relayed request has its first byte
-       (its prefill is done) and when any request completes.
+       (its prefill is done) and when any request completes. Each request is counted once,
+       on the replica it went to, and released exactly once however it ends: answered, failed,
+       routed again, or cancelled while Serve still queued it (its routing future cancelled).
     """
 
     def initialize_state(self, policy: str = "scored", model: str = "", **settings: Any) -> None:
@@ -78,8 +81,8 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._model = model
         self._lock = threading.Lock()
         self._keys = itertools.count()
-        self._in_flight: dict[str, int] = {}
-        self._open: dict[Any, tuple[str, RequestView]] = {}  # request key -> replica, view
+        self._in_flight: dict[str, int] = {}  # replica id -> open requests (none: no entry)
+        self._open: dict[Any, _Open] = {}  # request key -> where it went
         self.replicas_known = False  # Serve has told this router the running replicas
         router_registry.register(model, self)
 
@@ -117,7 +120,8 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
 
     def finish(self, routed: Routed) -> None:
         """The relayed request ended (answered, failed or abandoned)."""
-        self._complete(routed.key)
+        with self._lock:
+            self._release(routed.key)
 
     def replica_count(self) -> int:
         """Running replicas with an HTTP port."""
@@ -142,8 +146,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
             except NoReplicaError:
                 return []
             if pending_request is not None:
-                request_id = pending_request.metadata.internal_request_id
-                self._track(request_id, decision.replica_id, view)
+                self._track_pending(pending_request, decision.replica_id, view)
             loads = dict(self._in_flight)
         chosen = next(
             r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id
@@ -155,13 +158,18 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         return [[chosen], rest] if rest else [[chosen]]
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-        self._complete(internal_request_id)
+        with self._lock:
+            opened = self._open.get(internal_request_id)
+            if opened is not None and opened.future is None:  # not a later routing of it
+                self._release(internal_request_id)
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
-        with self._lock:
-            self._in_flight.pop(replica_id.unique_id, None)
-            self._policy.forget_replica(replica_id.unique_id)
+        gone = replica_id.unique_id
+        with self._lock:  # its requests will not complete there
+            for key in [k for k, opened in self._open.items() if opened.replica_id == gone]:
+                self._release(key)
+            self._policy.forget_replica(gone)
 
     # -- bookkeeping (under the lock) ----------------------------------------------------------
     def _stats(self, replica: Any) -> ReplicaStats:
@@ -169,26 +177,63 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         reported = replica.routing_stats or {}
         return ReplicaStats(
             replica_id=replica_id,
+            healthy=bool(reported.get("healthy", True)),  # False: its engine is gone
             in_flight=max(self._in_flight.get(replica_id, 0), int(reported.get("in_flight", 0))),
             queued=int(reported.get("queued", 0)),
             kv_usage=float(reported.get("kv_usage", 0.0)),
             max_concurrency=max(1, replica.max_ongoing_requests),
         )
 
-    def _track(self, key: Any, replica_id: str, view: RequestView) -> None:
+    def _track(self, key: Any, replica_id: str, view: RequestView, future: Any = None) -> None:
         self._release(key)  # routed again (the first choice was full)
         self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
-        self._open[key] = (replica_id, view)
+        self._open[key] = _Open(replica_id, view, future)
 
-    def _release(self, key: Any) -> tuple[str, RequestView] | None:
+    def _track_pending(self, pending: PendingRequest, replica_id: str, view: RequestView) -> None:
+        """Track a handle call Serve is routing; its routing future settles where it went (the
+        chosen replica or a fallback) or, cancelled, that it went nowhere."""
+        key, future = pending.metadata.internal_request_id, pending.future
+        watched = (opened := self._open.get(key)) is not None and opened.future is future
+        self._track(key, replica_id, view, future)
+        if not watched:
+            future.add_done_callback(lambda done: self._routed(key, done))
+
+    def _routed(self, key: Any, future: Any) -> None:
+        """Serve settled a handle call's routing future: count the call on the replica it got;
+        release it if it was cancelled (or failed) before reaching one."""
+        with self._lock:
+            opened = self._open.get(key)
+            if opened is None or opened.future is not future:
+                return
+            if future.cancelled() or future.exception() is not None:
+                self._release(key)
+                return
+            opened.future = None  # sent: Serve reports its completion
+            replica_id = future.result().replica_id.unique_id
+            if replica_id != opened.replica_id:
+                self._decrement(opened.replica_id)
+                self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
+                opened.replica_id = replica_id
+
+    def _release(self, key: Any) -> None:
         opened = self._open.pop(key, None)
         if opened is not None:
-            replica_id = opened[0]
-            self._in_flight[replica_id] = max(0, self._in_flight.get(replica_id, 0) - 1)
-        return opened
+            self._decrement(opened.replica_id)
+            self._policy.on_complete(opened.view, opened.replica_id)
 
-    def _complete(self, key: Any) -> None:
-        with self._lock:
-            opened = self._release(key)
-            if opened is not None:
-                self._policy.on_complete(opened[1], opened[0])
+    def _decrement(self, replica_id: str) -> None:
+        count = self._in_flight.get(replica_id, 0) - 1
+        if count > 0:
+            self._in_flight[replica_id] = count
+        else:
+            self._in_flight.pop(replica_id, None)
+
+
+@dataclass(slots=True)
+class _Open:
+    """An open request: its replica, its view, and (a handle call Serve is still routing) its
+    routing future."""
+
+    replica_id: str
+    view: RequestView
+    future: Any = None

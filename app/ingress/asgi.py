@@ -1,11 +1,13 @@
 """The ingress's ASGI app: the OpenAI POST endpoints answered in one pass, the rest by FastAPI.
 
-Every request gets an id (`x-request-id`). The POST endpoints (completions, chat, embeddings,
-tokenize, detokenize; `app.ingress.routes`) take the hot path, with no framework between the
-server and the relay: API key, body limit, JSON, the request model's checks, per-key limits,
-then `Gateway.relay_http`; each answer is counted in the metrics with what the path already
-holds. Everything else (models, health, version, metrics, status, OpenAPI, unknown routes) is
-FastAPI's, behind the same API keys. Every error is OpenAI-shaped.
+Every request gets an id (`x-request-id`), which every answer carries. The POST endpoints
+(completions, chat, embeddings, tokenize, detokenize; `app.ingress.routes`) take the hot path,
+with no framework between the server and the relay: API key, body limit, JSON (nesting
+bounded), the request model's checks, per-key limits, then `Gateway.relay_http`, cancelled when
+the client leaves (the app watches for it itself, whatever Ray's proxy was told); each answer
+is counted in the metrics with what the path already holds. Everything else (models, health,
+version, metrics, status, OpenAPI, unknown routes) is FastAPI's, behind the same API keys.
+Every error is OpenAI-shaped.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
-from app.engines.http_server import route_path
-from app.errors import OpenAIError, validation_message
+from app.engines.http_server import route_path, unless_disconnected
+from app.errors import OpenAIError, public_message, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
 from app.ingress.gateway import Exchange, Gateway
 from app.ingress.middleware import (
+    json_object,
     read_body,
     request_id_of,
     send_error,
@@ -43,6 +46,7 @@ from app.observability.metrics import StackMetrics
 logger = logging.getLogger("vrstack.ingress")
 POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, tokenize.TOKENIZE,
                tokenize.DETOKENIZE)  # fmt: skip
+CLIENT_LEFT = 499  # the status counted for a request whose client left before its answer
 
 
 class StackApp:
@@ -63,9 +67,8 @@ class StackApp:
         if scope["type"] != "http":
             await self.api(scope, receive, send)
             return
-        request_id, given = request_id_of(scope)
-        if not given:  # Ray Serve's own middleware echoes a client's id
-            send = with_request_id(send, request_id)
+        request_id = request_id_of(scope)
+        send = with_request_id(send, request_id)
         route = self.posts.get(route_path(scope))
         if route is None and scope["method"] == "HEAD":  # load balancers' checks: GET, no body
             await self.api({**scope, "method": "GET"}, receive, without_body(send))
@@ -86,12 +89,13 @@ class StackApp:
         gauge.inc()
         answer = _Answer(send)
         exchange = Exchange()
-        request: OpenAIRequest | None = None
+        model, stream = None, False
         try:
             key_id, request = await self._request(route, scope, receive)
+            model, stream = request.model, getattr(request, "stream", False)
             lease = self.gateway.admit(key_id, request)
             try:
-                await self.gateway.relay_http(
+                relay = self.gateway.relay_http(
                     endpoint,
                     request,
                     send=answer,
@@ -99,6 +103,9 @@ class StackApp:
                     session=self._session(scope),
                     exchange=exchange,
                 )
+                del request  # the relay alone decides how long the request is kept
+                # Ours, whatever Ray's proxy was told (x-request-disconnect-disabled).
+                await unless_disconnected(relay, receive)
             finally:
                 lease.release()
         except OpenAIError as exc:
@@ -109,15 +116,11 @@ class StackApp:
             await answer.error(OpenAIError(500, message))
         finally:
             gauge.dec()
-            streamed = (
-                answer.status == 200
-                and getattr(request, "stream", False)
-                and exchange.first_byte_at is not None
-            )
+            streamed = answer.status == 200 and stream and exchange.first_byte_at is not None
             self.metrics.finish(
-                getattr(request, "model", None),
+                model,
                 endpoint,
-                answer.status or 500,
+                answer.status or CLIENT_LEFT,
                 time.perf_counter() - started,
                 ttft_s=exchange.first_byte_at - started if streamed else None,
                 decision=exchange.decision,
@@ -129,13 +132,7 @@ class StackApp:
         """The caller's key id and the checked request: API key, body size, JSON, the request
         model's fields."""
         key_id = self.keys.authenticate(scope["headers"])
-        body = await read_body(scope, receive, self.max_body_bytes)
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise OpenAIError(400, "request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise OpenAIError(400, "request body must be a JSON object")
+        data = json_object(await read_body(scope, receive, self.max_body_bytes))
         try:
             return key_id, route.request.model_validate(data)
         except ValidationError as exc:
@@ -150,20 +147,51 @@ class StackApp:
 
 
 class _Answer:
-    """The client's `send`, remembering the answer's status; errors only before it starts."""
+    """The client's `send`, remembering the answer's status; errors only before it starts.
+
+    An engine's JSON 4xx answer keeps its message but not pydantic's internals (vLLM quotes its
+    validation errors); the engine replicas keep their own failures' text out of 5xx answers
+    (`app.engines.http_server`)."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self._held: Message | None = None  # an engine 4xx's head, until its body is in
+        self._body = b""
         self.status: int | None = None
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            if 400 <= self.status < 500 and not _is_stream(message):
+                self._held = message
+                return
+        elif self._held is not None:
+            self._body += message.get("body", b"")
+            if not message.get("more_body", False):
+                await send_error(self._send, self._refusal(self._held))
+            return
         await self._send(message)
 
     async def error(self, error: OpenAIError) -> None:
         if self.status is None:
-            await send_error(self, error)
+            self.status = error.status
+            await send_error(self._send, error)
+
+    def _refusal(self, head: Message) -> OpenAIError:
+        """The engine's 4xx answer, its message fit for the client."""
+        try:
+            error = OpenAIError.from_body(head["status"], json.loads(self._body))
+        except (ValueError, AttributeError):  # not OpenAI's shape: nothing of it is shown
+            error = OpenAIError(head["status"], "")
+        error.message = public_message(error.message) or "the engine refused the request"
+        error.headers = {
+            k.decode(): v.decode() for k, v in head["headers"] if k.startswith(b"x-route-")
+        }
+        return error
+
+
+def _is_stream(start: Message) -> bool:
+    return dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/event")
 
 
 def create_app(gateway: Gateway) -> StackApp:

@@ -1,5 +1,8 @@
 """Bearer API keys: from the config, an environment variable or a mounted secret file.
 
+When no source yields a key, the ingress refuses to start if keys are required (naming each
+place it looked), else serves everyone and logs one warning saying so.
+
 Keys are kept only as SHA-256 digests and compared in constant time; a key is identified in
 limits and logs by a short digest prefix, never by its text.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +22,7 @@ from app.config import AuthSettings, ConfigError
 from app.errors import OpenAIError
 from app.ingress.middleware import send_error
 
+logger = logging.getLogger("vrstack.ingress")
 ANONYMOUS = "anonymous"
 OPEN_PATHS = frozenset({"/health", "/version"})
 
@@ -34,20 +39,29 @@ class KeyStore:
 
     @classmethod
     def from_settings(cls, settings: AuthSettings) -> KeyStore:
+        """The keys of every source in `settings`. None found: a `ConfigError` naming each
+        place looked in when keys are required (`auth.required`, or a Secret is named), else
+        one warning that auth is off and where it looked."""
         keys = [k.get_secret_value() for k in settings.api_keys]
         if settings.api_keys_env:
             keys += os.environ.get(settings.api_keys_env, "").split(",")
         if settings.api_keys_file:
-            keys += Path(settings.api_keys_file).read_text().splitlines()
+            keys += _file_keys(settings.api_keys_file)
         store = cls(keys)
-        if settings.api_keys_secret is not None and not store.enabled:
+        if store.enabled:
+            return store
+        looked = "; ".join(_places(settings))
+        if settings.required or settings.api_keys_secret is not None:
             # Fail closed: a stack meant to check keys must not serve everyone.
             raise ConfigError(
-                f"auth.api_keys_secret is set but ${settings.api_keys_env} holds no key: create "
-                f"Secret {settings.api_keys_secret.name!r} with key "
-                f"{settings.api_keys_secret.key!r}, or export {settings.api_keys_env} when "
-                "serving outside Kubernetes"
+                f"API keys are required but none was found; looked in: {looked}. Put a key in "
+                "one of them"
             )
+        logger.warning(
+            "API keys are off: every caller is served without a key (looked in: %s); set "
+            "auth.required: true to refuse to start without keys",
+            looked,
+        )
         return store
 
     @property
@@ -102,6 +116,32 @@ class AuthMiddleware:
                 return
         scope.setdefault("state", {})["api_key_id"] = key_id
         await self.app(scope, receive, send)
+
+
+def _file_keys(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"auth.api_keys_file {path} cannot be read: {exc.strerror}") from None
+
+
+def _places(settings: AuthSettings) -> list[str]:
+    """Where `from_settings` looked for keys, each found empty."""
+    places = ["auth.api_keys in the config holds no key"]
+    if settings.api_keys_env:
+        places.append(
+            f"${settings.api_keys_env} holds no key (the environment of the ingress replica's "
+            "Ray worker: that of `ray start` or of its pod, not of `serve run`)"
+        )
+    if settings.api_keys_file:
+        places.append(f"file {settings.api_keys_file} holds no key")
+    if settings.api_keys_secret is not None:
+        secret = settings.api_keys_secret
+        places.append(
+            f"Kubernetes Secret {secret.name!r} key {secret.key!r} (put in "
+            f"${settings.api_keys_env} on the ingress pods) is missing or empty"
+        )
+    return places
 
 
 def open_paths(protect_metrics: bool) -> frozenset[str]:

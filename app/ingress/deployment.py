@@ -13,6 +13,7 @@ from app.config import load_config
 from app.engines.items import Endpoint
 from app.errors import OpenAIError, validation_message
 from app.ingress.asgi import create_app
+from app.ingress.auth import ANONYMOUS
 from app.ingress.gateway import EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from app.internal_token import internal_token
@@ -31,7 +32,8 @@ class Ingress:
 
     HTTP requests are relayed to the engine replicas' own ports (`app.ingress.gateway`). Python
     callers use the handle methods (`completions`, `chat`, and their `_stream` variants) with
-    OpenAI request bodies as dicts; they get the same checks as HTTP.
+    OpenAI request bodies as dicts; they get the same checks as HTTP and the per-key limits of
+    anonymous callers (handle callers are trusted: no API key).
     """
 
     async def __init__(self, config: dict[str, Any], engines: Mapping[str, EngineHandle]) -> None:
@@ -48,23 +50,46 @@ class Ingress:
 
     async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
         """A completion (non-streaming); raises OpenAIError on bad input."""
-        return await self.gateway.call("completions", _parse("completions", body, stream=False))
+        return await handle_call(self.gateway, "completions", body)
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """A chat completion (non-streaming); raises OpenAIError on bad input."""
-        return await self.gateway.call("chat", _parse("chat", body, stream=False))
+        return await handle_call(self.gateway, "chat", body)
 
     async def completions_stream(
         self, body: dict[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Completion chunks as dicts (call with `handle.options(stream=True)`)."""
-        async for chunk in self.gateway.stream("completions", _parse("completions", body)):
+        async for chunk in handle_stream(self.gateway, "completions", body):
             yield chunk
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Chat completion chunks as dicts (call with `handle.options(stream=True)`)."""
-        async for chunk in self.gateway.stream("chat", _parse("chat", body)):
+        async for chunk in handle_stream(self.gateway, "chat", body):
             yield chunk
+
+
+async def handle_call(gateway: Gateway, endpoint: Endpoint, body: dict[str, Any]) -> dict:
+    """A handle call's answer: HTTP's checks and the anonymous callers' per-key limits."""
+    request = _parse(endpoint, body, stream=False)
+    lease = gateway.admit(ANONYMOUS, request)
+    try:
+        return await gateway.call(endpoint, request)
+    finally:
+        lease.release()
+
+
+async def handle_stream(
+    gateway: Gateway, endpoint: Endpoint, body: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A streaming handle call's chunks, with the checks and limits of `handle_call`."""
+    request = _parse(endpoint, body)
+    lease = gateway.admit(ANONYMOUS, request)
+    try:
+        async for chunk in gateway.stream(endpoint, request):
+            yield chunk
+    finally:
+        lease.release()
 
 
 def _parse(endpoint: Endpoint, body: dict[str, Any], *, stream: bool = True) -> SamplingRequest:

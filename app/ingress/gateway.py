@@ -2,8 +2,10 @@
 
 - HTTP requests (`relay_http`) go to a replica chosen by the model's request router
   (`app.engines.router`) and are relayed to that replica's own port (`app.ingress.relay`):
-  retried on another replica while nothing has been sent, the choice reported in `x-route-*`
-  headers, the first byte and the end reported back to the router.
+  retried on another replica while nothing has been sent (the replica is unreachable, drops
+  the connection, or answers that its engine is gone), the choice reported in `x-route-*`
+  headers, the first byte and the end reported back to the router (exactly once, however
+  the attempt ends: answered, failed, timed out or cancelled).
 - Python handle calls (`call`, `stream`) go through the engine deployment's Serve handle,
   which the same router routes, and get plain items (`app.engines.items`).
 Both take the same model resolution and limits.
@@ -22,13 +24,13 @@ from typing import Any, Protocol
 
 from app.config import ModelSpec, StackConfig
 from app.engines import router_registry
-from app.engines.http_server import ENDPOINTS
+from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
-from app.ingress.relay import Relay, RelayError, Send, pass_through
+from app.ingress.relay import Relay, RelayError, Send, engine_unavailable, pass_through
 from app.routing import Decision, view_of_body
 
 logger = logging.getLogger("vrstack.ingress")
@@ -168,34 +170,60 @@ class Gateway:
         view = view_of_body(body, model=spec.name, session_key=session)
         failed: set[str] = set()
         for attempt in range(self.config.server.retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt - 1))
             routed = routes.route(view, exclude=failed)
             if routed is None:
                 break
-            try:
-                response = await self.relay.send(
-                    routed.url, ENGINE_PATHS[endpoint], payload, request_id
-                )
-            except RelayError as exc:
+            try:  # the router's count of the request is released however the attempt ends
+                if await self._attempt(routes, routed, endpoint, payload, request_id, send,
+                                       exchange):  # fmt: skip
+                    return
+            finally:
                 routes.finish(routed)
-                if exc.timed_out:
-                    raise _timed_out(self.relay.timeout_s) from None
-                logger.warning("replica %s failed before answering: %s", routed.replica_id, exc)
-                failed.add(routed.replica_id)
-                await asyncio.sleep(backoff_s(attempt))
-                continue
+            failed.add(routed.replica_id)
+        raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
+
+    async def _attempt(
+        self,
+        routes: EngineRoutes,
+        routed: Any,
+        endpoint: Endpoint,
+        payload: bytes,
+        request_id: str,
+        send: Send,
+        exchange: Exchange,
+    ) -> bool:
+        """Relay the request to the routed replica; False when it failed before answering (not
+        reachable, or its engine is gone: another replica may answer)."""
+        try:
+            response = await self.relay.send(routed.url, ENGINE_PATHS[endpoint], payload,
+                                             request_id)  # fmt: skip
+        except RelayError as exc:
+            if exc.timed_out:
+                raise _timed_out(self.relay.timeout_s) from None
+            logger.warning(
+                "request %s: replica %s failed before answering: %s",
+                request_id, routed.replica_id, exc,
+            )  # fmt: skip
+            return False
+        try:
+            if await engine_unavailable(response):
+                logger.warning(
+                    "request %s: replica %s has no engine; retrying elsewhere",
+                    request_id, routed.replica_id,
+                )  # fmt: skip
+                return False
             exchange.decision = routed.decision
 
-            def first_byte(routed: Any = routed) -> None:
+            def first_byte() -> None:
                 exchange.first_byte_at = time.perf_counter()
                 routes.first_token(routed)
 
-            try:
-                await pass_through(response, send, route_headers(routed.decision), first_byte)
-            finally:
-                response.release()
-                routes.finish(routed)
-            return
-        raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
+            await pass_through(response, send, route_headers(routed.decision), first_byte)
+            return True
+        finally:
+            response.release()
 
     async def wait_for_routers(self, timeout_s: float, models: list[str] | None = None) -> bool:
         """Wait until each model's router in this process knows its running replicas (Serve
@@ -278,6 +306,10 @@ class Gateway:
                 await asyncio.sleep(backoff_s(attempt))
                 continue
             if "error" in first:
+                gone = first["error"].get("code") == ENGINE_UNAVAILABLE
+                if gone and attempt < self.config.server.retries:  # another replica may answer
+                    await asyncio.sleep(backoff_s(attempt))
+                    continue
                 raise OpenAIError.from_body(first["status"], first)
             yield first
             async for item in items:

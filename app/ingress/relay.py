@@ -3,9 +3,10 @@
 `Relay` holds one aiohttp session (keep-alive connections to every engine port this ingress
 replica uses). `send` posts the request with the stack's internal token and returns once the
 answer's head is in; connection failures and time-outs up to then are `RelayError`s the caller
-may retry on another replica (nothing was sent to the client yet). `pass_through` copies the
-answer to the client: a JSON body whole, a stream chunk by chunk as it arrives (no parsing),
-ending a stream that breaks or stalls with an OpenAI-shaped error event and `data: [DONE]`.
+may retry on another replica (nothing was sent to the client yet), and so may an answer
+saying the replica's engine is gone (`engine_unavailable`). `pass_through` copies the answer
+to the client: a JSON body whole, a stream chunk by chunk as it arrives (no parsing), ending a
+stream that breaks or stalls with an OpenAI-shaped error event and `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from app.engines.http_server import TOKEN_HEADER
+from app.engines.http_server import ENGINE_UNAVAILABLE, TOKEN_HEADER
 from app.errors import error_body
 
 logger = logging.getLogger("vrstack.ingress")
@@ -69,6 +70,18 @@ class Relay:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def engine_unavailable(response: aiohttp.ClientResponse) -> bool:
+    """Whether the answer says the replica's engine is gone (503 `engine_unavailable`): the
+    request may go to another replica. Reads the body of a 503 only (kept for `pass_through`)."""
+    if response.status != 503:
+        return False
+    try:
+        error = json.loads(await response.read()).get("error")
+    except (ValueError, AttributeError, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return True  # a 503 that breaks off: the replica is going away
+    return isinstance(error, dict) and error.get("code") == ENGINE_UNAVAILABLE
 
 
 async def pass_through(

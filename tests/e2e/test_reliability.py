@@ -23,17 +23,35 @@ MODEL = {"name": "sim", "source": "org/sim", "replicas": 2}
 BODY = {"model": "sim", "prompt": "hello", "max_tokens": 4}
 
 
-def deploy_simulated(name: str, *, delay_s: float, timeout_s: float = 300) -> None:
-    server = {"retries": 3, "request_timeout_s": timeout_s}
+def deploy_simulated(
+    name: str,
+    *,
+    delay_s: float,
+    timeout_s: float = 300,
+    server: dict | None = None,
+    engine_options: dict | None = None,
+    **engine_args: object,
+) -> None:
+    """The stack of `MODEL` with simulated engine replicas, as application `name` on "/"."""
+    server = {"retries": 3, "request_timeout_s": timeout_s, **(server or {})}
     config = load_config({"models": [MODEL], "server": server})
-    serve.run(simulated_stack(config, delay_s=delay_s), name=name, route_prefix="/")
+    app = simulated_stack(config, engine_options=engine_options, delay_s=delay_s, **engine_args)
+    serve.run(app, name=name, route_prefix="/")
+
+
+def replica_processes(app_name: str, deployment: str) -> list[psutil.Process]:
+    """The processes of the deployment's replicas."""
+    mark = f"ServeReplica:{app_name}:{deployment}"
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any(mark in part for part in p.info["cmdline"] or [])]  # fmt: skip
 
 
 def ingress_rss_mb(app_name: str) -> float:
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:{app_name}:ingress" in part for part in proc.info["cmdline"] or []):
-            return proc.memory_info().rss / 2**20
-    raise LookupError("ingress replica process not found")
+    """The resident memory of the application's ingress replicas, together."""
+    found = replica_processes(app_name, "ingress")
+    if not found:
+        raise LookupError("ingress replica process not found")
+    return sum(proc.memory_info().rss for proc in found) / 2**20
 
 
 async def _fire(base: str, count: int, concurrency: int, body: dict) -> list[int]:
