@@ -170,7 +170,7 @@ class EngineApp:
                     chunk = await anext(chunks, None)
             except Exception as exc:  # the stream has started: say so in-band, then end it
                 failure = await self.failure(endpoint, request_id, exc)
-                event = _event(json.loads(failure.body)) + b"data: [DONE]\n\n"
+                event = _event(failure) + b"data: [DONE]\n\n"
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
@@ -202,7 +202,7 @@ class EngineApp:
             status = 500
         if 400 <= status < 500:
             return chunk
-        return _event(json.loads((await self.failure(endpoint, request_id, chunk)).body))
+        return _event(await self.failure(endpoint, request_id, chunk))
 
     async def failure(self, endpoint: Endpoint, request_id: str, detail: object) -> Answer:
         """The answer to an engine failure (`detail`: the exception or the engine's error,
@@ -239,8 +239,9 @@ class EngineApp:
                          endpoint, text)  # fmt: skip
 
 
-def _event(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data).encode() + b"\n\n"
+def _event(answer: Answer) -> bytes:
+    """`answer`'s JSON body as a stream's event."""
+    return b"data: " + answer.body + b"\n\n"
 
 
 async def _read_body(receive: Any) -> bytes | None:
