@@ -144,7 +144,10 @@ async def test_a_relayed_request_cancelled_before_its_answer_releases_its_count(
 
 
 # Each handle call's fate once its routing started (Serve's hooks, in its order).
-HANDLE_FATES = ("cancelled", "sent", "sent_to_fallback", "rejected_then_sent", "replica_died")
+HANDLE_FATES = (
+    "cancelled", "sent", "sent_to_fallback", "rejected_then_sent", "replica_died",
+    "ended_in_the_routing_turn", "rejected_in_the_routing_turn",
+)  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None)
@@ -222,6 +225,25 @@ def _handle_call(
         request.future.cancel()
         return
     chosen = ranks[-1][-1] if fate == "sent_to_fallback" else ranks[0][0]
+    if fate == "ended_in_the_routing_turn":  # the caller left as Serve picked the replica:
+        request.future.set_result(chosen)  # Serve reports it ended before the future's
+        router.on_request_completed(chosen.replica_id, key)  # callbacks run
+        return
+    if fate == "rejected_in_the_routing_turn":  # refused at once: routed again, same turn
+        request.future.set_result(chosen)
+        request.reset_future()
+        router.on_request_completed(chosen.replica_id, key)
+        yield
+        ranks = loop.run_until_complete(router.choose_replicas(router._replicas_list, request))
+        if not ranks:
+            request.future.cancel()
+            return
+        chosen = ranks[0][0]
+        yield
+        request.future.set_result(chosen)
+        yield
+        router.on_request_completed(chosen.replica_id, key)
+        return
     if fate == "rejected_then_sent":  # the replica refused it: Serve routes it again
         request.future.set_result(chosen)
         yield

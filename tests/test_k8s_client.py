@@ -9,6 +9,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
@@ -106,6 +107,16 @@ def make_handler(state: KubeDouble):
                     ),
                 )
             key = (ns, plural, name or "")
+            if method == "GET" and name is None:  # a list, by `key=value,...` label selector
+                query = parse_qs(urlparse(self.path).query).get("labelSelector", [""])[0]
+                wanted = dict(p.split("=", 1) for p in query.split(",") if p)
+                items = [
+                    obj
+                    for (o_ns, o_plural, _), obj in state.objects.items()
+                    if (o_ns, o_plural) == (ns, plural)
+                    and wanted.items() <= obj["metadata"].get("labels", {}).items()
+                ]
+                return self._send(200, {"kind": "List", "apiVersion": "v1", "items": items})
             if method == "POST":
                 body = self._body()
                 key = (ns, plural, body["metadata"]["name"])

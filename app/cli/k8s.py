@@ -71,7 +71,7 @@ def render(
         str | None,
         typer.Option(
             help="Image of every pod, with this package in it (built from kuberay/image/); "
-            "default: Ray's public image, the package installed at start-up (--package)."
+            "default: Ray's public image, the package installed at start-up from a ConfigMap."
         ),
     ] = None,
     working_dir: Annotated[
@@ -81,7 +81,7 @@ def render(
         str | None,
         typer.Option(
             help="pip requirement Ray's images install this package from (runtime_env pip), "
-            "e.g. a wheel's URL; default: vllm-ray-stack==VERSION from PyPI."
+            "e.g. a wheel's URL; default: this checkout's sdist, carried in a ConfigMap."
         ),
     ] = None,
     label: Annotated[

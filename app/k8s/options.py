@@ -29,7 +29,7 @@ class RenderOptions:
     name: str
     image: str | None = None  # an image with this package (ours); default: Ray's + runtime_env
     working_dir: str | None = None  # remote zip URI of this project (runtime_env working_dir)
-    package: str | None = None  # pip requirement of this package (default: PACKAGE)
+    package: str | None = None  # pip requirement of this package (default: the ConfigMap's)
     upgrade_strategy: UpgradeStrategy = "NewCluster"
     cluster_upgrade: ClusterUpgradeOptions = ClusterUpgradeOptions()  # incremental upgrades only
     hf_token_secret: str = "hf-token"
