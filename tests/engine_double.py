@@ -46,6 +46,7 @@ class EngineDouble:
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
         self.engine_dead = mode == "engine_dead"
+        self.usage: dict[str, int] | None = None  # set: JSON answers carry it, as vLLM's do
 
     async def check_health(self) -> None:
         if self.engine_dead:
@@ -71,9 +72,8 @@ class EngineDouble:
             error = {"message": VLLM_OOPS, "type": "InternalServerError", "code": 500}
             return Answer.json({"error": error}, 500)
         if not body.get("stream"):
-            return Answer.json(
-                {"object": endpoint, "model": body["model"], "echo": body, "created": 1}
-            )
+            answer = {"object": endpoint, "model": body["model"], "echo": body, "created": 1}
+            return Answer.json(answer if self.usage is None else {**answer, "usage": self.usage})
         return Answer(stream=self._stream())
 
     async def _stream(self) -> AsyncIterator[bytes]:

@@ -257,8 +257,9 @@ async def test_behind_ray_the_edge_fixes_the_id_and_drops_client_hints(cpu_model
     (fresh,) = bad.headers.get_list("x-request-id")
     assert FRESH_ID.match(fresh) and good.headers.get_list("x-request-id") == ["c-1"]
     (generated,) = missing.headers.get_list("x-request-id")
-    # Ray saw a valid id and no timeout or disconnect hint (None: its default of no time-out).
-    assert seen == [(fresh, None, False), ("c-1", None, False), (generated, None, False)]
+    # Ray saw a valid id, no time-out (None: its default) and, whatever the client said, that it
+    # need not watch for the client leaving (the app does: the next test).
+    assert seen == [(fresh, None, True), ("c-1", None, True), (generated, None, True)]
 
 
 # -- 4. a client that leaves ----------------------------------------------------------------------

@@ -50,8 +50,19 @@ def lab(
         typer.Option(help=f"Policy (repeatable) or 'all': {', '.join(LAB_POLICIES)}."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tenants: Annotated[
+        bool,
+        typer.Option(
+            "--tenants",
+            help="Compare tenant admission rules in the noisy-neighbour scenario instead "
+            "(uses --replicas, --seed, --json and --param NAME=VALUE of the scenario).",
+        ),
+    ] = False,
 ) -> None:
     """Replay a trace on simulated vLLM replicas (a simulator, not engines) and compare policies."""
+    if tenants:
+        _tenants(param, seed, replicas, as_json)
+        return
     if (trace is None) == (workload is None):
         _fail("give exactly one of --trace FILE or --workload NAME")
     requests = _read(trace) if trace is not None else _generate(workload or "", param, seed)
@@ -140,3 +151,53 @@ def _print_table(results: list[LabFigures], requests: int, replicas: int) -> Non
         Console().print(
             f"oracle hit rate (pooled cache, same capacity): {results[0].oracle_hit_rate:.3f}"
         )
+
+
+def _tenants(params: list[str] | None, seed: int, replicas: int, as_json: bool) -> None:
+    """`--tenants`: the noisy-neighbour comparison of admission rules (app.lab.tenants)."""
+    from app.lab.tenants import Scenario, run_tenants_lab
+
+    kwargs: dict[str, Any] = {"seed": seed, "replicas": replicas}
+    for item in params or []:
+        key, _, value = item.partition("=")
+        kwargs[key.replace("-", "_")] = _number(value)
+    try:
+        lab, results = run_tenants_lab(Scenario(**kwargs))
+    except TypeError as exc:
+        _fail(f"bad --param: {exc}")
+    if as_json:
+        out = {
+            "simulated": True,
+            "capacity_units_per_s": round(lab.capacity_units_s, 1),
+            "rates_rps": {k: round(v, 3) for k, v in lab.rates.items()},
+            "rules": {r.rule: r.to_json() for r in results},
+        }
+        typer.echo(json.dumps(out))
+        return
+    sc = lab.scenario
+    table = Table(
+        title=f"tenant admission (simulated): {len(lab.requests)} requests, {sc.replicas} "
+        f"replicas, {sc.duration_s:.0f} s, noisy tenant at "
+        f"{max(t.multiple for t in sc.tenants):g}x its share"
+    )
+    columns = ("rule", "p99 ratio", "worst tenant", "p99 max", "unserved", "Jain", "noisy req/s")
+    table.add_column("rule", no_wrap=True, min_width=16)
+    for col in columns[1:]:
+        table.add_column(col, justify="left" if col == "worst tenant" else "right")
+    for r in results:
+        table.add_row(
+            r.rule,
+            f"{r.worst_p99_ratio:.2f}x",
+            r.worst_tenant,
+            f"{max(r.others_p99_s.values()):.2f} s",
+            f"{r.others_unserved:.1%}",
+            f"{r.jain:.3f}",
+            f"{r.noisy_rps:.2f}",
+        )
+    Console().print(table)
+    Console().print(
+        "p99 ratio: the other tenants' worst TTFT p99 with the noisy tenant / without it; "
+        "p99 max: their largest TTFT p99 with it; unserved: their requests refused or expired; "
+        "Jain: each tenant's weighted token service / its max-min fair allocation.",
+        markup=False,
+    )

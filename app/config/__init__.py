@@ -5,20 +5,28 @@ from app.config.quantity import parse_quantity
 from app.config.stack import (
     AuthSettings,
     ConfigError,
-    KeyLimits,
     Limits,
     RouterSettings,
     ServerSettings,
     StackConfig,
     load_config,
 )
+from app.config.tenants import (
+    PRIORITY_CLASSES,
+    KeyLimits,
+    KeySources,
+    Tenant,
+    TenantQuotas,
+)
 
 __all__ = [
+    "PRIORITY_CLASSES",
     "AuthSettings",
     "Autoscaling",
     "ConfigError",
     "KVOffload",
     "KeyLimits",
+    "KeySources",
     "Limits",
     "ModelSpec",
     "Resources",
@@ -26,6 +34,8 @@ __all__ = [
     "SecretRef",
     "ServerSettings",
     "StackConfig",
+    "Tenant",
+    "TenantQuotas",
     "load_config",
     "parse_quantity",
 ]

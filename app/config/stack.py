@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from app.config.models import ModelSpec, SecretRef, StrictModel, check_custom_resources
+from app.config.models import ModelSpec, StrictModel, check_custom_resources
+from app.config.tenants import KeyLimits, KeySources, Tenant
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
 
 # Policies the routing package has but the engines cannot feed yet: refused with the reason.
@@ -66,17 +67,6 @@ class ServerSettings(StrictModel):
         return check_custom_resources(resources, "use ingress_cpus for CPUs")
 
 
-class KeyLimits(StrictModel):
-    """Limits for each API key (or for all anonymous callers together when auth is off)."""
-
-    requests_per_second: float | None = Field(None, gt=0, description="Sustained rate; 429.")
-    burst: int | None = Field(None, ge=1, description="Requests allowed at once above the rate.")
-    tokens_per_minute: int | None = Field(
-        None, ge=1, description="Prompt (estimated) plus max_tokens per minute; 429."
-    )
-    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight; 429.")
-
-
 class Limits(StrictModel):
     """Caps on what one request may ask for, and per-key rates."""
 
@@ -86,40 +76,24 @@ class Limits(StrictModel):
     per_key: KeyLimits = Field(default_factory=KeyLimits)
 
 
-class AuthSettings(StrictModel):
-    """Bearer API keys. Auth is on when any source yields a key; keys are never logged. Without
-    a key the ingress serves everyone (with a warning), or refuses to start if `required`."""
+class AuthSettings(KeySources):
+    """Bearer API keys. Auth is on when any source (here or in `tenants`) yields a key; keys
+    are never logged. Without a key the ingress serves everyone (with a warning), or refuses to
+    start if `required`."""
 
     required: bool = Field(
         False,
         description="Refuse to start when no source yields a key (a Secret implies it); "
         "else a stack without keys serves everyone and logs a warning.",
     )
-
-    api_keys: list[SecretStr] = Field(
-        default_factory=list, description="Keys in the config itself (prefer env or file)."
-    )
     api_keys_env: str | None = Field(
         "VRSTACK_API_KEYS", description="Environment variable with comma-separated keys."
-    )
-    api_keys_file: str | None = Field(
-        None, description="File with one key per line (e.g. a mounted Kubernetes Secret)."
-    )
-    api_keys_secret: SecretRef | None = Field(
-        None,
-        description="Kubernetes Secret key with comma-separated keys; the rendered manifests "
-        "put it in `api_keys_env` on the ingress pods.",
     )
     protect_metrics: bool = Field(False, description="Require a key for GET /metrics too.")
 
     @model_validator(mode="after")
     def _sources(self) -> AuthSettings:
-        if self.api_keys_secret is not None and not self.api_keys_env:
-            raise ValueError(
-                "api_keys_secret is read through api_keys_env; set api_keys_env (e.g. "
-                "VRSTACK_API_KEYS)"
-            )
-        if self.required and not (self.api_keys or self.api_keys_env or self.api_keys_file):
+        if self.required and not self.has_source:
             raise ValueError(
                 "auth.required needs a place to find keys: api_keys_env, api_keys_file, "
                 "api_keys_secret or api_keys"
@@ -135,6 +109,11 @@ class StackConfig(StrictModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: Limits = Field(default_factory=Limits)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    tenants: list[Tenant] = Field(
+        default_factory=list,
+        description="Groups of API keys with their own quotas, priority and models "
+        "(docs/tenants.md); keys in `auth` keep `limits.per_key`.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> StackConfig:
@@ -148,9 +127,61 @@ class StackConfig(StrictModel):
                 owner[name] = model.name
         return self
 
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, tenants: list[Tenant], info: ValidationInfo) -> list[Tenant]:
+        models: list[ModelSpec] = info.data.get("models") or []
+        auth: AuthSettings | None = info.data.get("auth")
+        seen: set[str] = set()
+        owners: dict[tuple[str, str], str] = {}  # (kind of source, source) -> who reads it
+        named = [("auth", auth)] if auth is not None else []
+        for owner, sources in [*named, *((f"tenant {t.name!r}", t) for t in tenants)]:
+            for kind, source in _key_sources(sources):
+                if owners.setdefault((kind, source), owner) != owner:
+                    shown = "one of its api_keys" if kind == "api_keys" else f"{kind} {source!r}"
+                    raise ValueError(
+                        f"{owner}: {shown} is also read by {owners[kind, source]}; a key "
+                        "belongs to one tenant (or to auth)"
+                    )
+        served = [n for m in models for n in m.names]
+        limits: Limits | None = info.data.get("limits")
+        top = limits.max_tokens if limits is not None else None
+        for tenant in tenants:
+            bound = max(tenant.max_tokens or 0, tenant.default_max_tokens or 0)
+            if top is not None and bound > top:
+                raise ValueError(
+                    f"tenant {tenant.name!r}: its max_tokens or default_max_tokens ({bound}) is "
+                    f"above limits.max_tokens ({top}), which holds for every request"
+                )
+            if tenant.name in seen:
+                raise ValueError(f"tenant name {tenant.name!r} is used twice")
+            seen.add(tenant.name)
+            for name in tenant.models or []:
+                if models and name not in served:
+                    available = ", ".join(served)
+                    raise ValueError(
+                        f"tenant {tenant.name!r}: model {name!r} is not served; served names: "
+                        f"{available}"
+                    )
+        return tenants
+
+    def tenant(self, name: str) -> Tenant | None:
+        """The tenant of that name."""
+        return next((t for t in self.tenants if t.name == name), None)
+
     def model(self, name: str) -> ModelSpec | None:
         """The model a name or alias refers to."""
         return next((m for m in self.models if name in m.names), None)
+
+
+def _key_sources(sources: KeySources) -> list[tuple[str, str]]:
+    """The places `sources` reads keys from, as (kind, place); literal keys by their text."""
+    places = [("api_keys", k.get_secret_value().strip()) for k in sources.api_keys]
+    places += [("api_keys_env", sources.api_keys_env), ("api_keys_file", sources.api_keys_file)]
+    if sources.api_keys_secret is not None:
+        secret = sources.api_keys_secret
+        places.append(("api_keys_secret", f"{secret.name}/{secret.key}"))
+    return [(kind, place) for kind, place in places if place]
 
 
 class ConfigError(ValueError):
@@ -172,8 +203,17 @@ def format_errors(exc: ValidationError) -> str:
     for err in exc.errors(include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         message = err["msg"].removeprefix("Value error, ")
-        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        got = "" if err["type"] == "missing" else f" (got {_redacted(err['input'])!r})"
         if len(got) > 200:
             got = got[:197] + "...)"
         lines.append(f"  {where}: {message}{got}")
     return "\n".join(lines)
+
+
+def _redacted(value: Any) -> Any:
+    """`value` with the text of every `api_keys` entry hidden (error messages get logged)."""
+    if isinstance(value, dict):
+        return {k: "**********" if k == "api_keys" else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value

@@ -3,7 +3,9 @@
 Every request gets an id (`x-request-id`), which every answer carries. The POST endpoints
 (completions, chat, embeddings, tokenize, detokenize; `app.ingress.routes`) take the hot path,
 with no framework between the server and the relay: API key, body limit, JSON (nesting
-bounded), the request model's checks, per-key limits, then `Gateway.relay_http`, cancelled when
+bounded), the request model's checks, the model and its limits (a tenant's too), then the
+per-key or the tenant's quotas (settled from a JSON answer's `usage`), then
+`Gateway.relay_http`, cancelled when
 the client leaves (the app watches for it itself, whatever Ray's proxy was told); each answer
 is counted in the metrics with what the path already holds. Everything else (models, health,
 version, metrics, status, OpenAPI, unknown routes) is FastAPI's, behind the same API keys.
@@ -29,6 +31,7 @@ from app.errors import OpenAIError, public_message, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
 from app.ingress.gateway import Exchange, Gateway
+from app.ingress.limits import Lease, QuotaError, usage_of
 from app.ingress.middleware import (
     json_object,
     read_body,
@@ -56,8 +59,10 @@ class StackApp:
         config = gateway.config
         self.gateway = gateway
         self.metrics = StackMetrics(config)
-        self.keys = KeyStore.from_settings(config.auth)
+        self.keys = KeyStore.from_settings(config.auth, config.tenants)
         self.max_body_bytes = config.limits.max_body_bytes
+        # With tenants, answers show no routing replica or reason (a cross-tenant prefix oracle).
+        self.private_routes = bool(config.tenants)
         key = config.router.session_key
         self.session_header = key.lower().encode() if key else None
         self.posts = {path: route for route in POST_ROUTES for path in route.paths}
@@ -89,11 +94,13 @@ class StackApp:
         gauge.inc()
         answer = _Answer(send)
         exchange = Exchange()
-        model, stream = None, False
+        model, stream, tenant, lease, quota = None, False, None, None, None
         try:
             key_id, request = await self._request(route, scope, receive)
             model, stream = request.model, getattr(request, "stream", False)
-            lease = self.gateway.admit(key_id, request)
+            tenant = self.keys.tenant_of(key_id)
+            lease = self.gateway.admit(key_id, request, tenant)
+            answer.metered = tenant is not None or lease.counts_tokens
             try:
                 relay = self.gateway.relay_http(
                     endpoint,
@@ -102,13 +109,19 @@ class StackApp:
                     request_id=request_id,
                     session=self._session(scope),
                     exchange=exchange,
+                    private=self.private_routes,
                 )
                 del request  # the relay alone decides how long the request is kept
                 # Ours, whatever Ray's proxy was told (x-request-disconnect-disabled).
                 await unless_disconnected(relay, receive)
+            except OpenAIError:
+                lease.settle(0)  # failed before answering: not charged
+                raise
             finally:
+                _settle(lease, answer)
                 lease.release()
         except OpenAIError as exc:
+            quota = exc.quota if isinstance(exc, QuotaError) else None
             await answer.error(exc)
         except Exception:
             logger.exception("unhandled error in request %s", request_id)
@@ -116,15 +129,18 @@ class StackApp:
             await answer.error(OpenAIError(500, message))
         finally:
             gauge.dec()
+            status = answer.status or CLIENT_LEFT
             streamed = answer.status == 200 and stream and exchange.first_byte_at is not None
             self.metrics.finish(
                 model,
                 endpoint,
-                answer.status or CLIENT_LEFT,
+                status,
                 time.perf_counter() - started,
                 ttft_s=exchange.first_byte_at - started if streamed else None,
                 decision=exchange.decision,
             )
+            if self.metrics.tenants:
+                self.metrics.tenant_finish(tenant, status, answer.usage, lease, quota)
 
     async def _request(
         self, route: PostRoute, scope: Scope, receive: Receive
@@ -158,6 +174,9 @@ class _Answer:
         self._held: Message | None = None  # an engine 4xx's head, until its body is in
         self._body = b""
         self.status: int | None = None
+        self.metered = False  # read `usage` off a JSON answer (for token limits and metrics)
+        self._json = False
+        self.usage: tuple[int, int] | None = None  # (prompt, completion) tokens
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -165,11 +184,14 @@ class _Answer:
             if 400 <= self.status < 500 and not _is_stream(message):
                 self._held = message
                 return
+            self._json = self.metered and self.status == 200 and not _is_stream(message)
         elif self._held is not None:
             self._body += message.get("body", b"")
             if not message.get("more_body", False):
                 await send_error(self._send, self._refusal(self._held))
             return
+        elif self._json and self.usage is None:
+            self.usage = usage_of(message.get("body", b""))
         await self._send(message)
 
     async def error(self, error: OpenAIError) -> None:
@@ -188,6 +210,15 @@ class _Answer:
             k.decode(): v.decode() for k, v in head["headers"] if k.startswith(b"x-route-")
         }
         return error
+
+
+def _settle(lease: Lease, answer: _Answer) -> None:
+    """Charge the tokens the answer's `usage` reports; nothing for a refusal or a failure;
+    else (a stream, a client that left) what was reserved."""
+    if answer.usage is not None:
+        lease.settle(answer.usage[0] + answer.usage[1])
+    elif answer.status is not None and answer.status >= 400:
+        lease.settle(0)
 
 
 def _is_stream(start: Message) -> bool:

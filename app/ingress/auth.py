@@ -1,4 +1,5 @@
-"""Bearer API keys: from the config, an environment variable or a mounted secret file.
+"""Bearer API keys: from the config, an environment variable or a mounted secret file, for
+`auth` and for each tenant (whose keys share its quotas).
 
 When no source yields a key, the ingress refuses to start if keys are required (naming each
 place it looked), else serves everyone and logs one warning saying so.
@@ -13,12 +14,12 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.config import AuthSettings, ConfigError
+from app.config import AuthSettings, ConfigError, KeySources, Tenant
 from app.errors import OpenAIError
 from app.ingress.middleware import send_error
 
@@ -32,22 +33,40 @@ def _digest(key: str) -> bytes:
 
 
 class KeyStore:
-    """The accepted keys (as digests)."""
+    """The accepted keys (as digests), and the tenant each tenant key belongs to."""
 
-    def __init__(self, keys: list[str]) -> None:
-        self._digests = [_digest(k) for k in dict.fromkeys(k.strip() for k in keys) if k]
+    def __init__(self, keys: list[str], tenants: Mapping[str, list[str]] | None = None) -> None:
+        self._digests = [_digest(k) for k in _unique(keys)]
+        self._tenants: dict[str, str] = {}  # key id -> tenant name
+        for tenant, tenant_keys in (tenants or {}).items():
+            for key in _unique(tenant_keys):
+                digest = _digest(key)
+                key_id = digest.hex()[:12]
+                if digest in self._digests:
+                    owner = self._tenants.get(key_id, "auth")
+                    raise ConfigError(
+                        f"a key of tenant {tenant!r} is also one of {owner!r}'s; a key belongs "
+                        "to one tenant (or to auth)"
+                    )
+                self._digests.append(digest)
+                self._tenants[key_id] = tenant
 
     @classmethod
-    def from_settings(cls, settings: AuthSettings) -> KeyStore:
-        """The keys of every source in `settings`. None found: a `ConfigError` naming each
-        place looked in when keys are required (`auth.required`, or a Secret is named), else
-        one warning that auth is off and where it looked."""
-        keys = [k.get_secret_value() for k in settings.api_keys]
-        if settings.api_keys_env:
-            keys += os.environ.get(settings.api_keys_env, "").split(",")
-        if settings.api_keys_file:
-            keys += _file_keys(settings.api_keys_file)
-        store = cls(keys)
+    def from_settings(cls, settings: AuthSettings, tenants: Sequence[Tenant] = ()) -> KeyStore:
+        """The keys of every source in `settings` and in each tenant. None found: a
+        `ConfigError` naming each place looked in when keys are required (`auth.required`, or
+        a Secret is named), else one warning that auth is off and where it looked. A tenant
+        reading a Secret that holds no key is a `ConfigError` too; any other tenant without
+        a key, a warning."""
+        by_tenant = {tenant.name: _keys(tenant) for tenant in tenants}
+        for tenant in tenants:
+            if any(k.strip() for k in by_tenant[tenant.name]):
+                continue
+            looked = "; ".join(_places(tenant, f"tenants[{tenant.name}]"))
+            if tenant.api_keys_secret is not None:
+                raise ConfigError(f"tenant {tenant.name!r} has no API key; looked in: {looked}")
+            logger.warning("tenant %r has no API key (looked in: %s)", tenant.name, looked)
+        store = cls(_keys(settings), by_tenant)
         if store.enabled:
             return store
         looked = "; ".join(_places(settings))
@@ -63,6 +82,10 @@ class KeyStore:
             looked,
         )
         return store
+
+    def tenant_of(self, key_id: str) -> str | None:
+        """The tenant a key id (from `authenticate`) belongs to, if any."""
+        return self._tenants.get(key_id)
 
     @property
     def enabled(self) -> bool:
@@ -96,7 +119,8 @@ class KeyStore:
 
 class AuthMiddleware:
     """401 in OpenAI's shape without a valid `Authorization: Bearer <key>` (but on the open
-    paths); sets the key id in `scope["state"]["api_key_id"]` for per-key limits."""
+    paths); sets the key id in `scope["state"]["api_key_id"]` for per-key limits, and its
+    tenant (or None) in `scope["state"]["tenant"]`."""
 
     def __init__(self, app: ASGIApp, *, keys: KeyStore, protect_metrics: bool = False) -> None:
         self.app = app
@@ -114,20 +138,35 @@ class AuthMiddleware:
             except OpenAIError as exc:
                 await send_error(send, exc)
                 return
-        scope.setdefault("state", {})["api_key_id"] = key_id
+        state = scope.setdefault("state", {})
+        state["api_key_id"], state["tenant"] = key_id, self.keys.tenant_of(key_id)
         await self.app(scope, receive, send)
+
+
+def _unique(keys: Iterable[str]) -> list[str]:
+    return [k for k in dict.fromkeys(k.strip() for k in keys) if k]
+
+
+def _keys(settings: KeySources) -> list[str]:
+    """The keys of every source in `settings` (not yet stripped or deduplicated)."""
+    keys = [k.get_secret_value() for k in settings.api_keys]
+    if settings.api_keys_env:
+        keys += os.environ.get(settings.api_keys_env, "").split(",")
+    if settings.api_keys_file:
+        keys += _file_keys(settings.api_keys_file)
+    return keys
 
 
 def _file_keys(path: str) -> list[str]:
     try:
         return Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ConfigError(f"auth.api_keys_file {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"api_keys_file {path} cannot be read: {exc.strerror}") from None
 
 
-def _places(settings: AuthSettings) -> list[str]:
+def _places(settings: KeySources, where: str = "auth") -> list[str]:
     """Where `from_settings` looked for keys, each found empty."""
-    places = ["auth.api_keys in the config holds no key"]
+    places = [f"{where}.api_keys in the config holds no key"]
     if settings.api_keys_env:
         places.append(
             f"${settings.api_keys_env} holds no key (the environment of the ingress replica's "

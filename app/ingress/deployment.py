@@ -74,9 +74,14 @@ async def handle_call(gateway: Gateway, endpoint: Endpoint, body: dict[str, Any]
     request = _parse(endpoint, body, stream=False)
     lease = gateway.admit(ANONYMOUS, request)
     try:
-        return await gateway.call(endpoint, request)
+        answer = await gateway.call(endpoint, request)
+    except OpenAIError:
+        lease.settle(0)  # refused or failed: not charged
+        raise
     finally:
         lease.release()
+    lease.settle_usage(answer.get("usage"))
+    return answer
 
 
 async def handle_stream(
@@ -85,9 +90,17 @@ async def handle_stream(
     """A streaming handle call's chunks, with the checks and limits of `handle_call`."""
     request = _parse(endpoint, body)
     lease = gateway.admit(ANONYMOUS, request)
+    started = False
     try:
         async for chunk in gateway.stream(endpoint, request):
+            started = True
+            if chunk.get("usage"):  # the last chunk, with stream_options.include_usage
+                lease.settle_usage(chunk["usage"])
             yield chunk
+    except OpenAIError:
+        if not started:
+            lease.settle(0)  # refused or failed before answering: not charged
+        raise
     finally:
         lease.release()
 

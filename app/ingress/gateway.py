@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.config import ModelSpec, StackConfig
+from app.config import ModelSpec, StackConfig, Tenant
 from app.engines import router_registry
 from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE
 from app.engines.items import Endpoint, EngineItem
@@ -81,7 +81,15 @@ class Gateway:
         routes: Callable[[str], EngineRoutes | None] = router_registry.get,
     ) -> None:
         self.config = config
-        self.limiter = KeyLimiter(config.limits.per_key)
+        self.tenants = {tenant.name: tenant for tenant in config.tenants}
+        self._allowed = {  # tenant -> the canonical names of the models it may use
+            t.name: frozenset(spec.name for n in t.models if (spec := config.model(n)))
+            for t in config.tenants
+            if t.models is not None
+        }
+        self.limiter = KeyLimiter(
+            config.limits.per_key, tenants={t.name: t.quotas for t in config.tenants}
+        )
         self.relay = Relay(token, timeout_s=config.server.request_timeout_s)
         self._routes = routes
         self._handles = {  # making them starts each model's router in this process
@@ -90,21 +98,31 @@ class Gateway:
         }
 
     # -- models -------------------------------------------------------------------------------
-    def resolve(self, name: str) -> ModelSpec:
-        """The model a name or alias refers to, or a 404 naming the available models."""
+    def resolve(self, name: str, tenant: str | None = None) -> ModelSpec:
+        """The model a name or alias refers to, or a 404 naming the available models. A
+        tenant's request for a model it may not use is the same 404 as for one that does not
+        exist (OpenAI's answer to a key without access), naming only the tenant's models."""
         spec = self.config.model(name)
-        if spec is None:
-            available = ", ".join(n for m in self.config.models for n in m.names)
+        allowed = self._allowed.get(tenant) if tenant is not None else None
+        if spec is None or (allowed is not None and spec.name not in allowed):
+            available = ", ".join(n for m in self._models(tenant) for n in m.names)
             raise OpenAIError(
                 404,
-                f"model {name!r} does not exist; available models: {available}",
+                f"model {name!r} does not exist or you do not have access to it; available "
+                f"models: {available}",
                 param="model",
                 code="model_not_found",
             )
         return spec
 
-    def model_cards(self) -> list[dict[str, Any]]:
-        """OpenAI model objects: every model and alias (`root` names the canonical model)."""
+    def _models(self, tenant: str | None) -> list[ModelSpec]:
+        """The models a tenant may use (every model for other callers)."""
+        allowed = self._allowed.get(tenant) if tenant is not None else None
+        return [m for m in self.config.models if allowed is None or m.name in allowed]
+
+    def model_cards(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """OpenAI model objects: every model and alias (`root` names the canonical model);
+        for a tenant, those of its models."""
         return [
             {
                 "id": name,
@@ -115,7 +133,7 @@ class Gateway:
                 "parent": None if name == spec.name else spec.name,
                 "max_model_len": spec.max_model_len,
             }
-            for spec in self.config.models
+            for spec in self._models(tenant)
             for name in spec.names
         ]
 
@@ -126,10 +144,16 @@ class Gateway:
         return ModelState(spec.name, routes.replica_count() if routes else 0, scales_to_zero)
 
     # -- checks -------------------------------------------------------------------------------
-    def admit(self, key_id: str, request: OpenAIRequest) -> Lease:
-        """Per-key rate, token and concurrency limits (429 with Retry-After when over)."""
-        tokens = request.estimated_tokens() if isinstance(request, SamplingRequest) else 1
-        return self.limiter.acquire(key_id, tokens)
+    def admit(self, key_id: str, request: OpenAIRequest, tenant: str | None = None) -> Lease:
+        """The request's checks (its model, the tenant's access and output bounds, the limits),
+        then the per-key (or the tenant's) rate, token and concurrency limits: 429 with
+        Retry-After when over. A request refused by a check is not charged."""
+        self.resolve(request.model, tenant)
+        rules = self.tenants.get(tenant) if tenant is not None else None
+        if rules is not None and isinstance(request, SamplingRequest):
+            bound_output(request, rules)
+        self.check_limits(request)
+        return self.limiter.acquire(key_id, request.estimated_tokens(), tenant)
 
     def check_limits(self, request: OpenAIRequest) -> None:
         limits = self.config.limits
@@ -137,13 +161,8 @@ class Gateway:
             return
         if request.n > limits.max_n:
             raise OpenAIError(400, f"n={request.n} exceeds the limit of {limits.max_n}", param="n")
-        tokens = request.output_tokens()
-        if limits.max_tokens is not None and tokens is not None and tokens > limits.max_tokens:
-            raise OpenAIError(
-                400,
-                f"max_tokens={tokens} exceeds the limit of {limits.max_tokens}",
-                param="max_tokens",
-            )
+        if limits.max_tokens is not None:
+            _cap_output(request, limits.max_tokens)
 
     def _checked(self, request: OpenAIRequest) -> ModelSpec:
         spec = self.resolve(request.model)
@@ -160,8 +179,10 @@ class Gateway:
         request_id: str,
         session: str | None = None,
         exchange: Exchange | None = None,
+        private: bool = False,
     ) -> None:
-        """Answer one HTTP request from a replica of its model (see the module docstring)."""
+        """Answer one HTTP request from a replica of its model (see the module docstring);
+        `private` (tenants configured): the answer shows only the routing policy."""
         exchange = exchange or Exchange()
         spec = self._checked(request)
         routes = await self._routes_of(spec)
@@ -177,7 +198,7 @@ class Gateway:
                 break
             try:  # the router's count of the request is released however the attempt ends
                 if await self._attempt(routes, routed, endpoint, payload, request_id, send,
-                                       exchange):  # fmt: skip
+                                       exchange, private):  # fmt: skip
                     return
             finally:
                 routes.finish(routed)
@@ -193,6 +214,7 @@ class Gateway:
         request_id: str,
         send: Send,
         exchange: Exchange,
+        private: bool = False,
     ) -> bool:
         """Relay the request to the routed replica; False when it failed before answering (not
         reachable, or its engine is gone: another replica may answer)."""
@@ -220,7 +242,8 @@ class Gateway:
                 exchange.first_byte_at = time.perf_counter()
                 routes.first_token(routed)
 
-            await pass_through(response, send, route_headers(routed.decision), first_byte)
+            headers = route_headers(routed.decision, private)
+            await pass_through(response, send, headers, first_byte)
             return True
         finally:
             response.release()
@@ -317,13 +340,36 @@ class Gateway:
             return
 
 
-def route_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
-    """`x-route-policy`, `x-route-replica` and `x-route-reason` of a routing decision."""
+def route_headers(decision: Decision, private: bool = False) -> list[tuple[bytes, bytes]]:
+    """`x-route-policy`, `x-route-replica` and `x-route-reason` of a routing decision; when
+    tenants share the stack (`private`) the policy only: the replica and the reason depend on
+    the prompts other callers sent (a prefix match), so they would tell one of another's."""
+    if private:
+        return [(b"x-route-policy", decision.policy.encode())]
     return [
         (b"x-route-policy", decision.policy.encode()),
         (b"x-route-replica", decision.replica_id.encode()),
         (b"x-route-reason", decision.reason.encode()),
     ]
+
+
+def bound_output(request: SamplingRequest, tenant: Tenant) -> None:
+    """A tenant's output bounds: its default set on a request that gives no output length;
+    a request asking for more than its `max_tokens`, a 400 naming the parameter."""
+    if request.output_tokens() is None:
+        if tenant.output_default is not None:
+            request.max_tokens = tenant.output_default
+    elif tenant.max_tokens is not None:
+        _cap_output(request, tenant.max_tokens)
+
+
+def _cap_output(request: SamplingRequest, limit: int) -> None:
+    tokens = request.output_tokens()
+    if tokens is not None and tokens > limit:
+        param = "max_tokens" if tokens == request.max_tokens else "max_completion_tokens"
+        raise OpenAIError(
+            400, f"{param}={tokens} exceeds the limit of {limit}", param=param, code="invalid_value"
+        )
 
 
 def backoff_s(attempt: int) -> float:

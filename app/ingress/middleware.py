@@ -5,8 +5,10 @@ Ray Serve's HTTP servers read a few request headers before our app runs: `x-requ
 (decoded as UTF-8; a bad byte is a 500), `x-request-timeout-seconds` (a time-out answered with
 Ray's plain-text 408) and `x-request-disconnect-disabled: ?1` (Ray stops cancelling the request
 when the client leaves). `EdgeMiddleware`, which Ray puts outermost when `RAY_EDGE_ENV` is in
-the ingress replica's environment, drops the two hints (the stack's own time-out and
-disconnect handling apply) and replaces an invalid id before Ray sees it.
+the ingress replica's environment, drops the client's time-out hint (the stack's own time-out
+applies), replaces an invalid id before Ray sees it, and tells Ray not to watch for the client
+leaving: the ingress app watches for that itself (and cancels the engine's work), so Ray's own
+watcher (a receive task and a request task per request) would be a second one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ REQUEST_ID = "x-request-id"
 _REQUEST_ID = REQUEST_ID.encode()
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RAY_CLIENT_HINTS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
+# Set by the edge on every request: Ray then calls the app straight, with no watcher of its own.
+RAY_NO_WATCH = (b"x-request-disconnect-disabled", b"?1")
 # Ray Serve wraps its HTTP servers in the middlewares the function this variable names returns.
 RAY_EDGE_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{__name__}:edge_middlewares"}
 MAX_JSON_DEPTH = 100  # nesting of arrays and objects a request body may have
@@ -58,7 +62,8 @@ def with_request_id(send: Send, request_id: str) -> Send:
 
 class EdgeMiddleware:
     """Ray Serve's outermost middleware (see the module docstring): drops Ray's client hints,
-    makes `x-request-id` valid before Ray reads it, and answers with that id once."""
+    tells Ray the app watches for the client leaving, makes `x-request-id` valid before Ray
+    reads it, and answers with that id once."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -67,7 +72,8 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope["headers"] = [h for h in scope["headers"] if h[0] not in RAY_CLIENT_HINTS]
+        kept = [h for h in scope["headers"] if h[0] not in RAY_CLIENT_HINTS]
+        scope["headers"] = [*kept, RAY_NO_WATCH]
         await self.app(scope, receive, with_request_id(send, request_id_of(scope)))
 
 

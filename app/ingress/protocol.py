@@ -31,6 +31,15 @@ class OpenAIRequest(BaseModel):
         """The body sent to the engine: fields the client set, with the canonical model name."""
         return {**self.model_dump(exclude_unset=True, by_alias=True), "model": model}
 
+    def prompt_input(self) -> object:
+        """What the engine reads as input (for the token estimate)."""
+        return None
+
+    def estimated_tokens(self) -> int:
+        """What a token limit charges at admission: the input, about 4 characters a token
+        (`approx_tokens`), at least 1."""
+        return max(1, approx_tokens(self.prompt_input()))
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -62,27 +71,34 @@ class SamplingRequest(OpenAIRequest):
     def output_tokens(self) -> int | None:
         return self.max_tokens
 
-    def estimated_tokens(self) -> int:
-        """Prompt tokens (about 4 characters each) plus the most output asked for, times n:
-        what a tokens-per-minute limit charges at admission, as OpenAI's limiter does."""
-        output = self.output_tokens() or DEFAULT_OUTPUT_TOKENS
-        return _approx_tokens(self.prompt_input()) + output * self.n
+    def sequences(self) -> int:
+        """Output sequences the engine generates: `n` for each prompt."""
+        return self.n
 
-    def prompt_input(self) -> object:
-        return None
+    def estimated_tokens(self) -> int:
+        """Prompt tokens (about 4 characters each) plus the most output asked for, for each
+        sequence (`n` per prompt): what a token limit charges at admission, as OpenAI's
+        limiter does."""
+        output = self.output_tokens() or DEFAULT_OUTPUT_TOKENS
+        return approx_tokens(self.prompt_input()) + output * self.sequences()
 
 
 DEFAULT_OUTPUT_TOKENS = 16  # OpenAI's default max_tokens for completions
 
 
-def _approx_tokens(value: object) -> int:
-    """Strings at about 4 characters a token, integers 1 each, however deeply nested (a loop,
-    not recursion: a body's nesting is bounded only on the HTTP path)."""
+def approx_tokens(value: object) -> int:
+    """Strings at about 4 characters a token, but each non-ASCII character (CJK, emoji, ...)
+    a token of its own; integers 1 each; however deeply nested (a loop, not recursion: a body's
+    nesting is bounded only on the HTTP path)."""
     total, pending = 0, [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            total += len(item) // 4 + 1
+            if item.isascii():
+                total += len(item) // 4 + 1
+            else:
+                ascii_chars = len(item.encode("ascii", "ignore"))
+                total += ascii_chars // 4 + len(item) - ascii_chars + 1
         elif isinstance(item, int):
             total += 1
         elif isinstance(item, list | tuple):
@@ -105,6 +121,16 @@ class CompletionRequest(SamplingRequest):
 
     def prompt_input(self) -> object:
         return self.prompt
+
+    def sequences(self) -> int:
+        """`max(n, best_of)` for each prompt of a list of prompts."""
+        prompts = len(self.prompt) if isinstance(self.prompt, list) and _many(self.prompt) else 1
+        return max(self.n, self.best_of or 1) * prompts
+
+
+def _many(prompt: list[Any]) -> bool:
+    """Whether a list prompt is several prompts (texts or token lists), not one token list."""
+    return isinstance(prompt[0], str | list)
 
 
 class ChatMessage(BaseModel):
@@ -137,6 +163,9 @@ class EmbeddingRequest(OpenAIRequest):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
+    def prompt_input(self) -> object:
+        return self.input
+
 
 class TokenizeRequest(OpenAIRequest):
     """POST /tokenize: a prompt or chat messages."""
@@ -151,8 +180,14 @@ class TokenizeRequest(OpenAIRequest):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
+    def prompt_input(self) -> object:
+        return self.prompt if self.messages is None else [m.content for m in self.messages]
+
 
 class DetokenizeRequest(OpenAIRequest):
     """POST /detokenize."""
 
     tokens: list[Annotated[int, Field(ge=0)]]
+
+    def prompt_input(self) -> object:
+        return self.tokens

@@ -239,10 +239,10 @@ def _engine_env(options: RenderOptions, model: ModelSpec) -> list[dict[str, Any]
 
 
 def auth_env(loaded: ServeConfigFile) -> list[dict[str, Any]]:
-    """Ingress pods: each application's `auth.api_keys_secret` in its `auth.api_keys_env`."""
+    """Ingress pods: each application's `auth.api_keys_secret` in its `auth.api_keys_env`, and
+    each tenant's likewise."""
     refs: dict[str, SecretRef] = {}
-    for app in loaded.apps:
-        auth = app.config.auth
+    for auth in (s for app in loaded.apps for s in (app.config.auth, *app.config.tenants)):
         if auth.api_keys_secret is None or auth.api_keys_env is None:
             continue
         if refs.setdefault(auth.api_keys_env, auth.api_keys_secret) != auth.api_keys_secret:

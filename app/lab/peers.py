@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections import deque
 from collections.abc import Sequence
 
 from app.routing import Decision, PrefixIndex, ReplicaStats, RequestView
@@ -200,7 +201,88 @@ class LlmdScorers(_Peer):
         return Decision(chosen.replica_id, self.name, "scored")
 
 
+# Routers only: `AibrixVtcBasic` needs each request's tenant and is used by `app.lab.tenants`.
 PEERS: dict[str, type] = {
     cls.name: cls
     for cls in (ProductionStackPrefixAware, RayPrefixCacheAffinity, SglangCacheAware, LlmdScorers)
 }
+
+
+class VtcTokenTracker:
+    """Each user's weighted tokens (input x `input_weight` + output x `output_weight`) within a
+    sliding window of `window_s` seconds, as AIBrix's VTC token tracker keeps them. `now` is the
+    time of the latest `add` (the lab sets it in simulated time)."""
+
+    def __init__(
+        self, window_s: float = 300.0, input_weight: float = 1.0, output_weight: float = 2.0
+    ) -> None:
+        self.window_s = window_s
+        self.input_weight, self.output_weight = input_weight, output_weight
+        self.now = 0.0
+        self._events: dict[str, deque[tuple[float, float]]] = {}
+        self._sums: dict[str, float] = {}
+
+    def add(self, user: str, input_tokens: int, output_tokens: int, now: float) -> None:
+        """Count a request's tokens for `user` at time `now`."""
+        self.now = max(self.now, now)
+        units = input_tokens * self.input_weight + output_tokens * self.output_weight
+        self._events.setdefault(user, deque()).append((now, units))
+        self._sums[user] = self._sums.get(user, 0.0) + units
+
+    def tokens(self, user: str) -> float:
+        """`user`'s weighted tokens within the window ending at `now`."""
+        events = self._events.get(user)
+        while events and events[0][0] < self.now - self.window_s:
+            self._sums[user] -= events.popleft()[1]
+        return self._sums.get(user, 0.0)
+
+    def users(self) -> list[str]:
+        return list(self._events)
+
+
+class AibrixVtcBasic(PolicyBase):
+    """AIBrix `vtc-basic`, re-implemented from its documentation: a router, not a queue.
+
+    1. Without a user (the request's `user`), pick a replica at random.
+    2. Fairness score: the user's windowed weighted tokens, normalised linearly between the
+       smallest and largest user's (range at least `min_tokens`), picks a target replica index
+       (clamped to the replicas); a replica's score is its distance from that index / (n - 1).
+    3. Utilisation score: the replica's in-flight plus queued requests / `max_pod_load`.
+    4. Pick the replica with the lowest `fairness_weight * fairness + utilization_weight *
+       utilisation`; the engines then serve FCFS.
+    The documentation leaves the normalisation's details open ("adaptive clamped linear"); the
+    reading above is ours.
+    """
+
+    name = "aibrix-vtc-basic"
+
+    def __init__(
+        self,
+        tracker: VtcTokenTracker | None = None,
+        min_tokens: float = 1000.0,
+        max_pod_load: float = 100.0,
+        fairness_weight: float = 1.0,
+        utilization_weight: float = 1.0,
+        seed: int | None = 0,
+    ) -> None:
+        self.tracker = tracker or VtcTokenTracker()
+        self.min_tokens, self.max_pod_load = min_tokens, max_pod_load
+        self.fairness_weight, self.utilization_weight = fairness_weight, utilization_weight
+        self.rng = random.Random(seed)
+
+    def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
+        pool = eligible(request, candidates)
+        user = request.session_key
+        if not user:
+            return self._decide(self.rng.choice(pool), "random")
+        counts = [self.tracker.tokens(u) for u in self.tracker.users()] or [0.0]
+        low, high = min(counts), max(counts)
+        norm = (self.tracker.tokens(user) - low) / max(high - low, self.min_tokens)
+        last = len(pool) - 1
+        target = min(last, max(0, round(min(1.0, norm) * last)))
+        scores = [
+            self.fairness_weight * (abs(i - target) / last if last else 0.0)
+            + self.utilization_weight * pending(c) / self.max_pod_load
+            for i, c in enumerate(pool)
+        ]
+        return self._decide(pool[scores.index(min(scores))], "vtc-basic")

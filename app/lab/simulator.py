@@ -18,6 +18,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from app.lab.trace import TraceRequest
 from app.routing import DEFAULT_BLOCK_SIZE, Decision, Policy, ReplicaStats, RequestView
@@ -43,7 +44,7 @@ class _Job:
     hashes: list[int]
     prompt_tokens: int
     max_tokens: int
-    replica: int = -1
+    replica: int = -1  # -1: never dispatched (refused or dropped by an admission rule)
     cached_tokens: int = 0
     ttft: float = 0.0
     finish: float = 0.0
@@ -164,6 +165,25 @@ class SimulatedReplica:
 ReplicaSimulator = SimulatedReplica
 
 
+class Admission(Protocol):
+    """An admission rule in front of the simulated replicas (e.g. a tenant-fair queue).
+
+    `arrive` takes or refuses a request (False: refused, never dispatched); `next` names a
+    waiting request to dispatch now, given the free slots (replicas x `max_concurrency` less
+    their in-flight and queued requests), or None; `complete` hears of each dispatched
+    request's end. A `gated` rule dispatches into free slots only, and its router is offered
+    only the replicas with one; an ungated rule's router sees every replica.
+    """
+
+    gated: bool
+
+    def arrive(self, index: int, request: TraceRequest, now: float) -> bool: ...
+
+    def next(self, now: float, free_slots: int) -> int | None: ...
+
+    def complete(self, index: int, request: TraceRequest, now: float) -> None: ...
+
+
 @dataclass(slots=True)
 class ReplayResult:
     """What one replay produced: per-request outcomes and per-replica loads."""
@@ -180,11 +200,13 @@ def replay(
     replicas: int,
     settings: SimSettings | None = None,
     views: Sequence[RequestView] | None = None,
+    admission: Admission | None = None,
 ) -> ReplayResult:
     """Route every request of the trace with `policy` onto simulated replicas, in simulated time.
 
     Policies hear of first tokens (`on_first_token`, at the end of the prefill) and of
-    completions (`on_complete`), as a streaming router would.
+    completions (`on_complete`), as a streaming router would. With `admission`, arrivals go to
+    it and are dispatched when it names them (after each arrival and each completion).
     """
     s = settings or SimSettings()
     sims = [SimulatedReplica(f"replica-{i}", s) for i in range(replicas)]
@@ -199,20 +221,44 @@ def replay(
     heapq.heapify(heap)
     decisions: list[Decision] = []
     end = 0.0
+
+    def dispatch(job: _Job, now: float, pool: list[SimulatedReplica]) -> list:
+        decision = policy.choose(job.view, [sim.stats() for sim in pool])
+        decisions.append(decision)
+        job.replica = index_of[decision.replica_id]
+        return sims[job.replica].submit(job, now)
+
+    def admit(now: float) -> list[tuple[float, str, _Job]]:
+        """Dispatch what `admission` names (a gated rule's only to replicas with a free slot)."""
+        assert admission is not None
+        out: list[tuple[float, str, _Job]] = []
+        while True:
+            free = [sim for sim in sims if len(sim.running) + len(sim.waiting) < s.max_concurrency]
+            slots = sum(s.max_concurrency - len(sim.running) - len(sim.waiting) for sim in free)
+            index = admission.next(now, slots)
+            if index is None:
+                return out
+            out += dispatch(jobs[index], now, free if admission.gated and free else sims)
+
     while heap:
         now, _, kind, job = heapq.heappop(heap)
         end = max(end, now)
         if kind == "arrive":
-            decision = policy.choose(job.view, [sim.stats() for sim in sims])
-            decisions.append(decision)
-            job.replica = index_of[decision.replica_id]
-            new = sims[job.replica].submit(job, now)
+            if admission is None:
+                new = dispatch(job, now, sims)
+            elif admission.arrive(job.index, requests[job.index], now):
+                new = admit(now)
+            else:
+                new = []
         elif kind == "prefilled":
             new = sims[job.replica].prefilled(job, now)
             policy.on_first_token(job.view, sims[job.replica].replica_id)
         else:
             new = sims[job.replica].finished(job, now)
             policy.on_complete(job.view, sims[job.replica].replica_id)
+            if admission is not None:
+                admission.complete(job.index, requests[job.index], now)
+                new += admit(now)
         for t, k, j in new:
             heapq.heappush(heap, (t, next(seq), k, j))
     start = jobs[0].arrival if jobs else 0.0

@@ -3,7 +3,8 @@
 Each line is `{"t": seconds, "model": str, "session": str | null, "max_tokens": int}` plus exactly
 one prompt field: `"prompt": str`, `"messages": [{"role", "content"}, ...]` (rendered as
 `role: content` lines, as `app.routing.render_messages` renders a request body's messages) or
-`"tokens": [int, ...]`.
+`"tokens": [int, ...]`. Optional: `"tenant": str` and `"priority": int` (lower is served first),
+read by the tenants scenario's admission rules (`app.lab.tenants`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class TraceRequest:
     tokens: list[int] | None = None
     session: str | None = None
     max_tokens: int = 64
+    tenant: str | None = None
+    priority: int = 0
 
     def body(self) -> dict[str, Any]:
         """This request as an OpenAI completions body (the session as `user`)."""
@@ -49,6 +52,10 @@ class TraceRequest:
         else:
             out["prompt"] = self.prompt or ""
         out["max_tokens"] = self.max_tokens
+        if self.tenant is not None:
+            out["tenant"] = self.tenant
+        if self.priority:
+            out["priority"] = self.priority
         return out
 
 
@@ -72,6 +79,8 @@ def parse_line(line: str, lineno: int = 0) -> TraceRequest:
             tokens=tokens,
             session=obj.get("session"),
             max_tokens=int(obj.get("max_tokens", 64)),
+            tenant=obj.get("tenant"),
+            priority=int(obj.get("priority", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"trace line {lineno}: {exc}") from None

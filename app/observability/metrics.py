@@ -5,7 +5,8 @@ vLLM fill too). Two sources, each measuring what it holds:
 
 - The ingress's HTTP path (`StackMetrics.finish`, called once per request with what the path
   already knows): requests by status, latency, time to the answer's first byte, routing
-  decisions; requests in flight.
+  decisions; requests in flight; with tenants configured, per tenant (`tenant_finish`):
+  requests, tokens and refusals by a quota.
 - The engine replicas, through the routing stats Serve brings to the ingress's request routers
   (`EngineCollector`, read at scrape time): each replica's scheduler state (running, waiting,
   KV usage, prefix-cache hits; also under production-stack's `vllm:` names), and its per-token
@@ -35,6 +36,9 @@ from app.routing import Decision
 PREFIX = "vrstack_"
 ENDPOINT_NAMES = ("chat", "completions", "detokenize", "embeddings", "tokenize")
 UNKNOWN_MODEL = "unknown"
+NO_TENANT = "anonymous"  # the tenant label of callers without a tenant
+QUOTAS = ("requests_per_second", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+TOKEN_KINDS = ("prompt", "output", "estimated")
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 60)
 ReplicaStats = Callable[[], dict[str, dict[str, dict[str, Any]]]]
@@ -103,6 +107,9 @@ class StackMetrics:
         for endpoint in ENDPOINT_NAMES:
             self.in_flight.labels(endpoint).set(0)
         self._series: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self.tenants = [t.name for t in config.tenants]
+        if self.tenants:
+            self._tenant_metrics(r)
         models = [spec.name for spec in config.models]
         self.engines = EngineCollector(replica_stats or router_registry.snapshot, models)
         r.register(self.engines)
@@ -145,6 +152,56 @@ class StackMetrics:
         if decision is not None:
             kind = decision.reason.split("=", 1)[0] or "none"
             self.routing.labels(label, decision.policy, kind, decision.replica_id).inc()
+
+    def _tenant_metrics(self, r: CollectorRegistry) -> None:
+        self.tenant_requests = Counter(
+            PREFIX + "tenant_requests",
+            "Requests to the OpenAI endpoints by tenant (`anonymous`: keys without one) and "
+            "HTTP status.",
+            ["tenant", "status"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            PREFIX + "tenant_tokens",
+            "Tokens charged to each tenant: `prompt` and `output` from the engine's usage when "
+            "the ingress reads it (JSON answers), else the admission `estimated` total.",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.tenant_rejections = Counter(
+            PREFIX + "tenant_rejections",
+            "Requests refused by a quota (requests_per_second, tokens_per_minute, "
+            "tokens_per_day, max_concurrent), by tenant.",
+            ["tenant", "quota"],
+            registry=r,
+        )
+        for tenant in (*self.tenants, NO_TENANT):  # every series exists from the start
+            self.tenant_requests.labels(tenant, "200")
+            for kind in TOKEN_KINDS:
+                self.tenant_tokens.labels(tenant, kind)
+            for quota in QUOTAS:
+                self.tenant_rejections.labels(tenant, quota)
+
+    def tenant_finish(
+        self,
+        tenant: str | None,
+        status: int,
+        usage: tuple[int, int] | None,
+        lease: Any,
+        quota: str | None,
+    ) -> None:
+        """Record one finished request of a tenant (None: a caller without one): its status,
+        the tokens it was charged (`usage` when known, else the `lease`'s estimate) and the
+        quota that refused it."""
+        label = tenant or NO_TENANT
+        self.tenant_requests.labels(label, str(status)).inc()
+        if usage is not None:
+            self.tenant_tokens.labels(label, "prompt").inc(usage[0])
+            self.tenant_tokens.labels(label, "output").inc(usage[1])
+        elif lease is not None and lease.tokens:
+            self.tenant_tokens.labels(label, "estimated").inc(lease.tokens)
+        if quota is not None:
+            self.tenant_rejections.labels(label, quota).inc()
 
     def status(self) -> dict[str, Any]:
         """In-flight requests of this ingress and each replica's engine state, as plain data."""

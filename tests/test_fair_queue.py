@@ -1,0 +1,219 @@
+"""The fair admission queue: priority classes, weighted VTC, lift, bounds, expiry, charges."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from app.tenants import AdmissionGate, FairQueue, QueueFull, Rejected, Ticket, WaitExpired
+
+
+def _drain(q: FairQueue, now: float = 0.0) -> list:
+    out = []
+    while (item := q.pop(now)) is not None:
+        out.append(item)
+    return out
+
+
+def test_lower_priority_number_goes_first_whatever_the_counters():
+    q: FairQueue[str] = FairQueue()
+    q.push("batch-1", "b", priority=20, cost_estimate=1, now=0)
+    q.push("std-1", "s", priority=10, cost_estimate=1, now=0)
+    q.charge("i", 10_000, 0)  # the interactive tenant has had much more service
+    q.push("int-1", "i", priority=0, cost_estimate=1, now=0)
+    q.push("int-2", "i", priority=0, cost_estimate=1, now=0)
+    assert _drain(q) == ["int-1", "int-2", "std-1", "batch-1"]
+
+
+def test_weighted_token_service_is_shared_by_weight():
+    q: FairQueue[str] = FairQueue(weights={"gold": 2.0}, max_queue_per_tenant=1000)
+    for i in range(300):
+        q.push(f"gold-{i}", "gold", 10, 100, now=0)
+        q.push(f"free-{i}", "free", 10, 100, now=0)
+    served = Counter(q.pop(0).split("-")[0] for _ in range(300))
+    assert abs(served["gold"] - 200) <= 1 and abs(served["free"] - 100) <= 1
+    assert abs(q.counter("gold") - q.counter("free")) <= 100
+
+
+def test_service_counts_tokens_not_requests():
+    q: FairQueue[str] = FairQueue(max_queue_per_tenant=1000)
+    for i in range(100):
+        q.push(f"big-{i}", "big", 10, q.service_units(900, 50), now=0)  # 1000 units
+        q.push(f"small-{i}", "small", 10, q.service_units(50, 25), now=0)  # 100 units
+    served = Counter(q.pop(0).split("-")[0] for _ in range(55))
+    assert served["small"] == 50 and served["big"] == 5  # ten small ones per big one
+
+
+def test_new_tenant_is_lifted_and_cannot_bank_idle_time():
+    q: FairQueue[str] = FairQueue(max_queue_per_tenant=1000)
+    for i in range(50):
+        q.push(f"a-{i}", "a", 10, 100, now=0)
+    for _ in range(40):
+        q.pop(0)  # a alone: its counter reaches 4000
+    assert q.counter("a") == 4000 and q.counter("b") == 0
+    for i in range(10):
+        q.push(f"b-{i}", "b", 10, 100, now=1)
+    assert q.counter("b") == 4000  # lifted to the backlogged minimum, not left at 0
+    order = [q.pop(1) for _ in range(6)]
+    assert [x[0] for x in order] == ["a", "b", "a", "b", "a", "b"]  # turns, not a run of b's
+
+
+def test_lift_uses_the_last_minimum_when_nobody_waits():
+    q: FairQueue[str] = FairQueue()
+    q.push("a-0", "a", 10, 500, now=0)
+    q.pop(0)
+    q.push("b-0", "b", 10, 500, now=1)  # nobody waits: lifted to the minimum seen at the last pop
+    assert q.counter("b") == 0.0
+    q.push("a-1", "a", 10, 500, now=1)
+    q.push("a-2", "a", 10, 500, now=1)
+    q.pop(1)  # b (counter 0) goes; the minimum among waiters was 0
+    q.push("c-0", "c", 10, 500, now=2)
+    assert q.counter("c") == min(q.counter("a"), q.counter("b"))
+
+
+def test_full_tenant_queue_is_rejected_with_retry_after():
+    q: FairQueue[str] = FairQueue(max_queue_per_tenant=2, max_wait_s=20)
+    assert isinstance(q.push("a-0", "a", 10, 300, now=0), Ticket)
+    assert isinstance(q.push("a-1", "a", 10, 300, now=0), Ticket)
+    rejected = q.push("a-2", "a", 10, 300, now=5)
+    assert isinstance(rejected, Rejected) and rejected.reason == "queue-full"
+    assert rejected.retry_after_s == pytest.approx(15.0)  # no rate measured: the head's deadline
+    assert rejected.retry_after == 15
+    assert isinstance(q.push("b-0", "b", 10, 300, now=5), Ticket)  # other tenants unaffected
+    assert q.depth("a") == 2 and q.depths() == {"a": 2, "b": 1} and len(q) == 3
+
+
+def test_retry_after_follows_the_measured_rate_and_the_tenants_share():
+    q: FairQueue[str] = FairQueue(max_queue_per_tenant=1, max_wait_s=60, rate_window_s=10)
+    for t in range(10):  # 1000 units dispatched per second for 10 s
+        q.push(f"x-{t}", "x", 10, 1000, now=t)
+        assert q.pop(now=t) == f"x-{t}"
+    assert q.dispatch_rate(now=10) == pytest.approx(1000, rel=0.15)
+    q.push("a-0", "a", 10, 500, now=10)
+    q.push("b-0", "b", 10, 500, now=10)
+    rejected = q.push("a-1", "a", 10, 500, now=10)
+    assert isinstance(rejected, Rejected)
+    # the head (500 units) at a's half of the rate (a and b wait): about one second
+    assert rejected.retry_after_s == pytest.approx(1.0, rel=0.15)
+    assert rejected.retry_after == 1
+
+
+def test_expired_waiters_are_dropped_with_a_reason_and_not_charged():
+    q: FairQueue[str] = FairQueue(max_wait_s=5)
+    q.push("old", "a", 10, 100, now=0)
+    q.push("new", "b", 10, 100, now=4)
+    assert q.pop(now=6) == "new"
+    dropped = q.take_dropped()
+    assert [(d.item, d.reason) for d in dropped] == [("old", "expired")]
+    assert q.counter("a") == 0 and q.take_dropped() == []
+    assert len(q) == 0 and q.pop(now=7) is None
+
+
+def test_charge_settles_the_reservation():
+    q: FairQueue[str] = FairQueue(weights={"a": 2.0})
+    ticket = q.push("a-0", "a", 10, 1000, now=0)
+    assert isinstance(ticket, Ticket)
+    q.pop(0)
+    assert q.counter("a") == 500  # 1000 reserved units / weight 2
+    q.charge("a", prompt_tokens=200, output_tokens=100, reserved=ticket.cost)  # used 400
+    assert q.counter("a") == pytest.approx(200)  # (1000 + (400 - 1000)) / 2
+    q.charge("b", prompt_tokens=10, output_tokens=5)  # no reservation: all of it
+    assert q.counter("b") == 20
+
+
+@pytest.mark.parametrize("refund", [False, True])
+def test_a_refund_moves_the_tenant_ahead(refund):
+    q: FairQueue[str] = FairQueue()
+    ta = q.push("a-0", "a", 10, 1000, now=0)
+    q.push("a-1", "a", 10, 1000, now=0)
+    q.push("b-0", "b", 10, 600, now=0)
+    q.push("b-1", "b", 10, 600, now=0)
+    assert isinstance(ta, Ticket)
+    assert [q.pop(0), q.pop(0)] == ["a-0", "b-0"]  # counters: a 1000, b 600
+    if refund:
+        q.charge("a", 50, 0, reserved=ta.cost)  # a used 50 of the 1000 it reserved
+    assert q.pop(0) == ("a-1" if refund else "b-1")
+
+
+def test_cancel_removes_a_waiter():
+    q: FairQueue[str] = FairQueue()
+    t0 = q.push("a-0", "a", 10, 1, now=0)
+    q.push("a-1", "a", 10, 1, now=0)
+    assert isinstance(t0, Ticket)
+    assert q.cancel(t0) and not q.cancel(t0)
+    assert [d.reason for d in q.take_dropped()] == ["cancelled"]
+    assert _drain(q) == ["a-1"]
+
+
+def test_bad_bounds_are_refused():
+    with pytest.raises(ValueError):
+        FairQueue(max_queue_per_tenant=0)
+    with pytest.raises(ValueError):
+        FairQueue(max_wait_s=0)
+
+
+# --- the asyncio gate
+
+
+def test_gate_grants_slots_in_fair_order_and_frees_them():
+    async def main() -> list[str]:
+        gate = AdmissionGate(1, FairQueue(weights={"gold": 2.0}, max_queue_per_tenant=100))
+        order: list[str] = []
+
+        async def request(tenant: str, i: int) -> None:
+            async with gate.admit(tenant, 10, 100) as slot:
+                order.append(f"{tenant}-{i}")
+                await asyncio.sleep(0)
+                slot.settle(100, 0)
+
+        async with gate.admit("holder", 10, 100):  # holds the only slot while the rest queue
+            tasks = [asyncio.create_task(request(t, i)) for i in range(4) for t in ("gold", "free")]
+            await asyncio.sleep(0)
+            assert len(gate.queue) == 8 and gate.in_flight == 1
+        await asyncio.gather(*tasks)
+        assert gate.in_flight == 0 and len(gate.queue) == 0
+        return order
+
+    order = asyncio.run(main())
+    assert [o.split("-")[0] for o in order[:6]] == ["gold", "free", "gold", "free", "gold", "gold"]
+
+
+def test_gate_refuses_a_full_queue_and_expires_waiters():
+    async def main() -> None:
+        gate = AdmissionGate(1, FairQueue(max_queue_per_tenant=1, max_wait_s=0.05))
+        async with gate.admit("a", 10, 1):
+            waiter = asyncio.create_task(_enter(gate, "b"))
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFull) as full:
+                async with gate.admit("b", 10, 1):
+                    pass
+            assert full.value.rejected.retry_after >= 1
+            with pytest.raises(WaitExpired):
+                await waiter
+            assert len(gate.queue) == 0
+        assert gate.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_gate_cancelled_waiter_leaves_the_queue():
+    async def main() -> None:
+        gate = AdmissionGate(1)
+        async with gate.admit("a", 10, 1):
+            waiter = asyncio.create_task(_enter(gate, "b"))
+            await asyncio.sleep(0)
+            assert len(gate.queue) == 1
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert len(gate.queue) == 0
+        assert gate.in_flight == 0
+
+    asyncio.run(main())
+
+
+async def _enter(gate: AdmissionGate, tenant: str) -> None:
+    async with gate.admit(tenant, 10, 1):
+        pass
