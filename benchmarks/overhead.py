@@ -197,41 +197,60 @@ def backend_groups(target: str) -> list[str]:
 
 @dataclass
 class CpuMeter:
-    """CPU seconds of named process groups and of the whole machine, between two reads."""
+    """CPU seconds of named process groups and of the whole machine, between two reads.
+
+    Groups are fixed processes (`add`) or command-line patterns (`find`), looked up again at
+    every read: a process that starts between two reads (HAProxy starts a new process on each
+    reload of its config) counts with all its CPU time, one that ends counts up to the last
+    read that saw it."""
 
     groups: dict[str, list[psutil.Process]] = field(default_factory=dict)
+    patterns: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, pids: list[int]) -> None:
         self.groups.setdefault(name, []).extend(psutil.Process(p) for p in pids)
 
     def find(self, patterns: dict[str, str]) -> None:
-        """Add every process whose command line contains a group's pattern."""
-        for proc in psutil.process_iter(["cmdline"]):
-            line = " ".join(proc.info["cmdline"] or [])
-            for name, pattern in patterns.items():
-                if pattern in line:
-                    self.groups.setdefault(name, []).append(proc)
+        """Count every process whose command line contains a group's pattern."""
+        self.patterns.update(patterns)
 
-    def read(self) -> dict[str, float]:
-        out = {}
+    def _members(self) -> Iterator[tuple[str, psutil.Process]]:
         for name, procs in self.groups.items():
-            total = 0.0
             for proc in procs:
-                try:
-                    t = proc.cpu_times()
-                    total += t.user + t.system
-                except psutil.Error:
-                    pass
-            out[name] = total
+                yield name, proc
+        if self.patterns:
+            for proc in psutil.process_iter(["cmdline"]):
+                line = " ".join(proc.info["cmdline"] or [])
+                for name, pattern in self.patterns.items():
+                    if pattern in line:
+                        yield name, proc
+
+    def read(self) -> dict[str, Any]:
+        """The reading: CPU seconds per (group, pid, start time), and the machine's."""
+        procs: dict[tuple[str, int, float], float] = {}
+        for name, proc in self._members():
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                procs[(name, proc.pid, proc.create_time())] = t.user + t.system
         machine = psutil.cpu_times()
         idle = machine.idle + getattr(machine, "iowait", 0.0)
-        out["machine"] = sum(machine) - idle - getattr(machine, "guest", 0.0)
-        out["machine"] -= getattr(machine, "guest_nice", 0.0)  # already in user / nice
-        return out
+        busy = sum(machine) - idle - getattr(machine, "guest", 0.0)
+        busy -= getattr(machine, "guest_nice", 0.0)  # already in user / nice
+        names = [*self.groups, *self.patterns]
+        return {"at": time.time(), "names": names, "procs": procs, "machine": busy}
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before[k] for k in before if k in after}
+def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds per group between two readings (see `CpuMeter`), and the machine's."""
+    out = dict.fromkeys(after["names"], 0.0)
+    for key, seconds in after["procs"].items():
+        name, _, started = key
+        if key in before["procs"]:
+            out[name] += seconds - before["procs"][key]
+        elif started >= before["at"] - 1.0:  # started in between (create_time: 10 ms steps)
+            out[name] += seconds
+    out["machine"] = after["machine"] - before["machine"]
+    return out
 
 
 # -- measuring --------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
+import uuid
 from typing import Any
 
 import pytest
@@ -11,8 +15,10 @@ import pytest
 from app.bench.summary import RequestRecord
 from benchmarks.overhead import (
     MODEL,
+    CpuMeter,
     Target,
     added_latency,
+    cpu_delta,
     cpu_table,
     pooled,
     table,
@@ -92,6 +98,30 @@ def test_a_serve_targets_path_is_its_replicas_with_haproxy_and_the_proxy() -> No
     t = _target("vllm-router", [0.01, 0.02], 0.0)
     t.cpu_s.update({"vllm-router": 0.1, "haproxy": 9.0})
     assert pooled(t)["path_cpu_ms_per_request"] == pytest.approx(50.0)
+
+
+def test_the_cpu_meter_counts_a_process_started_between_its_reads() -> None:
+    """HAProxy starts a new process on each reload: a group found by pattern counts it."""
+    mark = f"vrstack-meter-{uuid.uuid4().hex}"
+    burn = (
+        f"import time; t = time.process_time(); {mark!r}\nwhile time.process_time() - t < 0.3: pass"
+    )
+    meter = CpuMeter()
+    meter.find({"burner": mark, "absent": f"{mark}-nothing"})
+    before = meter.read()
+    subprocess.run([sys.executable, "-c", burn], check=True, timeout=30)  # ends before `after`
+    proc = subprocess.Popen([sys.executable, "-c", burn + "\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while (cpu := cpu_delta(before, meter.read()))["burner"] < 0.3:
+            assert time.monotonic() < deadline, cpu
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    # The live newcomer's 0.3 s at least (the first one ended unseen: not counted), none twice.
+    assert 0.3 <= cpu["burner"] < 0.55 and cpu["absent"] == 0.0
+    assert cpu["machine"] >= cpu["burner"] - 0.05
 
 
 def test_top_frames_shares_merge_lines_of_one_function() -> None:
