@@ -302,3 +302,24 @@ async def test_tenant_metrics(cpu_model):
     assert samples['vrstack_tenant_rejections_total{quota="tokens_per_day",tenant="idle"}'] == 0
     tenants = {line.split('tenant="')[1].split('"')[0] for line in samples}
     assert tenants == {"a", "idle", "anonymous"}  # bounded: names from the config only
+
+
+# -- shared quotas on the HTTP path -----------------------------------------------------------
+
+
+async def test_a_short_slice_waits_for_the_ledger_instead_of_refusing(cpu_model):
+    """Another replica took most of the tenant's budget and gave it back: this replica holds
+    too little for the request, the ledger has enough; the request is admitted over HTTP."""
+    from app.tenants.ledger import Ledger, LocalLedger
+
+    tenant = _tenant("a", "sk-a", quotas={"tokens_per_minute": 600})
+    async with tenant_client(cpu_model, tenant) as (client, _, _):
+        here = client._transport.app.gateway.limiter  # the app under test, as built
+        ledger = Ledger()
+        here.share(LocalLedger(ledger), "here")
+        other = KeyLimiter(KeyLimits(), tenants={"a": TenantQuotas(tokens_per_minute=600)})
+        other.share(LocalLedger(ledger), "other")
+        await other.ready("k", 500, "a")
+        other.acquire("k", 500, "a").settle(0)  # taken, then given back in full
+        await other.sync(close=True)
+        assert (await post(client, "sk-a", {**BODY, "max_tokens": 300})).status_code == 200

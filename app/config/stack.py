@@ -7,9 +7,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from app.config.models import ModelSpec, StrictModel, check_custom_resources
-from app.config.tenants import KeyLimits, KeySources, Tenant
+from app.config.tenants import AdmissionSettings, KeyLimits, KeySources, Tenant
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
 
+SCHEDULING_POLICY = "scheduling_policy"  # vLLM's engine argument: "fcfs" (default) or "priority"
 # Policies the routing package has but the engines cannot feed yet: refused with the reason.
 NOT_WIRED = {
     "kv": "routes from the engines' KV cache events, which no engine publishes to the router "
@@ -114,6 +115,22 @@ class StackConfig(StrictModel):
         description="Groups of API keys with their own quotas, priority and models "
         "(docs/tenants.md); keys in `auth` keep `limits.per_key`.",
     )
+    admission: AdmissionSettings = Field(
+        default_factory=AdmissionSettings,
+        description="With tenants: the fair queue in front of each model (docs/tenants.md).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _priority_scheduling(cls, data: Any) -> Any:
+        """With tenants, engines schedule by the `priority` the ingress sets on each request
+        (vLLM's `scheduling_policy: priority`), unless a model's engine_args say otherwise."""
+        if not isinstance(data, dict) or not data.get("tenants"):
+            return data
+        models = data.get("models")
+        if isinstance(models, list):
+            data = {**data, "models": [_with_priority_scheduling(m) for m in models]}
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self) -> StackConfig:
@@ -172,6 +189,16 @@ class StackConfig(StrictModel):
     def model(self, name: str) -> ModelSpec | None:
         """The model a name or alias refers to."""
         return next((m for m in self.models if name in m.names), None)
+
+
+def _with_priority_scheduling(model: Any) -> Any:
+    if isinstance(model, ModelSpec):
+        args = {SCHEDULING_POLICY: "priority", **model.engine_args}
+        return model.model_copy(update={"engine_args": args})
+    args = model.get("engine_args", {}) if isinstance(model, dict) else None
+    if isinstance(args, dict):
+        return {**model, "engine_args": {SCHEDULING_POLICY: "priority", **args}}
+    return model
 
 
 def _key_sources(sources: KeySources) -> list[tuple[str, str]]:

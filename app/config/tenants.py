@@ -61,10 +61,22 @@ class KeyLimits(StrictModel):
 
 
 class TenantQuotas(KeyLimits):
-    """A tenant's quotas, shared by all its keys (in each ingress replica)."""
+    """A tenant's quotas, shared by all its keys across the ingress replicas (the cluster's
+    quota ledger; in one process without Ray)."""
 
     tokens_per_day: int | None = Field(
         None, ge=1, description="Prompt plus output tokens per UTC day; 429 until midnight UTC."
+    )
+
+
+class AdmissionSettings(StrictModel):
+    """Fair admission in front of each model, with tenants configured (docs/tenants.md)."""
+
+    max_wait_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait in the queue for an engine slot; 503."
+    )
+    max_queue_per_tenant: int = Field(
+        64, ge=1, le=100_000, description="Waiters per tenant and model; one more: 429."
     )
 
 

@@ -4,8 +4,8 @@ Every request gets an id (`x-request-id`), which every answer carries. The POST 
 (completions, chat, embeddings, tokenize, detokenize; `app.ingress.routes`) take the hot path,
 with no framework between the server and the relay: API key, body limit, JSON (nesting
 bounded), the request model's checks, the model and its limits (a tenant's too), then the
-per-key or the tenant's quotas (settled from a JSON answer's `usage`), then
-`Gateway.relay_http`, cancelled when
+per-key or the tenant's quotas (settled from a JSON answer's `usage`), with tenants the model's
+fair admission gate (`_admitted`), then `Gateway.relay_http`, cancelled when
 the client leaves (the app watches for it itself, whatever Ray's proxy was told); each answer
 is counted in the metrics with what the path already holds. Everything else (models, health,
 version, metrics, status, OpenAPI, unknown routes) is FastAPI's, behind the same API keys.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import FastAPI
@@ -30,7 +31,7 @@ from app.engines.http_server import route_path, unless_disconnected
 from app.errors import OpenAIError, public_message, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
-from app.ingress.gateway import Exchange, Gateway
+from app.ingress.gateway import Exchange, Gateway, admission_cost
 from app.ingress.limits import Lease, QuotaError, usage_of
 from app.ingress.middleware import (
     json_object,
@@ -44,12 +45,14 @@ from app.ingress.protocol import OpenAIRequest
 from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
 from app.ingress.routes import metrics as metrics_routes
 from app.ingress.routes.common import PostRoute
-from app.observability.metrics import StackMetrics
+from app.observability.metrics import NO_TENANT, StackMetrics
+from app.tenants import AdmissionGate, QueueFull, WaitExpired
 
 logger = logging.getLogger("vrstack.ingress")
 POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, tokenize.TOKENIZE,
                tokenize.DETOKENIZE)  # fmt: skip
 CLIENT_LEFT = 499  # the status counted for a request whose client left before its answer
+QUEUE_EXPIRED_RETRY_AFTER_S = 1  # as the stack's other overload answers
 
 
 class StackApp:
@@ -63,6 +66,7 @@ class StackApp:
         self.max_body_bytes = config.limits.max_body_bytes
         # With tenants, answers show no routing replica or reason (a cross-tenant prefix oracle).
         self.private_routes = bool(config.tenants)
+        self.gated = bool(gateway.gates)  # tenants: fair admission in front of each model
         key = config.router.session_key
         self.session_header = key.lower().encode() if key else None
         self.posts = {path: route for route in POST_ROUTES for path in route.paths}
@@ -99,8 +103,10 @@ class StackApp:
             key_id, request = await self._request(route, scope, receive)
             model, stream = request.model, getattr(request, "stream", False)
             tenant = self.keys.tenant_of(key_id)
-            lease = self.gateway.admit(key_id, request, tenant)
-            answer.metered = tenant is not None or lease.counts_tokens
+            lease = await self.gateway.admit_shared(key_id, request, tenant)
+            gate = self.gateway.gate_of(endpoint, request) if self.gated else None
+            # The answer's usage settles token limits and the admission slot.
+            answer.metered = tenant is not None or lease.counts_tokens or gate is not None
             try:
                 relay = self.gateway.relay_http(
                     endpoint,
@@ -110,7 +116,10 @@ class StackApp:
                     session=self._session(scope),
                     exchange=exchange,
                     private=self.private_routes,
+                    tenant=tenant,
                 )
+                if gate is not None:  # tenants configured: wait for a slot in fair order
+                    relay = self._admitted(gate, tenant, request, relay, answer)
                 del request  # the relay alone decides how long the request is kept
                 # Ours, whatever Ray's proxy was told (x-request-disconnect-disabled).
                 await unless_disconnected(relay, receive)
@@ -141,6 +150,41 @@ class StackApp:
             )
             if self.metrics.tenants:
                 self.metrics.tenant_finish(tenant, status, answer.usage, lease, quota)
+
+    async def _admitted(
+        self,
+        gate: AdmissionGate,
+        tenant: str | None,
+        request: OpenAIRequest,
+        relay: Coroutine[Any, Any, None],
+        answer: _Answer,
+    ) -> None:
+        """`relay` once `gate` grants a slot (priority class, then the tenants' weighted token
+        service), the slot settled with the answer's usage: 429 when the tenant's queue is
+        full, 503 when no slot came within `admission.max_wait_s`."""
+        label = tenant or NO_TENANT
+        priority = self.gateway.priority_of(tenant)
+        cost = admission_cost(gate.queue, request)
+        started = time.perf_counter()
+        try:
+            async with gate.admit(label, priority, cost) as slot:
+                self.metrics.tenant_queued(label, time.perf_counter() - started)
+                try:
+                    await relay
+                except OpenAIError:
+                    slot.settle(0, 0)  # failed before answering: no service
+                    raise
+                finally:
+                    if answer.usage is not None:
+                        slot.settle(*answer.usage)
+                    elif answer.status is not None and answer.status >= 400:
+                        slot.settle(0, 0)
+        except (QueueFull, WaitExpired) as exc:
+            reason = "queue_full" if isinstance(exc, QueueFull) else "expired"
+            self.metrics.tenant_queue_rejected(label, reason)
+            raise _queue_refusal(exc, label) from None
+        finally:
+            relay.close()  # not started when refused or cancelled while waiting
 
     async def _request(
         self, route: PostRoute, scope: Scope, receive: Receive
@@ -219,6 +263,26 @@ def _settle(lease: Lease, answer: _Answer) -> None:
         lease.settle(answer.usage[0] + answer.usage[1])
     elif answer.status is not None and answer.status >= 400:
         lease.settle(0)
+
+
+def _queue_refusal(exc: QueueFull | WaitExpired, tenant: str) -> OpenAIError:
+    """A full tenant queue: 429, as a quota (the tenant's own backlog); an expired wait: 503,
+    as any overload (the model's engines are full, whoever fills them)."""
+    who = "requests without a tenant" if tenant == NO_TENANT else f"tenant {tenant!r}"
+    if isinstance(exc, QueueFull):
+        seconds = exc.rejected.retry_after
+        return OpenAIError(
+            429,
+            f"too many requests waiting for the model for {who}; retry after {seconds} s",
+            code="rate_limit_exceeded",
+            headers={"retry-after": str(seconds)},
+        )
+    return OpenAIError(
+        503,
+        f"the model is overloaded: no engine slot for {who} within the queue's wait; retry later",
+        code="overloaded",
+        headers={"retry-after": str(QUEUE_EXPIRED_RETRY_AFTER_S)},
+    )
 
 
 def _is_stream(start: Message) -> bool:

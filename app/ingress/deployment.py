@@ -1,8 +1,12 @@
 """The ingress as a Ray Serve deployment: HTTP through `app.ingress.asgi`, Python through handle
-methods."""
+methods. With tenants' quotas, every replica shares the application's quota ledger (a named Ray
+actor, `app.tenants.ledger`): see `Ingress.__init__`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -17,8 +21,12 @@ from app.ingress.auth import ANONYMOUS
 from app.ingress.gateway import EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from app.internal_token import internal_token
+from app.tenants.ledger import ActorLedger, ledger_name
 
+logger = logging.getLogger("vrstack.ingress")
 ROUTERS_READY_S = 30.0
+LEDGER_READY_S = 10.0  # how long a starting replica waits for its first slices of the quotas
+LEDGER_CLOSE_S = 2.0  # how long a stopping replica tries to give its slices back
 _REQUESTS: dict[Endpoint, type[SamplingRequest]] = {
     "completions": CompletionRequest,
     "chat": ChatCompletionRequest,
@@ -37,15 +45,36 @@ class Ingress:
     """
 
     async def __init__(self, config: dict[str, Any], engines: Mapping[str, EngineHandle]) -> None:
-        token = await internal_token(serve.get_replica_context().app_name)
+        app_name = serve.get_replica_context().app_name
+        token = await internal_token(app_name)
         self.gateway = Gateway(load_config(config), engines, token=token)
+        self._ledger_task: asyncio.Task | None = None
+        await self._share_quotas(app_name)
         # Ready (for HAProxy and the proxy) once the routers know the engine replicas.
         await self.gateway.wait_for_routers(ROUTERS_READY_S)
+
+    async def _share_quotas(self, app_name: str) -> None:
+        """Tenants' quotas in the application's ledger actor, got or created by whichever
+        replica comes first (detached: it outlives a redeploy's replicas, and ends itself once
+        no replica has called it for a minute); keys without a tenant keep their limits here."""
+        limiter = self.gateway.limiter
+        if not any(q.model_dump(exclude_none=True) for q in limiter.tenants.values()):
+            return
+        limiter.share(ActorLedger(ledger_name(app_name)))
+        try:  # the first slices before taking requests; without them, 429 until it answers
+            await asyncio.wait_for(limiter.sync(), LEDGER_READY_S)
+        except TimeoutError:
+            logger.warning("the quota ledger did not answer within %.0f s", LEDGER_READY_S)
+        self._ledger_task = asyncio.get_running_loop().create_task(limiter.run())
 
     async def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.gateway)
 
     async def __del__(self) -> None:
+        if (task := getattr(self, "_ledger_task", None)) is not None:
+            task.cancel()
+            with contextlib.suppress(Exception):  # give the slices back: best effort
+                await asyncio.wait_for(self.gateway.limiter.close(), LEDGER_CLOSE_S)
         await self.gateway.relay.close()
 
     async def completions(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,9 @@
   the attempt ends: answered, failed, timed out or cancelled).
 - Python handle calls (`call`, `stream`) go through the engine deployment's Serve handle,
   which the same router routes, and get plain items (`app.engines.items`).
-Both take the same model resolution and limits.
+Both take the same model resolution and limits. With tenants configured, each model has a fair
+admission gate in this ingress replica (`gate_of`; HTTP requests wait there, handle calls do
+not), and requests to engines that schedule by priority carry the tenant's `priority`.
 """
 
 from __future__ import annotations
@@ -16,27 +18,37 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.config import ModelSpec, StackConfig, Tenant
+from app.config import PRIORITY_CLASSES, ModelSpec, StackConfig, Tenant
+from app.config.stack import SCHEDULING_POLICY
 from app.engines import router_registry
 from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError
 from app.ingress.limits import KeyLimiter, Lease
-from app.ingress.protocol import OpenAIRequest, SamplingRequest
+from app.ingress.protocol import OpenAIRequest, SamplingRequest, approx_tokens
 from app.ingress.relay import Relay, RelayError, Send, engine_unavailable, pass_through
 from app.routing import Decision, view_of_body
+from app.tenants import AdmissionGate, FairQueue
 
 logger = logging.getLogger("vrstack.ingress")
 ENGINE_PATHS: dict[str, str] = {endpoint: path for path, endpoint in ENDPOINTS.items()}
 REPLICA_FAILED = "replica_failed"
 ROUTER_WAIT_S = 5.0  # how long a request waits for its model's router to learn the replicas
+GATED: frozenset[str] = frozenset({"completions", "chat", "embeddings"})  # the engine's work
+STANDARD_PRIORITY = PRIORITY_CLASSES["standard"]  # keys without a tenant, and handle calls
+# vLLM's default max_num_seqs for its OpenAI server (`EngineArgs.get_batch_defaults`): 128 per
+# tensor x pipeline parallel rank on CPU; 256 on most GPUs (1024 on H100-class ones: set
+# max_num_seqs in engine_args to say so).
+CPU_SEQS_PER_RANK = 128
+GPU_SEQS = 256
 
 
 class EngineHandle(Protocol):
@@ -92,6 +104,17 @@ class Gateway:
         )
         self.relay = Relay(token, timeout_s=config.server.request_timeout_s)
         self._routes = routes
+        # With tenants: a fair admission gate per model, and `priority` on the engine requests
+        # of models whose engines schedule by it (the config sets that unless told otherwise).
+        self.gates: dict[str, AdmissionGate] = {}
+        self._priority: frozenset[str] = frozenset()
+        if config.tenants:
+            self.gates = {spec.name: self._gate(spec) for spec in config.models}
+            self._priority = frozenset(
+                spec.name
+                for spec in config.models
+                if spec.engine_args.get(SCHEDULING_POLICY) == "priority"
+            )
         self._handles = {  # making them starts each model's router in this process
             name: handle.options(stream=True, method_name="serve_openai")
             for name, handle in engines.items()
@@ -143,17 +166,72 @@ class Gateway:
         scales_to_zero = spec.autoscaling is not None and spec.autoscaling.min_replicas == 0
         return ModelState(spec.name, routes.replica_count() if routes else 0, scales_to_zero)
 
+    # -- fair admission (with tenants) ---------------------------------------------------------
+    def _gate(self, spec: ModelSpec) -> AdmissionGate:
+        admission = self.config.admission
+        queue: FairQueue = FairQueue(
+            max_queue_per_tenant=admission.max_queue_per_tenant,
+            max_wait_s=admission.max_wait_s,
+            weights={t.name: t.weight for t in self.config.tenants},
+        )
+        return AdmissionGate(lambda: self.capacity(spec), queue)
+
+    def capacity(self, spec: ModelSpec) -> int:
+        """Requests of the model this ingress replica lets into its engines at once: the
+        running replicas (at least 1: a model scaled to zero gets the slots of the replica a
+        request wakes) times each one's `slots_per_replica`, shared evenly among the ingress
+        replicas."""
+        routes = self._routes(spec.name)
+        replicas = max(1, routes.replica_count() if routes is not None else 0)
+        share = replicas * slots_per_replica(spec) / self.config.server.ingress_replicas
+        return max(1, math.ceil(share))
+
+    def gate_of(self, endpoint: Endpoint, request: OpenAIRequest) -> AdmissionGate | None:
+        """The admission gate an HTTP request waits at: None without tenants, and for the
+        endpoints that take no engine slot (tokenize, detokenize)."""
+        if not self.gates or endpoint not in GATED:
+            return None
+        spec = self.config.model(request.model)
+        return self.gates.get(spec.name) if spec is not None else None
+
+    def priority_of(self, tenant: str | None) -> int:
+        """vLLM's `priority` for a tenant's requests (keys without a tenant: `standard`)."""
+        rules = self.tenants.get(tenant) if tenant is not None else None
+        return rules.priority_value if rules is not None else STANDARD_PRIORITY
+
+    def _engine_body(
+        self, spec: ModelSpec, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None
+    ) -> dict[str, Any]:
+        body = request.engine_body(spec.name)
+        if spec.name in self._priority and endpoint in GATED:  # a client's own is replaced
+            body["priority"] = self.priority_of(tenant)
+        return body
+
     # -- checks -------------------------------------------------------------------------------
     def admit(self, key_id: str, request: OpenAIRequest, tenant: str | None = None) -> Lease:
         """The request's checks (its model, the tenant's access and output bounds, the limits),
         then the per-key (or the tenant's) rate, token and concurrency limits: 429 with
         Retry-After when over. A request refused by a check is not charged."""
+        return self.limiter.acquire(key_id, self._admission_tokens(request, tenant), tenant)
+
+    async def admit_shared(
+        self, key_id: str, request: OpenAIRequest, tenant: str | None = None
+    ) -> Lease:
+        """`admit`, first waiting (one exchange, bounded) for the cluster's quota ledger when
+        this replica's slice of the tenant's budget is short, instead of refusing."""
+        tokens = self._admission_tokens(request, tenant)
+        if tenant is not None:
+            await self.limiter.ready(key_id, tokens, tenant)
+        return self.limiter.acquire(key_id, tokens, tenant)
+
+    def _admission_tokens(self, request: OpenAIRequest, tenant: str | None) -> int:
+        """The request's checks (see `admit`), then the tokens it is charged at admission."""
         self.resolve(request.model, tenant)
         rules = self.tenants.get(tenant) if tenant is not None else None
         if rules is not None and isinstance(request, SamplingRequest):
             bound_output(request, rules)
         self.check_limits(request)
-        return self.limiter.acquire(key_id, request.estimated_tokens(), tenant)
+        return request.estimated_tokens()
 
     def check_limits(self, request: OpenAIRequest) -> None:
         limits = self.config.limits
@@ -180,13 +258,15 @@ class Gateway:
         session: str | None = None,
         exchange: Exchange | None = None,
         private: bool = False,
+        tenant: str | None = None,
     ) -> None:
         """Answer one HTTP request from a replica of its model (see the module docstring);
-        `private` (tenants configured): the answer shows only the routing policy."""
+        `private` (tenants configured): the answer shows only the routing policy; `tenant`:
+        whose `priority` the engine request carries (when its engines schedule by it)."""
         exchange = exchange or Exchange()
         spec = self._checked(request)
         routes = await self._routes_of(spec)
-        body = request.engine_body(spec.name)
+        body = self._engine_body(spec, endpoint, request, tenant)
         payload = json.dumps(body, separators=(",", ":")).encode()
         view = view_of_body(body, model=spec.name, session_key=session)
         failed: set[str] = set()
@@ -312,7 +392,7 @@ class Gateway:
         if not state.ready and not state.scales_to_zero:
             raise _not_ready(spec)
         handle = self._handles[spec.name]
-        body = request.engine_body(spec.name)
+        body = self._engine_body(spec, endpoint, request, None)  # not gated: see the docstring
         for attempt in range(self.config.server.retries + 1):
             items = handle.remote(endpoint, body)
             try:
@@ -338,6 +418,25 @@ class Gateway:
             async for item in items:
                 yield item
             return
+
+
+def slots_per_replica(spec: ModelSpec) -> int:
+    """Requests one engine replica runs at once: its `max_num_seqs` (engine_args), else vLLM's
+    default for its OpenAI server (see `CPU_SEQS_PER_RANK`)."""
+    seqs = spec.engine_args.get("max_num_seqs")
+    if isinstance(seqs, int) and seqs >= 1:
+        return seqs
+    return GPU_SEQS if spec.on_gpu else CPU_SEQS_PER_RANK * spec.gpu_workers
+
+
+def admission_cost(queue: FairQueue, request: OpenAIRequest) -> float:
+    """A request's estimated service in the fair queue's units: its prompt (estimated) and
+    the most output it may produce, each at the queue's weight."""
+    total = request.estimated_tokens()
+    if not isinstance(request, SamplingRequest):
+        return queue.service_units(total, 0)
+    prompt = min(total, approx_tokens(request.prompt_input()))
+    return queue.service_units(prompt, total - prompt)
 
 
 def route_headers(decision: Decision, private: bool = False) -> list[tuple[bytes, bytes]]:

@@ -1,75 +1,275 @@
 """Per-key and per-tenant limits: request rate (token bucket), tokens per minute and per UTC day,
-requests in flight. Held in this ingress replica's memory.
+requests in flight.
 
 A request is admitted after its checks (a request refused for a bad parameter costs nothing),
 charged its estimated prompt plus the most output it may produce, and settled to the tokens it
 really used when the ingress learns them (`Lease.settle`): the difference goes back to (or is
 taken from) the buckets it was charged to.
+
+Where the budget lives:
+- By default, in this process's memory (`_State`): keys without a tenant always, and tenants
+  when no ledger is shared (tests, a single process).
+- With `KeyLimiter.share(ledger)` (the ingress deployment, on Ray), a tenant's quotas are the
+  cluster's, in one ledger (`app.tenants.ledger`). Admission stays local and synchronous: this
+  replica spends slices of the tenant's budget it took from the ledger earlier (`_Shared`), and
+  a background exchange (`KeyLimiter.sync`, every `SYNC_S`, and at once when a slice runs low
+  or short) gives back what it holds in excess and takes new slices sized to its recent demand.
+  Nothing is admitted that the ledger has not granted, so the cluster admits no more than one
+  bucket of the quota's size would; a request finding its slice short while the ledger still
+  has budget is refused with `Retry-After: 1` unless the caller awaited `ready` first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from app.config import KeyLimits, TenantQuotas
 from app.errors import OpenAIError
+from app.tenants.ledger import DAY_S, DayCounter, TokenBucket, quota_sizes
 
-DAY_S = 86_400
+__all__ = ["DAY_S", "DayCounter", "KeyLimiter", "Lease", "QuotaError", "TokenBucket", "usage_of"]
+
+logger = logging.getLogger("vrstack.limits")
 _USAGE_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 _USAGE_SPAN = 400  # bytes after `"usage"` that hold its counts (vLLM puts them first)
 
-
-class TokenBucket:
-    """`capacity` units, refilled at `rate` units per second."""
-
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.level = capacity
-        self._at = now
-
-    def wait_for(self, amount: float, now: float) -> float:
-        """Seconds until `amount` could be taken (0 if it can be now)."""
-        self.level = min(self.capacity, self.level + (now - self._at) * self.rate)
-        self._at = now
-        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
-
-    def take(self, amount: float) -> None:
-        """Take `amount` (a negative amount gives it back, up to the capacity)."""
-        self.level = min(self.capacity, self.level - amount)
+# Slices of a tenant's budget (docs/tenants.md#shared-quotas).
+SYNC_S = 0.2  # the background exchange's period
+HEARTBEAT_S = 2.0  # at least this often, even idle (the ledger forgets a replica after 10 s)
+HORIZON_S = 1.0  # a slice covers this long of the replica's recent demand...
+MIN_SHARE = 0.02  # ...and at least this share of the quota's size (and the largest request)...
+MAX_SHARE = 0.25  # ...but at most this share (or the largest request, when larger)
+KICK_GAP_S = 0.05  # the least time between two exchanges started by requests
+SLICE_TTL_S = 5.0  # no exchange for this long: the slices are void (the ledger's TTL is 10 s)
+IDLE_RETURN_S = 2.0  # a tenant idle this long on a replica: its slices go back to the ledger,
+IDLE_KEEP_SHARE = 0.25  # but one request's, if the replicas' together are below this share
+READY_TIMEOUT_S = 1.0  # the longest `ready` waits for the ledger
+_QUOTA_OF = {
+    "requests": "requests_per_second",
+    "tokens": "tokens_per_minute",
+    "day": "tokens_per_day",
+    "slots": "max_concurrent",
+}
 
 
-class DayCounter:
-    """Tokens used in the current UTC day, against `limit`."""
+class Ledger(Protocol):
+    """What `KeyLimiter.share` needs of a ledger client (`app.tenants.ledger`)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.day = -1
-        self.used = 0
-
-    def wait_for(self, amount: int, wall: float) -> float:
-        """Seconds until `amount` more fits (0 if it does now): the next UTC midnight."""
-        day = int(wall // DAY_S)
-        if day != self.day:
-            self.day, self.used = day, 0
-        return 0.0 if self.used + amount <= self.limit else (day + 1) * DAY_S - wall
-
-    def take(self, amount: int) -> None:
-        self.used = max(0, self.used + amount)
+    async def exchange(self, replica: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
 
 @dataclass
 class _State:
+    """A key's or tenant's limits in this process's memory."""
+
     limits: KeyLimits
     requests: TokenBucket | None
     tokens: TokenBucket | None
     day: DayCounter | None
     in_flight: int = 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.tokens is not None or self.day is not None
+
+    def charge(self, difference: int) -> None:
+        for bucket in (self.tokens, self.day):
+            if bucket is not None:
+                bucket.take(difference)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+@dataclass
+class _Plan:
+    """One account's part of an exchange in progress."""
+
+    item: dict[str, Any]
+    give: dict[str, float]
+    refunds: dict[str, float]
+
+
+class _Shared:
+    """A tenant's slices of the cluster's budget held by this replica: `held` per kind (slots
+    count those in use); refunds are spendable only once the ledger has been told of them."""
+
+    def __init__(self, name: str, limits: TenantQuotas, now: float) -> None:
+        self.name = name
+        self.limits = limits
+        self.quotas = limits.model_dump(exclude_none=True)
+        self.sizes = quota_sizes(self.quotas)
+        self.held = dict.fromkeys(self.sizes, 0.0)
+        self.refunds = {k: 0.0 for k in ("tokens", "day") if k in self.sizes}
+        self.spent = dict.fromkeys(self.sizes, 0.0)
+        self.rate = dict.fromkeys(self.sizes, 0.0)  # recent demand, units per second
+        self.low = dict.fromkeys(self.sizes, 0.0)  # below this, top up at once
+        self.need: dict[str, float] = {}  # what a request found short
+        self.waits: dict[str, float] = {}  # kind -> until when the ledger said it has none
+        self.free: dict[str, float] = {}  # what the ledger had left at the last exchange
+        self.biggest = 1.0  # the largest request lately, in tokens
+        self.pending = 0  # tokens of a request found short, until one is admitted
+        self.in_flight = 0
+        self.replicas = 1  # the replicas the ledger hears from
+        self.day = -1  # the UTC day of the daily slice
+        self.used_at = now
+        self.planned_at = now
+
+    @property
+    def counts_tokens(self) -> bool:
+        return "tokens" in self.sizes or "day" in self.sizes
+
+    def charge(self, difference: int) -> None:
+        for kind in self.refunds:
+            if difference > 0:
+                self.held[kind] -= difference  # below 0: a debt, paid at the next exchange
+            else:
+                self.refunds[kind] -= difference
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def needs(self, tokens: int) -> dict[str, float]:
+        amounts = {"requests": 1.0, "tokens": float(tokens), "day": float(tokens)}
+        return {k: amounts.get(k, self.in_flight + 1.0) for k in self.sizes}
+
+    def short(self, tokens: int, wall: float) -> list[str]:
+        """The kinds this replica holds too little of for a request of `tokens`."""
+        if "day" in self.sizes and int(wall // DAY_S) != self.day:
+            self.held["day"] = self.refunds["day"] = 0.0  # yesterday's slice is worthless
+        return [k for k, amount in self.needs(tokens).items() if self.held[k] < amount]
+
+    def void(self) -> None:
+        """Drop the slices (this replica has not reached the ledger for `SLICE_TTL_S`: the
+        ledger may soon count them spent and refill in their place)."""
+        for kind in self.held:
+            self.held[kind] = float(self.in_flight) if kind == "slots" else min(self.held[kind], 0)
+
+    def wait_s(self, kind: str, tokens: int, now: float, wall: float) -> float:
+        """A refusal's `Retry-After` for `kind`: the ledger's wait if it said it has none, or
+        the time the quota takes to refill the part that neither this replica nor (at the last
+        exchange) the ledger holds; at least a second (the time to fetch a slice)."""
+        if kind in self.waits:
+            return max(1.0, self.waits[kind] - now)
+        missing = self.needs(tokens)[kind] - self.held[kind] - self.free.get(kind, math.inf)
+        if missing <= 0 or kind == "slots":
+            return 1.0
+        if kind == "day":
+            return (int(wall // DAY_S) + 1) * DAY_S - wall
+        rate = self.limits.requests_per_second if kind == "requests" else self.sizes[kind] / 60
+        return max(1.0, missing / (rate or 1.0))
+
+    def take(self, tokens: int, now: float) -> bool:
+        """Spend a request's slices; whether a slice is now below its low mark."""
+        for kind, amount in self.needs(tokens).items():
+            if kind == "slots":
+                self.spent[kind] += 1
+            else:
+                self.held[kind] -= amount
+                self.spent[kind] += amount
+        self.in_flight += 1
+        self.used_at = now
+        self.biggest = max(self.biggest, tokens)
+        self.pending = 0
+        return any(self.held[k] < self.low[k] for k in self.held)
+
+    def plan(self, now: float, wall: float, *, close: bool = False) -> _Plan | None:
+        """This account's item for an exchange, or None if it needs none now."""
+        elapsed, self.planned_at = max(now - self.planned_at, SYNC_S), now
+        idle = close or now - self.used_at > IDLE_RETURN_S
+        if close:  # refunds, too, go back with everything held
+            self.pending = 0
+            for kind, amount in self.refunds.items():
+                self.held[kind] += amount
+                self.refunds[kind] = 0.0
+        give: dict[str, float] = {}
+        want: dict[str, float] = {}
+        for kind, size in self.sizes.items():
+            self.rate[kind] = 0.5 * self.rate[kind] + 0.5 * self.spent[kind] / elapsed
+            self.spent[kind] = 0.0
+            held = self.held[kind]
+            if kind == "slots":
+                spare = max(1, math.ceil(MIN_SHARE * size))
+                if idle:
+                    spare = int(not close and self.replicas <= IDLE_KEEP_SHARE * size)
+                target = self.in_flight + max(spare, 1 if self.pending else 0)
+                self.low[kind] = float(self.in_flight + 1)
+            else:
+                target = 0.0 if close else self._target(kind, size, idle)
+                self.low[kind] = target / 2
+            spare = held > target if kind == "slots" or idle else held > 2 * target
+            if held < 0 or spare:
+                give[kind] = held - target if held > 0 else held
+            elif held < self.low[kind] or kind in self.need:
+                want[kind] = target - held
+            if kind in self.need:
+                want[kind] = max(want.get(kind, 0.0), self.need[kind] - held)
+        if not idle:  # the largest request lately, of the time it was busy
+            self.biggest = max(1.0, self.biggest * 0.998)
+        refunds = {k: v for k, v in self.refunds.items() if v}
+        if not (give or want or refunds):
+            return None
+        for kind, amount in give.items():
+            self.held[kind] -= amount
+        for kind in refunds:
+            self.refunds[kind] = 0.0
+        held = {k: v + refunds.get(k, 0.0) for k, v in self.held.items()}
+        need = {k: max(0.0, v - self.held[k]) for k, v in self.need.items()}
+        self.need = {}
+        item = {
+            "account": self.name,
+            "quotas": self.quotas,
+            "day": self.day,
+            "give": give,
+            "held": held,
+            "want": {k: v for k, v in want.items() if v > 0},
+            "need": need,
+        }
+        return _Plan(item, give, refunds)
+
+    def _target(self, kind: str, size: float, idle: bool) -> float:
+        """The slice this replica means to hold of a bucket or the daily count."""
+        unit = 1.0 if kind == "requests" else max(self.biggest, self.pending)
+        if idle and self.pending:
+            return unit  # a request is waiting for it
+        if kind == "day":  # sized like the tokens per minute, or a minute of the day
+            size = self.sizes.get("tokens", size / 1440)
+        if idle:  # keep one request's slice, if the replicas' together are small beside the quota
+            return unit if unit * self.replicas <= IDLE_KEEP_SHARE * size else 0.0
+        floor = MIN_SHARE * size
+        target = max(self.rate[kind] * HORIZON_S, floor, unit)
+        return min(target, max(MAX_SHARE * size, unit))
+
+    def apply(self, plan: _Plan, reply: dict[str, Any], now: float) -> None:
+        """The ledger's answer to `plan`."""
+        for kind, amount in plan.refunds.items():
+            self.held[kind] += amount
+        for kind, amount in reply.get("granted", {}).items():
+            self.held[kind] += amount
+        if "day" in self.sizes and reply.get("day", self.day) != self.day:
+            self.day = reply["day"]
+            self.held["day"] = float(reply.get("granted", {}).get("day", 0.0))
+        self.waits = {kind: now + wait for kind, wait in reply.get("wait", {}).items()}
+        self.free = reply.get("free", {})
+        self.replicas = reply.get("replicas", self.replicas)
+
+    def failed(self, plan: _Plan) -> None:
+        """The exchange failed: keep the debts and refunds for the next one (what was given
+        back is lost to this replica: the ledger may have it)."""
+        for kind, amount in plan.give.items():
+            if amount < 0:
+                self.held[kind] += amount
+        for kind, amount in plan.refunds.items():
+            self.refunds[kind] += amount
 
 
 @dataclass
@@ -77,7 +277,7 @@ class Lease:
     """One admitted request, charged `tokens`; `settle()` with what it really used once known,
     `release()` when it has finished (each idempotent)."""
 
-    _state: _State
+    _state: _State | _Shared
     tokens: int
     tenant: str | None = None
     _released: bool = field(default=False)
@@ -89,9 +289,7 @@ class Lease:
             return
         self._settled = True
         difference, self.tokens = used - self.tokens, used
-        for bucket in (self._state.tokens, self._state.day):
-            if bucket is not None:
-                bucket.take(difference)
+        self._state.charge(difference)
 
     def settle_usage(self, usage: object) -> None:
         """`settle` from an OpenAI `usage` object (a dict), when it has the prompt's count."""
@@ -101,12 +299,12 @@ class Lease:
     @property
     def counts_tokens(self) -> bool:
         """Whether a token limit holds this request (so settling it matters)."""
-        return self._state.tokens is not None or self._state.day is not None
+        return self._state.counts_tokens
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._state.in_flight -= 1
+            self._state.release()
 
 
 class QuotaError(OpenAIError):
@@ -139,6 +337,120 @@ class KeyLimiter:
         self._wall = wall
         self._keys: dict[str, _State] = {}
         self._tenant_states: dict[str, _State] = {}
+        self.ledger: Ledger | None = None
+        self.replica = ""
+        self._shared: dict[str, _Shared] = {}
+        self._lock = asyncio.Lock()
+        self._kicked: asyncio.Task | None = None
+        self._kicked_at = -math.inf
+        self._closed = False
+        self._beat = -math.inf
+
+    # -- the cluster's ledger ---------------------------------------------------------------
+    def share(self, ledger: Ledger, replica: str | None = None) -> None:
+        """Hold tenants' quotas in `ledger` (shared by every replica calling it) from now on;
+        keys without a tenant stay in this process's memory. Call `sync` (or `run`) after."""
+        self.ledger = ledger
+        self.replica = replica or uuid.uuid4().hex
+        now = self._clock()
+        self._shared = {
+            name: _Shared(name, quotas, now)
+            for name, quotas in self.tenants.items()
+            if quota_sizes(quotas.model_dump(exclude_none=True))
+        }
+
+    async def sync(self, *, close: bool = False) -> None:
+        """One exchange with the ledger for the tenants that need one (all of them with
+        `close`: everything held goes back); a heartbeat at least every `HEARTBEAT_S`."""
+        if self.ledger is None or self._closed:
+            return
+        async with self._lock:
+            if self._closed:
+                return
+            self._closed = close
+            now, wall = self._clock(), self._wall()
+            plans = [(state, state.plan(now, wall, close=close)) for state in self._shared.values()]
+            plans = [(state, plan) for state, plan in plans if plan is not None]
+            if not plans and now - self._beat < HEARTBEAT_S:
+                return
+            try:
+                replies = await self.ledger.exchange(self.replica, [p.item for _, p in plans])
+            except Exception as exc:  # the ledger is away: spend what is held, keep the debts
+                logger.warning("quota ledger exchange failed: %r", exc)
+                for state, plan in plans:
+                    state.failed(plan)
+                return
+            self._beat = now  # the slices held are good until now + SLICE_TTL_S
+            now = self._clock()
+            for (state, plan), reply in zip(plans, replies, strict=True):
+                state.apply(plan, reply, now)
+
+    async def run(self, period_s: float = SYNC_S) -> None:
+        """Exchange with the ledger every `period_s`, for ever (a background task)."""
+        while True:
+            await self.sync()
+            await asyncio.sleep(period_s)
+
+    async def ready(self, key_id: str, tokens: int, tenant: str | None = None) -> None:
+        """Make sure this replica holds enough of the tenant's budget for a request of `tokens`
+        (one awaited exchange, at most `READY_TIMEOUT_S`, only when it does not): awaited before
+        `acquire`, a short slice waits for the ledger instead of being refused."""
+        state = self._shared.get(tenant) if tenant is not None else None
+        if state is None or not (short := state.short(tokens, self._wall())):
+            return
+        needs = state.needs(tokens)
+        state.need.update({kind: needs[kind] for kind in short})
+        state.used_at = self._clock()  # wanted: not idle
+        state.pending = max(state.pending, tokens)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sync(), READY_TIMEOUT_S)
+
+    async def close(self) -> None:
+        """Give back everything held (the replica is stopping); no exchange after it."""
+        if self._kicked is not None:
+            self._kicked.cancel()
+        await self.sync(close=True)
+
+    def _kick(self) -> None:
+        """An exchange soon, in the background (when an event loop runs)."""
+        now = self._clock()
+        if (self._kicked is not None and not self._kicked.done()) or (
+            now - self._kicked_at < KICK_GAP_S  # at quota, not an exchange per request
+        ):
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: `sync` is called by hand
+            self._kicked = asyncio.get_running_loop().create_task(self.sync())
+            self._kicked_at = now
+
+    def _acquire_shared(self, state: _Shared, tokens: int, tenant: str) -> Lease:
+        limits, who = state.limits, f"tenant {tenant!r}"
+        if "tokens" in state.sizes:
+            _fits(tokens, state.sizes["tokens"], "per minute", "tokens_per_minute")
+        if "day" in state.sizes:
+            _fits(tokens, state.sizes["day"], "per day", "tokens_per_day")
+        now = self._clock()
+        if now - self._beat > SLICE_TTL_S:
+            state.void()
+        short = state.short(tokens, self._wall())
+        if short:
+            needs = state.needs(tokens)
+            state.need.update({kind: needs[kind] for kind in short})
+            state.used_at = now  # wanted: not idle
+            state.pending = max(state.pending, tokens)
+            self._kick()
+            wall = self._wall()
+            wait, kind = max((state.wait_s(k, tokens, now, wall), k) for k in short)
+            if kind == "slots":
+                reason = f"more than {limits.max_concurrent} concurrent requests"
+            elif kind == "requests":
+                reason = f"rate limit of {limits.requests_per_second:g} requests per second reached"
+            else:
+                per = "minute" if kind == "tokens" else "day"
+                reason = f"rate limit of {int(state.sizes[kind])} tokens per {per} reached"
+            raise _too_many(_QUOTA_OF[kind], reason, who, wait)
+        if state.take(tokens, now):
+            self._kick()
+        return Lease(state, tokens, tenant)
 
     def _state(self, key_id: str, tenant: str | None, now: float) -> _State:
         states, name = (self._keys, key_id) if tenant is None else (self._tenant_states, tenant)
@@ -158,6 +470,8 @@ class KeyLimiter:
 
     def acquire(self, key_id: str, tokens: int, tenant: str | None = None) -> Lease:
         """Admit one request costing `tokens` (estimated prompt + max output), or raise."""
+        if tenant is not None and (shared := self._shared.get(tenant)) is not None:
+            return self._acquire_shared(shared, tokens, tenant)
         now = self._clock()
         state = self._state(key_id, tenant, now)
         limits = state.limits

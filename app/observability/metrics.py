@@ -6,7 +6,8 @@ vLLM fill too). Two sources, each measuring what it holds:
 - The ingress's HTTP path (`StackMetrics.finish`, called once per request with what the path
   already knows): requests by status, latency, time to the answer's first byte, routing
   decisions; requests in flight; with tenants configured, per tenant (`tenant_finish`):
-  requests, tokens and refusals by a quota.
+  requests, tokens and refusals by a quota; and fair admission's queue time and refusals
+  (`tenant_queued`, `tenant_queue_rejected`).
 - The engine replicas, through the routing stats Serve brings to the ingress's request routers
   (`EngineCollector`, read at scrape time): each replica's scheduler state (running, waiting,
   KV usage, prefix-cache hits; also under production-stack's `vllm:` names), and its per-token
@@ -39,6 +40,8 @@ UNKNOWN_MODEL = "unknown"
 NO_TENANT = "anonymous"  # the tenant label of callers without a tenant
 QUOTAS = ("requests_per_second", "tokens_per_minute", "tokens_per_day", "max_concurrent")
 TOKEN_KINDS = ("prompt", "output", "estimated")
+QUEUE_REASONS = ("queue_full", "expired")  # why fair admission refused a request
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 60)
 ReplicaStats = Callable[[], dict[str, dict[str, dict[str, Any]]]]
@@ -175,12 +178,30 @@ class StackMetrics:
             ["tenant", "quota"],
             registry=r,
         )
+        self.tenant_queue_time = Histogram(
+            PREFIX + "tenant_queue_seconds",
+            "Time a request waited in its model's fair admission queue for an engine slot, by "
+            "tenant (requests granted a slot).",
+            ["tenant"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.tenant_queue_rejections = Counter(
+            PREFIX + "tenant_queue_rejections",
+            "Requests fair admission refused, by tenant and reason: queue_full (429, the "
+            "tenant's queue is full) or expired (503, no slot within admission.max_wait_s).",
+            ["tenant", "reason"],
+            registry=r,
+        )
         for tenant in (*self.tenants, NO_TENANT):  # every series exists from the start
             self.tenant_requests.labels(tenant, "200")
             for kind in TOKEN_KINDS:
                 self.tenant_tokens.labels(tenant, kind)
             for quota in QUOTAS:
                 self.tenant_rejections.labels(tenant, quota)
+            self.tenant_queue_time.labels(tenant)
+            for reason in QUEUE_REASONS:
+                self.tenant_queue_rejections.labels(tenant, reason)
 
     def tenant_finish(
         self,
@@ -202,6 +223,14 @@ class StackMetrics:
             self.tenant_tokens.labels(label, "estimated").inc(lease.tokens)
         if quota is not None:
             self.tenant_rejections.labels(label, quota).inc()
+
+    def tenant_queued(self, tenant: str, waited_s: float) -> None:
+        """A request of `tenant` (a name from the config, or `anonymous`) got its slot."""
+        self.tenant_queue_time.labels(tenant).observe(waited_s)
+
+    def tenant_queue_rejected(self, tenant: str, reason: str) -> None:
+        """Fair admission refused a request of `tenant`; `reason` is one of `QUEUE_REASONS`."""
+        self.tenant_queue_rejections.labels(tenant, reason).inc()
 
     def status(self) -> dict[str, Any]:
         """In-flight requests of this ingress and each replica's engine state, as plain data."""

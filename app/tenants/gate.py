@@ -1,10 +1,11 @@
 """An asyncio gate over `FairQueue`: at most `capacity` requests of a model in flight, the rest
-wait in fair order. Not wired into the ingress; the queue's rule is in `fair_queue`."""
+wait in fair order. The ingress holds one per model (`app.ingress.gateway`); the queue's rule is
+in `fair_queue`."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -47,14 +48,27 @@ class AdmissionGate:
     3. A request still waiting after the queue's `max_wait_s` raises `WaitExpired`; one whose
        caller goes away is taken out of the queue (or gives its slot back).
     4. Leaving the `async with` block frees the slot, and the next waiter gets it.
+
+    `capacity` is a number, or a function read at each grant (e.g. the model's running replicas
+    times their slots, so the gate follows scaling); it counts as at least 1.
     """
 
-    def __init__(self, capacity: int, queue: FairQueue[asyncio.Future[None]] | None = None):
-        if capacity < 1:
+    def __init__(
+        self,
+        capacity: int | Callable[[], int],
+        queue: FairQueue[asyncio.Future[None]] | None = None,
+    ):
+        if not callable(capacity) and capacity < 1:
             raise ValueError("capacity >= 1")
-        self.capacity = capacity
+        self._capacity = capacity
         self.queue: FairQueue[asyncio.Future[None]] = queue if queue is not None else FairQueue()
         self.in_flight = 0
+
+    @property
+    def capacity(self) -> int:
+        """Requests allowed in flight now."""
+        capacity = self._capacity
+        return max(1, capacity() if callable(capacity) else capacity)
 
     @asynccontextmanager
     async def admit(
@@ -87,7 +101,8 @@ class AdmissionGate:
         return ticket
 
     def _dispatch(self) -> None:
-        while self.in_flight < self.capacity:
+        capacity = self.capacity
+        while self.in_flight < capacity:
             granted = self.queue.pop()
             for dropped in self.queue.take_dropped():
                 if not dropped.item.done():
