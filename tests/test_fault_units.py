@@ -229,24 +229,11 @@ def _handle_call(
         request.future.set_result(chosen)  # Serve reports it ended before the future's
         router.on_request_completed(chosen.replica_id, key)  # callbacks run
         return
-    if fate == "rejected_in_the_routing_turn":  # refused at once: routed again, same turn
+    if fate in ("rejected_then_sent", "rejected_in_the_routing_turn"):
+        # The replica refused it (at once, in the routing turn, or later): Serve routes it again.
         request.future.set_result(chosen)
-        request.reset_future()
-        router.on_request_completed(chosen.replica_id, key)
-        yield
-        ranks = loop.run_until_complete(router.choose_replicas(router._replicas_list, request))
-        if not ranks:
-            request.future.cancel()
-            return
-        chosen = ranks[0][0]
-        yield
-        request.future.set_result(chosen)
-        yield
-        router.on_request_completed(chosen.replica_id, key)
-        return
-    if fate == "rejected_then_sent":  # the replica refused it: Serve routes it again
-        request.future.set_result(chosen)
-        yield
+        if fate == "rejected_then_sent":
+            yield
         request.reset_future()
         router.on_request_completed(chosen.replica_id, key)  # the rejected call's callback
         yield
