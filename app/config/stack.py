@@ -8,6 +8,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from app.config.models import ModelSpec, StrictModel, check_custom_resources
 from app.config.tenants import AdmissionSettings, KeyLimits, KeySources, Tenant
+from app.config.tracing import TracingSettings
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
 
 SCHEDULING_POLICY = "scheduling_policy"  # vLLM's engine argument: "fcfs" (default) or "priority"
@@ -118,6 +119,9 @@ class StackConfig(StrictModel):
     admission: AdmissionSettings = Field(
         default_factory=AdmissionSettings,
         description="With tenants: the fair queue in front of each model (docs/tenants.md).",
+    )
+    tracing: TracingSettings | None = Field(
+        None, description="OpenTelemetry traces of the request path, exported by OTLP."
     )
 
     @model_validator(mode="before")

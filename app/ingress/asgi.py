@@ -45,13 +45,13 @@ from app.ingress.protocol import OpenAIRequest
 from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
 from app.ingress.routes import metrics as metrics_routes
 from app.ingress.routes.common import PostRoute
-from app.observability.metrics import NO_TENANT, StackMetrics
+from app.observability.metrics import CLIENT_LEFT, NO_TENANT, StackMetrics
+from app.observability.tracing import RequestTrace
 from app.tenants import AdmissionGate, QueueFull, WaitExpired
 
 logger = logging.getLogger("vrstack.ingress")
 POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, tokenize.TOKENIZE,
                tokenize.DETOKENIZE)  # fmt: skip
-CLIENT_LEFT = 499  # the status counted for a request whose client left before its answer
 QUEUE_EXPIRED_RETRY_AFTER_S = 1  # as the stack's other overload answers
 
 
@@ -97,12 +97,18 @@ class StackApp:
         gauge = self.metrics.in_flight.labels(endpoint)
         gauge.inc()
         answer = _Answer(send)
-        exchange = Exchange()
+        tracing = self.gateway.tracing
+        trace = (
+            tracing.start("POST", scope["path"], scope["headers"], request_id) if tracing else None
+        )
+        exchange = Exchange(trace=trace)
         model, stream, tenant, lease, quota = None, False, None, None, None
         try:
             key_id, request = await self._request(route, scope, receive)
             model, stream = request.model, getattr(request, "stream", False)
             tenant = self.keys.tenant_of(key_id)
+            if trace is not None:
+                trace.request(model, tenant, stream)
             lease = await self.gateway.admit_shared(key_id, request, tenant)
             gate = self.gateway.gate_of(endpoint, request) if self.gated else None
             # The answer's usage settles token limits and the admission slot.
@@ -119,7 +125,7 @@ class StackApp:
                     tenant=tenant,
                 )
                 if gate is not None:  # tenants configured: wait for a slot in fair order
-                    relay = self._admitted(gate, tenant, request, relay, answer)
+                    relay = self._admitted(gate, tenant, request, relay, answer, trace)
                 del request  # the relay alone decides how long the request is kept
                 # Ours, whatever Ray's proxy was told (x-request-disconnect-disabled).
                 await unless_disconnected(relay, receive)
@@ -150,6 +156,8 @@ class StackApp:
             )
             if self.metrics.tenants:
                 self.metrics.tenant_finish(tenant, status, answer.usage, lease, quota)
+            if trace is not None:
+                trace.end(status, answer.usage)
 
     async def _admitted(
         self,
@@ -158,6 +166,7 @@ class StackApp:
         request: OpenAIRequest,
         relay: Coroutine[Any, Any, None],
         answer: _Answer,
+        trace: RequestTrace | None = None,
     ) -> None:
         """`relay` once `gate` grants a slot (priority class, then the tenants' weighted token
         service), the slot settled with the answer's usage: 429 when the tenant's queue is
@@ -166,9 +175,12 @@ class StackApp:
         priority = self.gateway.priority_of(tenant)
         cost = admission_cost(gate.queue, request)
         started = time.perf_counter()
+        waiting = trace.admission(label, priority) if trace is not None else None
         try:
             async with gate.admit(label, priority, cost) as slot:
                 self.metrics.tenant_queued(label, time.perf_counter() - started)
+                if waiting is not None:
+                    waiting.end()
                 try:
                     await relay
                 except OpenAIError:
@@ -185,6 +197,8 @@ class StackApp:
             raise _queue_refusal(exc, label) from None
         finally:
             relay.close()  # not started when refused or cancelled while waiting
+            if waiting is not None and waiting.is_recording():
+                waiting.end()  # refused or cancelled while waiting (ending twice is a no-op)
 
     async def _request(
         self, route: PostRoute, scope: Scope, receive: Receive

@@ -76,6 +76,8 @@ class Ingress:
             with contextlib.suppress(Exception):  # give the slices back: best effort
                 await asyncio.wait_for(self.gateway.limiter.close(), LEDGER_CLOSE_S)
         await self.gateway.relay.close()
+        if self.gateway.tracing is not None:  # the spans not sent yet
+            await asyncio.to_thread(self.gateway.tracing.shutdown)
 
     async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
         """A completion (non-streaming); raises OpenAIError on bad input."""

@@ -35,6 +35,7 @@ from app.errors import OpenAIError
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.protocol import OpenAIRequest, SamplingRequest, approx_tokens
 from app.ingress.relay import Relay, RelayError, Send, engine_unavailable, pass_through
+from app.observability.tracing import RequestTrace, Span, Tracing, end_attempt
 from app.routing import Decision, view_of_body
 from app.tenants import AdmissionGate, FairQueue
 
@@ -79,6 +80,7 @@ class Exchange:
 
     first_byte_at: float | None = None
     decision: Decision | None = None
+    trace: RequestTrace | None = None  # with `tracing` configured
 
 
 class Gateway:
@@ -115,6 +117,7 @@ class Gateway:
                 for spec in config.models
                 if spec.engine_args.get(SCHEDULING_POLICY) == "priority"
             )
+        self.tracing = Tracing(config.tracing) if config.tracing is not None else None
         self._handles = {  # making them starts each model's router in this process
             name: handle.options(stream=True, method_name="serve_openai")
             for name, handle in engines.items()
@@ -276,12 +279,18 @@ class Gateway:
             routed = routes.route(view, exclude=failed)
             if routed is None:
                 break
+            trace = exchange.trace
+            span = trace.attempt(routed.decision, attempt, routed.url, private) if trace else None
+            answered = False
             try:  # the router's count of the request is released however the attempt ends
-                if await self._attempt(routes, routed, endpoint, payload, request_id, send,
-                                       exchange, private):  # fmt: skip
+                answered = await self._attempt(routes, routed, endpoint, payload, request_id,
+                                               send, exchange, private, span)  # fmt: skip
+                if answered:
                     return
             finally:
                 routes.finish(routed)
+                if span is not None:
+                    end_attempt(span, answered)
             failed.add(routed.replica_id)
         raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
 
@@ -295,12 +304,15 @@ class Gateway:
         send: Send,
         exchange: Exchange,
         private: bool = False,
+        span: Span | None = None,
     ) -> bool:
         """Relay the request to the routed replica; False when it failed before answering (not
-        reachable, or its engine is gone: another replica may answer)."""
+        reachable, or its engine is gone: another replica may answer). `span`: the attempt's
+        trace span, whose `traceparent` the engine request carries."""
+        traceparent = RequestTrace.traceparent(span) if span is not None else None
         try:
             response = await self.relay.send(routed.url, ENGINE_PATHS[endpoint], payload,
-                                             request_id)  # fmt: skip
+                                             request_id, traceparent)  # fmt: skip
         except RelayError as exc:
             if exc.timed_out:
                 raise _timed_out(self.relay.timeout_s) from None
@@ -321,6 +333,8 @@ class Gateway:
             def first_byte() -> None:
                 exchange.first_byte_at = time.perf_counter()
                 routes.first_token(routed)
+                if span is not None:
+                    span.add_event("first_token")
 
             headers = route_headers(routed.decision, private)
             await pass_through(response, send, headers, first_byte)

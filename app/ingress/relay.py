@@ -56,10 +56,13 @@ class Relay:
         return self._session
 
     async def send(
-        self, url: str, path: str, body: bytes, request_id: str
+        self, url: str, path: str, body: bytes, request_id: str, traceparent: str | None = None
     ) -> aiohttp.ClientResponse:
-        """POST to `url + path`; the response with its head read (the caller releases it)."""
+        """POST to `url + path` (with the trace's `traceparent` when traced); the response with
+        its head read (the caller releases it)."""
         headers = {**self._headers, "x-request-id": request_id}
+        if traceparent:
+            headers["traceparent"] = traceparent
         try:
             return await self._client().post(url + path, data=body, headers=headers)
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:

@@ -38,6 +38,7 @@ PREFIX = "vrstack_"
 ENDPOINT_NAMES = ("chat", "completions", "detokenize", "embeddings", "tokenize")
 UNKNOWN_MODEL = "unknown"
 NO_TENANT = "anonymous"  # the tenant label of callers without a tenant
+CLIENT_LEFT = 499  # the status counted for a request whose client left before its answer
 QUOTAS = ("requests_per_second", "tokens_per_minute", "tokens_per_day", "max_concurrent")
 TOKEN_KINDS = ("prompt", "output", "estimated")
 QUEUE_REASONS = ("queue_full", "expired")  # why fair admission refused a request

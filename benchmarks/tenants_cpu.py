@@ -1,0 +1,278 @@
+"""The noisy neighbour on real CPU engines: other tenants' TTFT with and without a tenant at 10x.
+
+    flock /tmp/vrstack-bench.lock python -m benchmarks.tenants_cpu --json out.json
+
+The embedded model (`serve_configs/smollm2-cpu.yaml`'s settings) on `--replicas` real vLLM CPU
+engines of `--max-num-seqs` sequences each, in the stack's high-throughput mode on an in-process
+Ray cluster (`benchmarks.overhead.serve_cluster`; loopback only). Tenants `interactive` (class
+interactive), `team-a` and `team-b` (class standard) send streamed chat completions (Poisson,
+`--rate` requests/s each); `noisy` (class standard) sends at `--noisy-multiple` times that. Each
+rule runs twice on the same engines: the others alone, then with `noisy`:
+
+- `fair`: the keys are tenants: fair admission in the ingress, priority in the engines;
+- `fcfs`: the same keys as plain `auth` keys (no tenants): no queue in front of the engines,
+  which schedule first come first served.
+
+Every request goes through the `openai` client; TTFT is the time to the first streamed chunk.
+The report: each tenant's TTFT p50/p90/p99 per phase, the others' worst p99 ratio (with `noisy` /
+alone; the target is <= 1.5), requests refused per tenant, and `noisy`'s answered requests/s. The
+run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+
+from app.bench.load import words
+from app.bench.summary import percentile
+from benchmarks.overhead import serve_cluster
+
+CONFIG = Path("serve_configs/smollm2-cpu.yaml")
+APP_NAME = "tenants-cpu"
+LIGHT = {"interactive": "interactive", "team-a": "standard", "team-b": "standard"}
+NOISY = "noisy"
+RULES = ("fair", "fcfs")
+
+
+@dataclass(slots=True)
+class Phase:
+    """One phase's requests per tenant: TTFTs of answered ones, and failures by status."""
+
+    ttfts: dict[str, list[float]] = field(default_factory=dict)
+    refused: dict[str, dict[str, int]] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for tenant, values in sorted(self.ttfts.items()):
+            out[tenant] = {
+                "answered": len(values),
+                "ttft_p50": _r(percentile(values, 50)),
+                "ttft_p90": _r(percentile(values, 90)),
+                "ttft_p99": _r(percentile(values, 99)),
+                "refused": self.refused.get(tenant, {}),
+            }
+        return out
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def keys() -> dict[str, str]:
+    return {name: f"sk-noisy-lab-{name}" for name in (*LIGHT, NOISY)}
+
+
+def stack_args(rule: str, a: argparse.Namespace) -> dict[str, Any]:
+    """The serve config's args with `--replicas` engines of `--max-num-seqs`, and the keys as
+    tenants (`fair`) or as plain keys (`fcfs`)."""
+    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    args = app["args"]
+    model = args["models"][0]
+    model["replicas"] = a.replicas
+    model.setdefault("engine_args", {})["max_num_seqs"] = a.max_num_seqs
+    names = keys()
+    if rule == "fcfs":
+        args["auth"] = {"api_keys": list(names.values()), "api_keys_env": None}
+        return args
+    args["auth"] = {"api_keys_env": None}
+    classes = {**LIGHT, NOISY: "standard"}
+    args["tenants"] = [
+        {"name": name, "api_keys": [key], "priority": classes[name]} for name, key in names.items()
+    ]
+    return args
+
+
+async def one(client: openai.AsyncOpenAI, model: str, prompt: str, a: argparse.Namespace):
+    """The TTFT of one streamed chat, or the failure's status as text."""
+    started = time.perf_counter()
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=a.max_tokens,
+            temperature=0,
+            stream=True,
+        )
+        ttft = None
+        async for _ in stream:
+            if ttft is None:
+                ttft = time.perf_counter() - started
+        return ttft if ttft is not None else "empty"
+    except openai.APIStatusError as exc:
+        return str(exc.status_code)
+    except openai.APIError as exc:
+        return type(exc).__name__
+
+
+async def phase(base: str, model: str, tenants: list[str], a: argparse.Namespace, seed: int):
+    """Poisson arrivals per tenant for `--duration-s`; every request awaited at the end."""
+    result = Phase()
+    names = keys()
+    clients = {
+        t: openai.AsyncOpenAI(base_url=base + "/v1", api_key=names[t], max_retries=0, timeout=300)
+        for t in tenants
+    }
+
+    async def tenant_load(tenant: str, rng: random.Random) -> None:
+        rate = a.rate * (a.noisy_multiple if tenant == NOISY else 1)
+        tasks, t = [], rng.expovariate(rate)
+        start = time.monotonic()
+        while t < a.duration_s:
+            await asyncio.sleep(max(0.0, start + t - time.monotonic()))
+            prompt = words(rng, a.prompt_words)
+            tasks.append(asyncio.create_task(one(clients[tenant], model, prompt, a)))
+            t += rng.expovariate(rate)
+        for outcome in await asyncio.gather(*tasks):
+            if isinstance(outcome, float):
+                result.ttfts.setdefault(tenant, []).append(outcome)
+            else:
+                refused = result.refused.setdefault(tenant, {})
+                refused[outcome] = refused.get(outcome, 0) + 1
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(
+            *(tenant_load(t, random.Random(seed * 100 + i)) for i, t in enumerate(tenants))
+        )
+    finally:
+        for client in clients.values():
+            await client.close()
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+def run_rule(rule: str, base: str, a: argparse.Namespace) -> dict[str, Any]:
+    from ray import serve
+
+    from app.builder import build_app
+    from benchmarks.quota_soak import wait_ready
+
+    args = stack_args(rule, a)
+    model = args["models"][0]["name"]
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    names = keys()
+    wait_ready(base, names[NOISY], model=model, timeout_s=600)
+    asyncio.run(phase(base, model, list(LIGHT), _warm(a), a.seed))  # warm-up, not measured
+    alone = asyncio.run(phase(base, model, list(LIGHT), a, a.seed))
+    noisy = asyncio.run(phase(base, model, [*LIGHT, NOISY], a, a.seed))
+    serve.delete(APP_NAME)
+    with_noisy, by_itself = noisy.figures(), alone.figures()
+    ratios = {
+        t: (with_noisy[t]["ttft_p99"] or 0) / by_itself[t]["ttft_p99"]
+        for t in LIGHT
+        if t in with_noisy and t in by_itself and by_itself[t]["ttft_p99"]
+    }
+    worst = max(ratios, key=ratios.__getitem__) if ratios else None
+    return {
+        "rule": rule,
+        "alone": by_itself,
+        "with_noisy": with_noisy,
+        "worst_tenant": worst,
+        "worst_p99_ratio": _r(ratios[worst]) if worst else None,
+        "noisy_rps": round(with_noisy.get(NOISY, {}).get("answered", 0) / noisy.duration_s, 3),
+    }
+
+
+def _warm(a: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(a), "duration_s": min(20.0, a.duration_s)})
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"{s['replicas']} real CPU engines of {s['max_num_seqs']} sequences; tenants "
+        f"{', '.join(LIGHT)} at {s['rate']} requests/s each, `noisy` at {s['noisy_multiple']}x; "
+        f"streamed chats of {s['prompt_words']} words, {s['max_tokens']} tokens out; "
+        f"{s['duration_s']:g} s a phase.",
+        "",
+        "| rule | tenant | TTFT p99 alone | TTFT p99 with noisy | ratio | refused with noisy |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in report["rules"]:
+        for tenant in (*LIGHT, NOISY):
+            alone = r["alone"].get(tenant, {})
+            noisy = r["with_noisy"].get(tenant, {})
+            p_alone, p_noisy = alone.get("ttft_p99"), noisy.get("ttft_p99")
+            ratio = f"{p_noisy / p_alone:.2f}x" if p_alone and p_noisy else "-"
+            refused = ", ".join(f"{k}: {v}" for k, v in noisy.get("refused", {}).items()) or "-"
+            lines.append(
+                f"| {r['rule']} | {tenant} | {_s(p_alone)} | {_s(p_noisy)} | {ratio} | {refused} |"
+            )
+    lines += [
+        "",
+        *(
+            f"`{r['rule']}`: others' worst TTFT p99 ratio {r['worst_p99_ratio']}x "
+            f"({r['worst_tenant']}); `noisy` answered {r['noisy_rps']} requests/s."
+            for r in report["rules"]
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} s"
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    results = []
+    with serve_cluster(None) as port:
+        base = f"http://127.0.0.1:{port}"
+        for rule in a.rules:
+            results.append(run_rule(rule, base, a))
+    settings = {k: v for k, v in vars(a).items() if k not in {"json_out", "markdown"}}
+    return {"settings": settings, "rules": results}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    p.add_argument("--replicas", type=int, default=2, help="Real CPU engines.")
+    p.add_argument("--max-num-seqs", type=int, default=4, help="Sequences per engine.")
+    p.add_argument("--rate", type=float, default=0.4, help="Requests/s of each other tenant.")
+    p.add_argument("--noisy-multiple", type=float, default=10.0)
+    p.add_argument("--duration-s", type=float, default=120.0, help="Length of each phase.")
+    p.add_argument("--prompt-words", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", type=Path, help="Write the report as JSON.")
+    p.add_argument("--markdown", type=Path, help="Write the markdown table to this file.")
+    return p
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds through `serve_cluster`, which stops what it started
+
+
+def main() -> None:
+    a = parser().parse_args()
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        report = {"command": "python -m benchmarks.tenants_cpu " + " ".join(sys.argv[1:]), **run(a)}
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the Ray cluster and the processes of the run are stopped")
+    text = markdown(report)
+    if a.json_out:
+        a.json_out.write_text(json.dumps(report, indent=1) + "\n")
+    if a.markdown:
+        a.markdown.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
