@@ -329,10 +329,15 @@ async def test_an_engine_400_keeps_its_message_but_not_pydantic_links(cpu_model)
 class _ServeHandle:
     """Stands in for an engine deployment's Ray Serve handle (`serve_openai`, streaming)."""
 
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []  # what reached the engine
+
     def options(self, **_: Any) -> _ServeHandle:
         return self
 
     def remote(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[dict]:
+        self.bodies.append(body)
+
         async def items() -> AsyncIterator[dict]:
             if body.get("stream"):
                 yield {"chunk": {"model": body["model"]}}
@@ -355,3 +360,48 @@ async def test_handle_calls_take_the_per_key_limits(cpu_model):
     with pytest.raises(OpenAIError) as limited:
         await handle_call(gateway, "completions", COMPLETION)
     assert limited.value.status == 429 and limited.value.code == "rate_limit_exceeded"
+
+
+async def test_handle_calls_with_an_api_key_take_its_tenants_rules(cpu_model):
+    config = load_config({
+        "models": [cpu_model, {**cpu_model, "name": "other", "aliases": []}],
+        "tenants": [{
+            "name": "chat", "api_keys": ["sk-chat"], "priority": "interactive",
+            "models": ["smollm2"], "max_tokens": 8,
+            "quotas": {"requests_per_second": 0.01, "burst": 2},
+        }],
+        "limits": {"per_key": {"requests_per_second": 0.01, "burst": 1}},
+    })  # fmt: skip
+    routes = LoopbackRoutes("smollm2", ["http://127.0.0.1:1"])
+    engine = _ServeHandle()
+    handles = {"smollm2": engine, "other": _ServeHandle()}
+    gateway = Gateway(config, handles, routes=lambda _: routes)
+    keys = KeyStore.from_settings(config.auth, config.tenants)
+    assert (await handle_call(gateway, "completions", COMPLETION, keys, "sk-chat"))["model"]
+    assert engine.bodies[-1]["priority"] == 0  # interactive, carried to the engine
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
+    chunks = [c async for c in handle_stream(gateway, "chat", chat, keys, "sk-chat")]
+    assert chunks == [{"model": "smollm2"}]
+    assert engine.bodies[-1]["max_tokens"] == 8  # the tenant's default output bound
+    refusals = {}
+    for name, body in {
+        "model": {**COMPLETION, "model": "other"},  # not the tenant's
+        "bound": {**COMPLETION, "max_tokens": 9},  # above its max_tokens
+        "quota": COMPLETION,  # its burst of 2 is spent
+        "key": COMPLETION,
+    }.items():
+        with pytest.raises(OpenAIError) as refused:
+            await handle_call(
+                gateway, "completions", body, keys, "sk-nope" if name == "key" else "sk-chat"
+            )
+        refusals[name] = (refused.value.status, refused.value.code)
+    assert refusals == {
+        "model": (404, "model_not_found"),
+        "bound": (400, "invalid_value"),
+        "quota": (429, "rate_limit_exceeded"),
+        "key": (401, "invalid_api_key"),
+    }
+    assert len(engine.bodies) == 2  # nothing refused reached the engine
+    # Without a key: the anonymous callers' own limits, the standard priority.
+    assert (await handle_call(gateway, "completions", COMPLETION, keys))["model"] == "smollm2"
+    assert engine.bodies[-1]["priority"] == 10

@@ -17,7 +17,7 @@ from app.config import load_config
 from app.engines.items import Endpoint
 from app.errors import OpenAIError, validation_message
 from app.ingress.asgi import create_app
-from app.ingress.auth import ANONYMOUS
+from app.ingress.auth import ANONYMOUS, KeyStore
 from app.ingress.gateway import EngineHandle, Gateway
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from app.internal_token import internal_token
@@ -40,14 +40,17 @@ class Ingress:
 
     HTTP requests are relayed to the engine replicas' own ports (`app.ingress.gateway`). Python
     callers use the handle methods (`completions`, `chat`, and their `_stream` variants) with
-    OpenAI request bodies as dicts; they get the same checks as HTTP and the per-key limits of
-    anonymous callers (handle callers are trusted: no API key).
+    OpenAI request bodies as dicts; they get the same checks as HTTP. Without `api_key` they
+    take the per-key limits of anonymous callers (handle callers are trusted); with one, its
+    tenant's models, output bounds, quotas and priority (or its own per-key limits), as over
+    HTTP, and an unknown key is a 401.
     """
 
     async def __init__(self, config: dict[str, Any], engines: Mapping[str, EngineHandle]) -> None:
         app_name = serve.get_replica_context().app_name
         token = await internal_token(app_name)
         self.gateway = Gateway(load_config(config), engines, token=token)
+        self.app = create_app(self.gateway)
         self._ledger_task: asyncio.Task | None = None
         await self._share_quotas(app_name)
         # Ready (for HAProxy and the proxy) once the routers know the engine replicas.
@@ -68,7 +71,7 @@ class Ingress:
         self._ledger_task = asyncio.get_running_loop().create_task(limiter.run())
 
     async def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.gateway)
+        return self.app
 
     async def __del__(self) -> None:
         if (task := getattr(self, "_ledger_task", None)) is not None:
@@ -79,33 +82,53 @@ class Ingress:
         if self.gateway.tracing is not None:  # the spans not sent yet
             await asyncio.to_thread(self.gateway.tracing.shutdown)
 
-    async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def completions(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         """A completion (non-streaming); raises OpenAIError on bad input."""
-        return await handle_call(self.gateway, "completions", body)
+        return await handle_call(self.gateway, "completions", body, self.app.keys, api_key)
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         """A chat completion (non-streaming); raises OpenAIError on bad input."""
-        return await handle_call(self.gateway, "chat", body)
+        return await handle_call(self.gateway, "chat", body, self.app.keys, api_key)
 
     async def completions_stream(
-        self, body: dict[str, Any]
+        self, body: dict[str, Any], api_key: str | None = None
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Completion chunks as dicts (call with `handle.options(stream=True)`)."""
-        async for chunk in handle_stream(self.gateway, "completions", body):
+        keys = self.app.keys
+        async for chunk in handle_stream(self.gateway, "completions", body, keys, api_key):
             yield chunk
 
-    async def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def chat_stream(
+        self, body: dict[str, Any], api_key: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Chat completion chunks as dicts (call with `handle.options(stream=True)`)."""
-        async for chunk in handle_stream(self.gateway, "chat", body):
+        async for chunk in handle_stream(self.gateway, "chat", body, self.app.keys, api_key):
             yield chunk
 
 
-async def handle_call(gateway: Gateway, endpoint: Endpoint, body: dict[str, Any]) -> dict:
-    """A handle call's answer: HTTP's checks and the anonymous callers' per-key limits."""
+def caller_of(keys: KeyStore | None, api_key: str | None) -> tuple[str, str | None]:
+    """A handle caller's key id and tenant: anonymous without a key; a 401 for an unknown one."""
+    if api_key is None or keys is None:
+        return ANONYMOUS, None
+    key_id = keys.identify(api_key)
+    if key_id is None:
+        raise OpenAIError(401, "invalid API key", code="invalid_api_key")
+    return key_id, keys.tenant_of(key_id)
+
+
+async def handle_call(
+    gateway: Gateway,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    keys: KeyStore | None = None,
+    api_key: str | None = None,
+) -> dict:
+    """A handle call's answer: HTTP's checks, then the caller's limits (`caller_of`)."""
     request = _parse(endpoint, body, stream=False)
-    lease = gateway.admit(ANONYMOUS, request)
+    key_id, tenant = caller_of(keys, api_key)
+    lease = gateway.admit(key_id, request, tenant)
     try:
-        answer = await gateway.call(endpoint, request)
+        answer = await gateway.call(endpoint, request, tenant)
     except OpenAIError:
         lease.settle(0)  # refused or failed: not charged
         raise
@@ -116,14 +139,19 @@ async def handle_call(gateway: Gateway, endpoint: Endpoint, body: dict[str, Any]
 
 
 async def handle_stream(
-    gateway: Gateway, endpoint: Endpoint, body: dict[str, Any]
+    gateway: Gateway,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    keys: KeyStore | None = None,
+    api_key: str | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """A streaming handle call's chunks, with the checks and limits of `handle_call`."""
     request = _parse(endpoint, body)
-    lease = gateway.admit(ANONYMOUS, request)
+    key_id, tenant = caller_of(keys, api_key)
+    lease = gateway.admit(key_id, request, tenant)
     started = False
     try:
-        async for chunk in gateway.stream(endpoint, request):
+        async for chunk in gateway.stream(endpoint, request, tenant):
             started = True
             if chunk.get("usage"):  # the last chunk, with stream_options.include_usage
                 lease.settle_usage(chunk["usage"])

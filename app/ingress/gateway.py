@@ -385,28 +385,35 @@ class Gateway:
             raise _timed_out(timeout_s) from None
 
     # -- handle calls: through the engine deployment's Serve handle -----------------------------
-    async def call(self, endpoint: Endpoint, request: OpenAIRequest) -> dict[str, Any]:
-        """A non-streaming request's JSON answer."""
-        async for item in self._items(endpoint, request):
+    async def call(
+        self, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None = None
+    ) -> dict[str, Any]:
+        """A non-streaming request's JSON answer; `tenant`: whose `priority` the engine request
+        carries (when its engines schedule by it)."""
+        async for item in self._items(endpoint, request, tenant):
             if "body" in item:
                 return item["body"]
         raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
 
-    async def stream(self, endpoint: Endpoint, request: OpenAIRequest) -> AsyncIterator[dict]:
-        """A streaming request's chunks, as dicts."""
-        async for item in self._items(endpoint, request):
+    async def stream(
+        self, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None = None
+    ) -> AsyncIterator[dict]:
+        """A streaming request's chunks, as dicts (`tenant` as in `call`)."""
+        async for item in self._items(endpoint, request, tenant):
             if "chunk" in item:
                 yield item["chunk"]
             elif "error" in item:
                 raise OpenAIError.from_body(item["status"], item)
 
-    async def _items(self, endpoint: Endpoint, request: OpenAIRequest) -> AsyncIterator[EngineItem]:
+    async def _items(
+        self, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None
+    ) -> AsyncIterator[EngineItem]:
         spec = self._checked(request)
         state = self.state(spec)
         if not state.ready and not state.scales_to_zero:
             raise _not_ready(spec)
         handle = self._handles[spec.name]
-        body = self._engine_body(spec, endpoint, request, None)  # not gated: see the docstring
+        body = self._engine_body(spec, endpoint, request, tenant)  # not gated: see the docstring
         for attempt in range(self.config.server.retries + 1):
             items = handle.remote(endpoint, body)
             try:
