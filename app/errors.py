@@ -33,9 +33,9 @@ def error_body(
 
 
 # Union branches and validators appear in pydantic's error locations as type tags, not fields.
-_TYPE_TAG = re.compile(
-    r"^(str|int|float|bool|bytes|none|list|dict|tuple|set|literal|constrained|function|lax|json"
-    r"|is-instance|tagged-union|nullable|chain|default|union)([-\[].*)?$"
+_TYPE_TAG = re.compile(  # `function` alone is a field name (a tool's), `function-after[...]` a tag
+    r"^((str|int|float|bool|bytes|none|list|dict|tuple|set|literal|constrained|lax|json"
+    r"|is-instance|tagged-union|nullable|chain|default|union)([-\[].*)?|function[-\[].*)$"
 )
 
 
@@ -99,6 +99,12 @@ class OpenAIError(Exception):
         return cls(
             status, error.get("message", ""), param=error.get("param"), code=error.get("code")
         )
+
+    @classmethod
+    def unreachable(cls, what: str, code: str) -> OpenAIError:
+        """503 with `Retry-After: 1`: one of the stack's own actors (`what`) did not answer."""
+        message = f"the {what} cannot be reached; retry later"
+        return cls(503, message, code=code, headers={"retry-after": "1"})
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)

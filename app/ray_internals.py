@@ -102,6 +102,29 @@ def enable_tokenization(engine: Any) -> None:
         engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)
 
 
+def scoring_service(engine: Any) -> Any:
+    """vLLM's scoring service (`ServingScores`) inside Ray Serve LLM's engine wrapper; None when
+    the model serves no scores.
+
+    Why: `LLMServer` serves /score through it but has no /rerank, which the same service
+    answers in vLLM."""
+    return getattr(engine, "_oai_serving_scores", None)
+
+
+async def engine_tokenizer(engine: Any) -> tuple[Any, str | None]:
+    """The tokenizer of Ray Serve LLM's vLLM engine and the chat template its chat service
+    renders with (None when it has none of its own).
+
+    Why: Ray Serve LLM exposes neither; the ingress counts prompt tokens with them
+    (`EngineServer.tokenizer_spec`)."""
+    tokenizer = engine._engine_client.get_tokenizer()
+    if hasattr(tokenizer, "__await__"):
+        tokenizer = await tokenizer
+    chat = getattr(getattr(engine, "_app_state", None), "openai_serving_chat", None)
+    template = getattr(chat, "chat_template", None)
+    return tokenizer, template if isinstance(template, str) else None
+
+
 def started_cluster_address() -> str | None:
     """The GCS address `ray start --head` left in Ray's temp dir (`RAY_TMPDIR` respected), if any.
 

@@ -29,6 +29,14 @@ client TTFT p50/p99 (first streamed chunk, wall ms), throughput, and in-flight p
 routers), one Ray cluster for the whole run; Ray's front is deployed once per replica count and
 its prefix tree emptied before each trace. Every router gets `--router-timeout` seconds for its
 replay; the run stops by itself.
+
+`--trace FILE` replays a trace file instead of the generators (`app.lab.trace`: text prompts,
+chat messages (rendered, sent as completions), token ids, or the block hashes `vrstack capture`
+records), its first `--requests` requests, every model replaced by the simulated one: token-id
+prompts are sent as such, and a blocks line as the token ids its hashes stand for
+(`app.lab.trace.block_token_ids`: a block hash gives the same ids wherever it comes, so every
+router sees the prefixes the trace shares); each request asks for the output tokens its answer
+had (`output_tokens`) when the trace knows them, else its `max_tokens`.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +60,9 @@ import httpx
 
 from app.lab.figures import percentile
 from app.lab.oracle import pooled_oracle
-from app.lab.trace import TraceRequest
+from app.lab.trace import TraceRequest, read_trace
 from app.lab.workloads import WORKLOADS
+from app.routing import prompt_text
 from benchmarks.processes import (
     ROOT,
     FrontError,
@@ -76,6 +85,7 @@ ROUTERS = (
 )
 PEER_KINDS = ("vllm-router", "sglang-router", "ray")
 TARGETS = ("ours-stack:scored", "ours:scored")
+SIM_MODEL = "default"  # the model the simulated replicas and the Ray fronts serve
 
 
 @dataclass
@@ -93,8 +103,8 @@ async def _one(client: httpx.AsyncClient, url: str, req: TraceRequest, at: float
     await asyncio.sleep(max(0.0, at - time.monotonic()))
     body = {
         "model": req.model,
-        "prompt": req.prompt,
-        "max_tokens": req.max_tokens,
+        "prompt": req.replay_prompt(),
+        "max_tokens": req.decode_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": 0,
@@ -153,7 +163,7 @@ def sim_stats(
     """Each simulated replica's `/sim/stats`; or reset them all and post `trace`'s modelled
     arrival times (seconds from its first request) as their schedule, returning []."""
     out = []
-    arrivals = [[arrival_key(r.prompt or ""), r.t - trace[0].t] for r in trace or ()]
+    arrivals = [[arrival_key(sim_text(r)), r.t - trace[0].t] for r in trace or ()]
     with httpx.Client(timeout=30) as client:
         for w in workers:
             if reset:
@@ -163,6 +173,21 @@ def sim_stats(
             else:
                 out.append(client.get(w + "/sim/stats").json())
     return out
+
+
+def sim_text(request: TraceRequest) -> str:
+    """The request's prompt as the simulated replicas read it (token ids as decimal words)."""
+    return prompt_text({"prompt": request.replay_prompt()})
+
+
+def load_trace(name: str, a, params: dict[str, Any]) -> list[TraceRequest]:
+    """The first `a.requests` requests of trace file `a.trace` (every model replaced by
+    `SIM_MODEL`), else of the generated workload `name`."""
+    if a.trace:
+        trace = [replace(r, model=SIM_MODEL) for r in read_trace(a.trace)]
+    else:
+        trace = WORKLOADS[name](seed=a.seed, **params)
+    return trace[: a.requests]
 
 
 @contextmanager
@@ -368,7 +393,7 @@ def run_config(
     workload: str, workers: list[str], a, fronts: RayFronts | None, params: dict[str, Any]
 ) -> dict[str, Any]:
     """Every router of `a.routers` in turn over one trace and the simulated replicas."""
-    trace = WORKLOADS[workload](seed=a.seed, **params)[: a.requests]
+    trace = load_trace(workload, a, params)
     oracle = pooled_oracle([r.view() for r in trace], len(workers) * a.cache_blocks, 16)
     results = []
     for name in a.routers:
@@ -409,6 +434,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", nargs="+", default=["shared-prefix"], choices=list(WORKLOADS))
     p.add_argument("--param", "-p", action="append", default=[], help="Generator NAME=VALUE.")
+    p.add_argument("--trace", help="Replay this trace file (JSONL) instead of --workload.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replicas", type=int, nargs="+", default=[4])
     p.add_argument("--requests", type=int, default=300, help="First N requests of the trace.")
@@ -444,7 +470,7 @@ def main() -> None:
             workers = [f"http://127.0.0.1:{port}" for port in ports]
             sim = start_simulator(ports, log_dir, a.time_scale, a.cache_blocks, a.max_concurrency)
             try:
-                for workload in a.workload:
+                for workload in [Path(a.trace).stem] if a.trace else a.workload:
                     summary = run_config(workload, workers, a, fronts, params)
                     if a.json_out:
                         path = a.json_out.format(workload=workload, replicas=replicas)

@@ -10,10 +10,15 @@ and pause 50-150 ms after a 429.
 
 Every answered request is recorded with the time it was sent and the tokens its answer's `usage`
 reports (prompt + completion: what the tenant is charged once settled). The report checks, per
-tenant, the quotas' own bound over every window of the run (`bucket_excess`: the most any window
-admitted beyond a full bucket plus the window's refill, as a share of the quota; at most 0 when the
-quota holds exactly) and, once the first minute's full bucket is spent, the most tokens admitted
-in any 60-second window as a share of `tokens_per_minute` (`steady_minute_ratio`; target <= 1.01).
+tenant, the quotas' own bound over every window of the run (`token_bucket_excess`: the most any
+window admitted beyond a full bucket plus the window's refill, as a share of the quota; at most 0
+when the quota holds exactly; `request_excess` likewise for requests) and the tenant's rate over
+the run beyond the bucket it starts with, `(tokens - tokens_per_minute) / minutes` as a share of
+`tokens_per_minute` (`long_run_ratio`; target <= 1.01). Also reported, not a target: the most
+tokens admitted in any 60-second window once the first minute's bucket is spent, as a share of
+the quota (`steady_minute_ratio`): a token bucket lets a window take back what the one before
+left unspent, and a request is placed at the time it was sent, not admitted (up to 1 s before,
+when it waited for the ledger), so it runs a few percent above 1 with the quota held.
 The run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM; it
 exits 1 when a quota was exceeded beyond the target or a request failed (5xx).
 """
@@ -40,7 +45,7 @@ from app.bench.load import words
 from benchmarks.overhead import MODEL, serve_cluster
 
 APP_NAME = "quota-soak"
-TARGET = 1.01  # the most a steady minute may admit, as a share of tokens_per_minute
+TARGET = 1.01  # the most a tenant may get over the run, as a share of tokens_per_minute
 
 
 @dataclass(slots=True)
@@ -94,6 +99,12 @@ def steady_minute_ratio(
         j = bisect.bisect_left(times, times[i] + window_s)
         worst = max(worst, sums[j] - sums[i])
     return worst / (per_minute * window_s / 60)
+
+
+def long_run_ratio(tokens: int, per_minute: float, duration_s: float) -> float:
+    """Tokens admitted over the run beyond the full bucket it starts with, per minute, as a
+    share of `per_minute` (<= 1: the tenant got no more than its rate)."""
+    return (tokens - per_minute) / (duration_s / 60) / per_minute
 
 
 def stream_usage(text: str) -> int:
@@ -217,6 +228,7 @@ def report(a: argparse.Namespace, logs: list[TenantLog], duration_s: float) -> d
                 "statuses": {str(k): v for k, v in sorted(log.statuses.items(), key=str)},
                 "tokens": tokens,
                 "tokens_per_minute": round(tokens / (duration_s / 60), 1),
+                "long_run_ratio": round(long_run_ratio(tokens, a.tokens_per_minute, duration_s), 4),
                 "token_bucket_excess": round(token_excess(events, a.tokens_per_minute), 4),
                 "steady_minute_ratio": _round(
                     steady_minute_ratio(events, a.tokens_per_minute, start_s=60)
@@ -230,9 +242,7 @@ def report(a: argparse.Namespace, logs: list[TenantLog], duration_s: float) -> d
         n for log in logs for status, n in log.statuses.items() if str(status)[0] in "5c"
     )  # 5xx and connection errors
     held = all(
-        t["token_bucket_excess"] <= TARGET - 1
-        and (t["steady_minute_ratio"] is None or t["steady_minute_ratio"] <= TARGET)
-        and t["request_excess"] <= 0
+        t["token_bucket_excess"] <= 0 and t["long_run_ratio"] <= TARGET and t["request_excess"] <= 0
         for t in tenants
     )
     return {
@@ -252,8 +262,9 @@ def markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
     rows = [
         f"| {t['tenant']} | {t['admitted']} | {t['statuses'].get('429', 0)} | "
-        f"{t['tokens_per_minute']:.0f} | {t['steady_minute_ratio']} | "
-        f"{t['token_bucket_excess']:+.4f} | {t['request_excess']:+.2f} |"
+        f"{t['tokens_per_minute']:.0f} | {t['long_run_ratio']:.4f} | "
+        f"{t['token_bucket_excess']:+.4f} | {t['request_excess']:+.2f} | "
+        f"{t['steady_minute_ratio']} |"
         for t in r["tenants"]
     ]
     return "\n".join(
@@ -263,9 +274,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"{s['tokens_per_minute']} tokens/min and {s['requests_per_second']} requests/s "
             f"(burst {s['burst']}); {s['stream_share']:.0%} streamed.",
             "",
-            "| tenant | admitted | 429 | tokens/min (whole run) | most in a steady minute "
-            "/ quota | token bucket excess / quota | request bucket excess |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| tenant | admitted | 429 | tokens/min (whole run) | beyond the first bucket "
+            "/ quota | token bucket excess / quota | request bucket excess | most in a steady "
+            "minute / quota |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
             f"Failed requests (5xx, connection errors): {r['failed']}. Quotas held: "

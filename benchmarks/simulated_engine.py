@@ -15,6 +15,7 @@ Its answers come from one of two sources:
 - forwarded (`pool` given): each replica takes the URL of its Serve replica rank from a
   `BackendPool` and relays every call over HTTP to that replica of the lab's HTTP simulator
   (`benchmarks.sim_server`), so Ray's fronts and the peer routers face the same simulated replicas.
+Its answers tell the ingress their usage as an engine replica's do (`app.engines.http_server`).
 Tests may shape one request with a `simulate` object in its body (`{"delay_s": 25, "tokens":
 100}` overrides the deployment's), and stop a replica's engine as vLLM's engine core dies inside
 a live replica (`fail_engine`, or `"engine_dies_after_s"` in a request's `simulate`: the engine
@@ -37,7 +38,7 @@ import ray
 from ray import serve
 
 from app.engines.autoscaling import RELAYED
-from app.engines.http_server import DRAIN_S, Answer, EngineApp, EngineHttpServer
+from app.engines.http_server import DRAIN_S, Answer, EngineApp, EngineHttpServer, usage_pair
 from app.engines.items import Endpoint, EngineItem, error_item
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.internal_token import internal_token
@@ -137,7 +138,7 @@ class SimulatedEngine:
             return Answer.error(404, f"the simulated engine does not serve {endpoint}")
         if not body.get("stream"):
             piece = await anext(self._plain(body))
-            return Answer.json(piece["body"])
+            return Answer.json(piece["body"], usage=usage_pair(piece["body"].get("usage")))
         delay_s, tokens = self._shape(body)
         events = self._engine(_sse_stream(body, delay_s, tokens, usage=True))
         batches = self._batches(events)

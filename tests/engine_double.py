@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from app.engines import router_registry
-from app.engines.http_server import Answer, EngineApp, EngineHttpServer
+from app.engines.http_server import Answer, EngineApp, EngineHttpServer, usage_comment, usage_pair
 from app.engines.router import Routed, StackRequestRouter
 from app.routing import RequestView
 from benchmarks.processes import free_port
@@ -46,7 +46,9 @@ class EngineDouble:
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
         self.engine_dead = mode == "engine_dead"
-        self.usage: dict[str, int] | None = None  # set: JSON answers carry it, as vLLM's do
+        # set: answers carry it as an engine replica's do (JSON: a header, streams: a comment)
+        self.usage: dict[str, int] | None = None
+        self.events: list[dict[str, Any]] | None = None  # set: a stream's data events, as given
 
     async def check_health(self) -> None:
         if self.engine_dead:
@@ -73,7 +75,9 @@ class EngineDouble:
             return Answer.json({"error": error}, 500)
         if not body.get("stream"):
             answer = {"object": endpoint, "model": body["model"], "echo": body, "created": 1}
-            return Answer.json(answer if self.usage is None else {**answer, "usage": self.usage})
+            if self.usage is None:
+                return Answer.json(answer)
+            return Answer.json({**answer, "usage": self.usage}, usage=usage_pair(self.usage))
         return Answer(stream=self._stream())
 
     async def _stream(self) -> AsyncIterator[bytes]:
@@ -86,9 +90,13 @@ class EngineDouble:
                 if self.mode == "engine_dies" and i == 1:
                     self.engine_dead = True
                     yield f"data: {_DEAD_EVENT}\n\n".encode()
-                    break
+                    yield b"data: [DONE]\n\n"  # no usage after an engine's error
+                    return
                 yield f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'.encode()
-            yield b"data: [DONE]\n\n"
+            for event in self.events or []:
+                yield f"data: {json.dumps(event)}\n\n".encode()
+            usage = usage_pair(self.usage)
+            yield (b"" if usage is None else usage_comment(usage)) + b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise

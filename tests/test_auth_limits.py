@@ -153,10 +153,22 @@ def test_keys_from_a_secret_fail_closed_when_the_secret_is_missing(monkeypatch):
     assert store.identify("sk-b") and store.identify("sk-c") is None
 
 
-async def test_metrics_open_by_default_and_protectable(cpu_model):
+@pytest.mark.parametrize("path", ["/metrics", "/usage"])
+async def test_metrics_open_by_default_and_protectable(cpu_model, path):
     async with client_for(cpu_model, auth={"api_keys": ["sk-right"]}) as open_client:
-        assert (await open_client.get("/metrics")).status_code == 200
+        assert (await open_client.get(path)).status_code == 200
     guarded = {"api_keys": ["sk-right"], "protect_metrics": True}
     async with client_for(cpu_model, auth=guarded) as client:
-        assert_openai_error(await client.get("/metrics"), 401)
-        assert (await client.get("/metrics", headers=bearer("sk-right"))).status_code == 200
+        assert_openai_error(await client.get(path), 401)
+        assert (await client.get(path, headers=bearer("sk-right"))).status_code == 200
+
+
+async def test_usage_without_tenants_is_the_keys_row(cpu_model):
+    auth = {"api_keys": ["sk-one", "sk-two"]}
+    async with client_for(cpu_model, auth=auth, per_key={"requests_per_second": 5}) as client:
+        for key in ("sk-one", "sk-two"):
+            assert (await client.post("/v1/completions", json=BODY, headers=bearer(key))).is_success
+        usage = (await client.get("/usage")).json()
+    (row,) = usage["tenants"]
+    assert row["tenant"] == "keys" and row["requests"] == 2
+    assert row["quotas"] == {"requests_per_second": 5}

@@ -192,15 +192,18 @@ def test_trace_replay(stub: tuple[Stub, str], tmp_path) -> None:
         [
             TraceRequest(0.0, "m1", "hello there", max_tokens=3),
             TraceRequest(0.05, "m2", None, tokens=[1, 2, 3], max_tokens=4),
+            TraceRequest(0.1, "m3", None, blocks=[7, 9], block_size=16, prompt_tokens=40),
         ],
     )
-    from app.lab.trace import read_trace
+    from app.lab.trace import block_token_ids, read_trace
 
     res = asyncio.run(run_trace(_cfg(url, endpoint="completions"), read_trace(path)))
-    assert len(res.records) == 2 and all(r.ok for r in res.records)
+    assert len(res.records) == 3 and all(r.ok for r in res.records)
     got = sorted(s.received, key=lambda b: b["model"])
     assert got[0]["prompt"] == "hello there" and got[1]["prompt"] == [1, 2, 3]
-    assert [b["max_tokens"] for b in got] == [3, 4]
+    # a captured blocks line: token ids made from its hashes, its prompt's length
+    assert got[2]["prompt"] == list(block_token_ids([7, 9], 16, 40)) and len(got[2]["prompt"]) == 40
+    assert [b["max_tokens"] for b in got] == [3, 4, 64]
 
 
 def test_cli_writes_json_and_markdown(stub: tuple[Stub, str], tmp_path) -> None:

@@ -209,14 +209,18 @@ async def test_the_slot_is_settled_with_the_answers_usage(cpu_model):
         assert queue.counter("team") == pytest.approx((2 + 3 * 2) / 2)  # weight 2
         assert (await post(client, "sk-eval", {**BODY, "max_tokens": 90})).status_code == 200
         assert queue.counter("eval") == pytest.approx(8)
-        stream = {**BODY, "max_tokens": 90, "stream": True}  # no usage read: the estimate holds
+        stream = {**BODY, "max_tokens": 90, "stream": True}  # settled with its usage too
         assert (await post(client, "sk-eval", stream)).status_code == 200
-        assert queue.counter("eval") == pytest.approx(8 + 2 + 90 * 2)
+        assert queue.counter("eval") == pytest.approx(8 + 8)
+        engine.usage = None  # no usage from the engine: the estimate holds
+        assert (await post(client, "sk-eval", stream)).status_code == 200
+        assert queue.counter("eval") == pytest.approx(8 + 8 + 2 + 90 * 2)
+        engine.usage = USAGE
         chat = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
         path = "/v1/chat/completions"
         assert (await post(client, "sk-chat", {**chat, "max_tokens": 7}, path)).status_code == 200
-        # lifted to the last backlogged minimum (eval's 8: no credit for idle time), plus usage
-        assert queue.counter("chat") == pytest.approx(8 + 8)
+        # lifted to the last backlogged minimum (eval's 16: no credit for idle time), plus usage
+        assert queue.counter("chat") == pytest.approx(16 + 8)
         assert engine.calls[-1][1]["priority"] == 0
     async with admission_client(cpu_model, mode="error400") as (client, _, gateway):
         assert_openai_error(await post(client, "sk-eval", {**BODY, "max_tokens": 90}), 400)

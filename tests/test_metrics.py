@@ -197,10 +197,14 @@ async def test_the_meter_counts_usage_and_drops_it_unless_asked(separators):
     usage = event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
     stream = [*text, usage, "data: [DONE]\n\n"]
     meter = RequestMeter()
+    done = b": vrstack-usage 7 3\n\ndata: [DONE]\n\n"  # the usage for the ingress, with [DONE]
     dropped = await _metered(meter, stream, keep_usage=False)
-    assert dropped == [e.encode() for e in [*text, "data: [DONE]\n\n"]]
+    assert dropped == [*(e.encode() for e in text), done]
     kept = await _metered(meter, stream, keep_usage=True)
-    assert kept == [e.encode() for e in stream]
+    assert kept == [*(e.encode() for e in [*text, usage]), done]
+    assert await _metered(RequestMeter(), [*text, "data: [DONE]\n\n"], keep_usage=True) == [
+        e.encode() for e in [*text, "data: [DONE]\n\n"]
+    ]  # no usage chunk: no comment
     figures = meter.snapshot()["chat"]
     assert (figures["prompt_tokens"], figures["output_tokens"]) == (14, 6)
     assert sum(figures["itl_counts"]) == 4  # 2 gaps between 3 text chunks, twice

@@ -18,8 +18,10 @@ from app.ray_internals import (
     NoTelemetryStart,
     SkipNoOpDownload,
     add_stat_logger,
+    engine_tokenizer,
     forget_started_cluster,
     openai_request_models,
+    scoring_service,
     started_cluster_address,
     usage_stats_enabled,
 )
@@ -86,6 +88,35 @@ def test_ray_serve_llm_still_misnames_vllms_tokenizer_service() -> None:
     source = inspect.getsource(VLLMEngine)
     assert '"openai_serving_tokenization"' in source  # what Ray looks up
     assert "_oai_serving_tokenization" in source  # what enable_tokenization fills in
+
+
+def test_the_scoring_service_and_the_tokenizer_are_where_they_are_looked_for() -> None:
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from vllm.entrypoints.generate.api_router import init_generate_state
+
+    source = inspect.getsource(VLLMEngine)
+    assert "self._oai_serving_scores" in source  # what scoring_service reads (score uses it)
+    assert "self._engine_client" in source and "self._app_state" in source
+    assert "state.openai_serving_chat" in inspect.getsource(init_generate_state)
+    scores = object()
+    assert scoring_service(SimpleNamespace(_oai_serving_scores=scores)) is scores
+    assert scoring_service(SimpleNamespace()) is None
+
+
+def test_the_engines_tokenizer_and_its_chat_template_are_read() -> None:
+    tokenizer = SimpleNamespace(chat_template="tokenizer's")
+
+    async def get_tokenizer() -> SimpleNamespace:
+        return tokenizer
+
+    chat = SimpleNamespace(chat_template="{{ messages }}")
+    engine = SimpleNamespace(
+        _engine_client=SimpleNamespace(get_tokenizer=get_tokenizer),
+        _app_state=SimpleNamespace(openai_serving_chat=chat),
+    )
+    assert asyncio.run(engine_tokenizer(engine)) == (tokenizer, "{{ messages }}")
+    engine._app_state = None
+    assert asyncio.run(engine_tokenizer(engine)) == (tokenizer, None)
 
 
 def test_stat_logger_joins_the_engines_stat_logger_manager() -> None:

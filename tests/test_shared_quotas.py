@@ -10,8 +10,10 @@ import random
 import pytest
 
 from app.config import KeyLimits, TenantQuotas
+from app.ingress import limits as limits_module
+from app.ingress.auth import ANONYMOUS
 from app.ingress.limits import DAY_S, SYNC_S, KeyLimiter, QuotaError
-from app.tenants.ledger import Ledger, LocalLedger
+from app.tenants.ledger import KEY_PREFIX, Ledger, LocalLedger
 
 START_WALL = 1_700_000_000.0  # wall time at clock 0
 
@@ -55,7 +57,17 @@ async def sync_all(limiters) -> None:
 
 
 async def hammer(
-    clock, limiters, seconds, *, per_step=4, sizes=(10, 200), seed=0, hold=(0, 0), used=None
+    clock,
+    limiters,
+    seconds,
+    *,
+    per_step=4,
+    sizes=(10, 200),
+    seed=0,
+    hold=(0, 0),
+    used=None,
+    key="k",
+    tenant="t",
 ):
     """Requests at random replicas every 10 ms for `seconds` (more than the quota allows),
     each replica exchanging every `SYNC_S`; admitted requests, tokens charged (each answer
@@ -68,7 +80,7 @@ async def hammer(
         clock.t += step_s
         for _ in range(per_step):
             try:
-                lease = rnd.choice(limiters).acquire("k", rnd.randint(*sizes), "t")
+                lease = rnd.choice(limiters).acquire(key, rnd.randint(*sizes), tenant)
             except QuotaError as exc:
                 assert exc.status == 429 and int(exc.headers["retry-after"]) >= 1
                 continue
@@ -227,14 +239,119 @@ def test_a_replica_that_vanishes_gives_its_slices_back_after_the_ttl():
     asyncio.run(run())
 
 
-def test_keys_without_a_tenant_stay_in_the_replicas_memory():
+def key_cluster(per_key: KeyLimits, replicas: int = 3):
+    """`replicas` limiters with `per_key` limits (no tenant) sharing one ledger."""
     clock = Clock()
-    limiter = KeyLimiter(KeyLimits(requests_per_second=1, burst=2), clock, wall=clock.wall)
-    limiter.share(LocalLedger(Ledger(clock=clock, wall=clock.wall)), "r0")
-    limiter.acquire("key", 1)
-    limiter.acquire("key", 1)
-    with pytest.raises(QuotaError):
-        limiter.acquire("key", 1)
+    ledger = Ledger(clock=clock, wall=clock.wall)
+    limiters = []
+    for i in range(replicas):
+        limiter = KeyLimiter(per_key, clock, wall=clock.wall)
+        limiter.share(LocalLedger(ledger), f"r{i}")
+        limiters.append(limiter)
+    return clock, ledger, limiters
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_per_key_limits_hold_across_replicas(replicas):
+    per_key = KeyLimits(requests_per_second=5, burst=10, tokens_per_minute=6000)
+    clock, ledger, limiters = key_cluster(per_key, replicas)
+    key_id = "0123456789ab"
+
+    async def run():
+        await sync_all(limiters)
+        return await hammer(clock, limiters, 60, key=key_id, tenant=None)
+
+    admitted, tokens, _ = asyncio.run(run())
+    elapsed = clock.t
+    assert tokens <= 6000 + 100 * elapsed and admitted <= 10 + 5 * elapsed
+    assert tokens >= 0.95 * (6000 + 100 * elapsed) or admitted >= 0.95 * (10 + 5 * elapsed)
+    # The account is named by the key id (the digest prefix the ingress passes), nothing else.
+    assert list(ledger.accounts) == [KEY_PREFIX + key_id]
+    # Another key has its own account, and its whole budget.
+    assert all(limiter.key_accounts == 1 for limiter in limiters)
+
+
+def test_per_key_max_concurrent_holds_across_replicas():
+    clock, _ledger, limiters = key_cluster(KeyLimits(max_concurrent=4))
+
+    async def run():
+        await sync_all(limiters)
+        return await hammer(clock, limiters, 20, hold=(0.05, 1.0), key="abc", tenant=None)
+
+    admitted, _, most = asyncio.run(run())
+    assert most <= 4 and admitted > 30
+
+
+def test_a_keys_first_request_waits_for_its_slice_then_is_admitted():
+    clock, _ledger, limiters = key_cluster(KeyLimits(requests_per_second=1, burst=8))
+
+    async def run():
+        for limiter in limiters:  # a new key on each replica: one exchange awaited, admitted
+            await limiter.ready("key1", 1)
+            limiter.acquire("key1", 1).release()
+        admitted, refused = 3, 0
+        while refused < 6:  # then the rest of the bucket, wherever the requests come
+            limiter = limiters[(admitted + refused) % 3]
+            await limiter.ready("key1", 1)
+            try:
+                limiter.acquire("key1", 1).release()
+                admitted += 1
+            except QuotaError as exc:
+                assert exc.quota == "requests_per_second"
+                refused += 1
+        return admitted
+
+    assert asyncio.run(run()) == 8  # the burst, once, across the 3 replicas
+    assert clock.t == 0
+
+
+def test_anonymous_callers_stay_in_the_replicas_memory():
+    _clock, ledger, (a, b) = key_cluster(KeyLimits(requests_per_second=1, burst=2), 2)
+    for limiter in (a, b):  # each replica: its own bucket, as before
+        limiter.acquire(ANONYMOUS, 1)
+        limiter.acquire(ANONYMOUS, 1)
+        with pytest.raises(QuotaError):
+            limiter.acquire(ANONYMOUS, 1)
+    assert not ledger.accounts and a.key_accounts == 0
+
+
+def test_idle_keys_accounts_are_given_back_and_dropped():
+    clock, ledger, (a, b) = key_cluster(KeyLimits(requests_per_second=2, burst=4), 2)
+
+    async def run():
+        for i in range(5):
+            await a.ready(f"key{i}", 1)
+            a.acquire(f"key{i}", 1).release()
+        await a.sync()
+        assert a.key_accounts == 5 and len(ledger.accounts) == 5
+        for _ in range(70):  # idle past KEY_IDLE_DROP_S, exchanging as the ingress does
+            clock.t += 0.5
+            await sync_all([a, b])
+        assert a.key_accounts == 0
+        assert all(not ledger.snapshot(n).get("requests_held") for n in ledger.accounts)
+        ledger.sweep()  # full again, held by nobody: forgotten
+        assert not ledger.accounts
+
+    asyncio.run(run())
+
+
+def test_a_replica_holds_at_most_max_key_accounts_idle(monkeypatch):
+    monkeypatch.setattr(limits_module, "MAX_KEY_ACCOUNTS", 3)
+    clock, ledger, (a,) = key_cluster(KeyLimits(requests_per_second=2, burst=4), 1)
+
+    async def run():
+        for i in range(10):
+            await a.ready(f"key{i}", 1)
+            a.acquire(f"key{i}", 1).release()
+            clock.t += 0.01
+        await a.ready("key0", 1)
+        busy = a.acquire("key0", 1)  # the oldest key, in flight: kept whatever the cap
+        await a.sync()
+        assert a.key_accounts == 3 and "key0" in a._key_shared
+        assert sum(ledger.snapshot(n).get("requests_held", 0) > 0 for n in ledger.accounts) <= 3
+        busy.release()
+
+    asyncio.run(run())
 
 
 def test_a_request_larger_than_the_quota_is_a_400_not_a_429():

@@ -337,7 +337,7 @@ async def run_trace(
 
     async def one(run: _Run, req: Any) -> None:
         await asyncio.sleep(max(0.0, req.t - t_first - run.now()))
-        prompt = req.tokens if req.tokens is not None else req.prompt
+        prompt = req.replay_prompt()  # a blocks line's as token ids from its hashes
         model = cfg.model if model_override else req.model
         await run.send(prompt=prompt, max_tokens=req.max_tokens, model=model, user=req.session)
 

@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 
 from app.cli.bench import bench
+from app.cli.capture import capture_command
 from app.cli.k8s import import_values_command, k8s_cli
 from app.cli.lab import lab
 from app.cli.status import status_command
+from app.cli.usage import usage_command
 from app.config import ConfigError
 from app.serve_config import read_serve_config
 
@@ -106,7 +108,9 @@ def up(
 
 cli.command("lab")(lab)
 cli.command("status")(status_command)
+cli.command("usage")(usage_command)
 cli.command("bench")(bench)
+cli.command("capture")(capture_command)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """The configuration model: the one schema behind serve configs, manifests and the CLI."""
 
+from app.config.capture import CaptureSettings
 from app.config.models import Autoscaling, KVOffload, ModelSpec, Resources, SecretRef
 from app.config.quantity import parse_quantity
 from app.config.stack import (
@@ -23,6 +24,7 @@ __all__ = [
     "PRIORITY_CLASSES",
     "AuthSettings",
     "Autoscaling",
+    "CaptureSettings",
     "ConfigError",
     "KVOffload",
     "KeyLimits",

@@ -147,6 +147,7 @@ class KVOffload(StrictModel):
         return self
 
 
+POOLING_CONVERTS = ("embed", "classify")  # vLLM's `convert` values that make a pooling model
 PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size")  # GPU workers = product
 
 
@@ -259,6 +260,15 @@ class ModelSpec(StrictModel):
     def embedded_model(self) -> str | None:
         """The embedded model this model is (`source: embedded:<name>`), else None."""
         return embedded_name(self.source)
+
+    @property
+    def runner(self) -> Literal["generate", "pooling"] | None:
+        """vLLM's runner as the engine args set it (`runner`, or a pooling `convert`); None
+        when vLLM picks it from the model's architecture (`runner: auto`)."""
+        runner = self.engine_args.get("runner")
+        if runner in ("generate", "pooling"):
+            return runner
+        return "pooling" if self.engine_args.get("convert") in POOLING_CONVERTS else None
 
     @property
     def on_gpu(self) -> bool:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from app.config.capture import CaptureSettings
 from app.config.models import ModelSpec, StrictModel, check_custom_resources
 from app.config.tenants import AdmissionSettings, KeyLimits, KeySources, Tenant
 from app.config.tracing import TracingSettings
@@ -122,6 +123,9 @@ class StackConfig(StrictModel):
     )
     tracing: TracingSettings | None = Field(
         None, description="OpenTelemetry traces of the request path, exported by OTLP."
+    )
+    capture: CaptureSettings | None = Field(
+        None, description="Record live traffic as a lab trace (`vrstack capture`)."
     )
 
     @model_validator(mode="before")

@@ -18,6 +18,12 @@ answer's first byte a failed answer is a 500 `engine_error`, or, when the engine
 replica gets that 503 at once and the replica reports itself unhealthy to the routers until
 Serve's health check replaces it. After the first byte, the stream ends with an OpenAI-shaped
 error event (`engine_unavailable` or `engine_error`) and `data: [DONE]`.
+
+Each answer tells the ingress its token usage, as the engine counted it, so the ingress never
+reads the answer's bytes for it: a JSON answer in the private header `x-vrstack-usage:
+<prompt_tokens> <completion_tokens>`, a stream in the SSE comment `: vrstack-usage <prompt>
+<completion>` sent in the same bytes as its final `data: [DONE]` (`usage_comment`). The ingress
+strips both (`app.ingress.relay.pass_through`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embeddings",
+    "/score": "score",
+    "/rerank": "rerank",
     "/tokenize": "tokenize",
     "/detokenize": "detokenize",
 }
@@ -56,19 +64,25 @@ DRAIN_S = 30.0  # how long a stopping replica lets its answers in progress finis
 # long enough for the drain and for the engine to stop after it.
 SHUTDOWN_S = DRAIN_S + 30.0
 _ERROR_EVENT = b'data: {"error"'
+USAGE_HEADER = "x-vrstack-usage"  # a JSON answer's usage: "<prompt_tokens> <completion_tokens>"
+USAGE_COMMENT = b": vrstack-usage "  # a stream's usage, just before its final `data: [DONE]`
+_USAGE_HEADER = USAGE_HEADER.encode()
+Usage = tuple[int, int]  # (prompt tokens, completion tokens)
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One engine answer: a JSON body with its status, or (`stream`) SSE bytes with status 200."""
+    """One engine answer: a JSON body with its status (and `usage`, sent as `USAGE_HEADER`), or
+    (`stream`) SSE bytes with status 200 (their usage in `usage_comment`)."""
 
     status: int = 200
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    usage: Usage | None = None
 
     @classmethod
-    def json(cls, obj: Any, status: int = 200) -> Answer:
-        return cls(status, json.dumps(obj, separators=(",", ":")).encode())
+    def json(cls, obj: Any, status: int = 200, usage: Usage | None = None) -> Answer:
+        return cls(status, json.dumps(obj, separators=(",", ":")).encode(), usage=usage)
 
     @classmethod
     def error(
@@ -87,6 +101,18 @@ class Backend(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine is gone for good (Serve's replica health check)."""
         ...
+
+
+def usage_pair(usage: Any) -> Usage | None:
+    """(prompt, completion) tokens of an OpenAI `usage` object; None when there is none."""
+    if not isinstance(usage, dict):
+        return None
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def usage_comment(usage: Usage) -> bytes:
+    """A stream's usage as the SSE comment sent just before its final `data: [DONE]`."""
+    return b"%s%d %d\n\n" % (USAGE_COMMENT, usage[0], usage[1])
 
 
 def route_path(scope: dict[str, Any]) -> str:
@@ -260,6 +286,8 @@ async def _read_body(receive: Any) -> bytes | None:
 
 async def _send(send: Any, answer: Answer) -> None:
     headers = [*_JSON, (b"content-length", str(len(answer.body)).encode())]
+    if answer.usage is not None:
+        headers.append((_USAGE_HEADER, b"%d %d" % answer.usage))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body})
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from app.errors import error_body
 
-Endpoint = Literal["completions", "chat", "embeddings", "tokenize", "detokenize"]
+Endpoint = Literal["completions", "chat", "embeddings", "score", "rerank", "tokenize", "detokenize"]
 EngineItem = dict[str, Any]
 
 

@@ -25,7 +25,14 @@ from ray.serve.llm import LLMServer
 
 from app.engines import embedded
 from app.engines.autoscaling import RELAYED
-from app.engines.http_server import DRAIN_S, Answer, EngineApp, EngineHttpServer
+from app.engines.http_server import (
+    DRAIN_S,
+    Answer,
+    EngineApp,
+    EngineHttpServer,
+    Usage,
+    usage_pair,
+)
 from app.engines.items import Endpoint, EngineItem
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.engines.stat_logger import EngineStats
@@ -35,13 +42,17 @@ from app.ray_internals import (
     NoTelemetryStart,
     add_stat_logger,
     enable_tokenization,
+    engine_tokenizer,
     openai_request_models,
+    scoring_service,
 )
 
 logger = logging.getLogger("vrstack.engine")
 
 
 def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
+    if endpoint in ("score", "rerank"):
+        return _scoring_class(endpoint, body)
     oai = openai_request_models()
     chat_shaped = "messages" in body
     return {
@@ -51,6 +62,20 @@ def _request_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
         "tokenize": oai.TokenizeChatRequest if chat_shaped else oai.TokenizeCompletionRequest,
         "detokenize": oai.DetokenizeRequest,
     }[endpoint]
+
+
+def _scoring_class(endpoint: Endpoint, body: dict[str, Any]) -> type[BaseModel]:
+    """vLLM's rerank request, or the score request of the pair of fields the body gives (Ray
+    Serve LLM's own takes `text_1`/`text_2` only)."""
+    from vllm.entrypoints.pooling.scoring import protocol
+
+    if endpoint == "rerank":
+        return protocol.RerankRequest
+    if "queries" in body and "items" in body:
+        return protocol.ScoreQueriesItemsRequest
+    if "queries" in body:
+        return protocol.ScoreQueriesDocumentsRequest
+    return protocol.ScoreDataRequest if "data_1" in body else protocol.ScoreTextRequest
 
 
 class EngineServer(NoTelemetryStart, LLMServer):
@@ -101,6 +126,28 @@ class EngineServer(NoTelemetryStart, LLMServer):
         (`app.engines.autoscaling`), which Serve's own count does not see."""
         return {RELAYED: self._port.in_flight}
 
+    async def tokenizer_spec(self) -> dict[str, Any]:
+        """The engine's tokenizer, for the ingress's prompt-token counts
+        (`app.ingress.prompt_tokens`, on any node): vLLM's fast tokenizer as `tokenizers` JSON,
+        the chat template vLLM renders chats with, and the special tokens a template names."""
+        tokenizer, template = await engine_tokenizer(self.engine)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise NotImplementedError(f"{type(tokenizer).__name__} is not a fast tokenizer")
+        template = template or getattr(tokenizer, "chat_template", None)
+        names = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token")
+        special = {n: v for n in names if isinstance(v := getattr(tokenizer, n, None), str)}
+        return {
+            "tokenizer": backend.to_str(),
+            "chat_template": template if isinstance(template, str) else None,
+            "special_tokens": special,
+        }
+
+    async def rerank(self, request: Any) -> AsyncIterator[Any]:
+        """vLLM's rerank, which `LLMServer` does not serve: its scoring service asked as
+        `LLMServer.score` asks it (one answer: the response, or an error response)."""
+        return _reranked(scoring_service(self.engine), request)
+
     async def __del__(self) -> None:
         """Stop taking HTTP requests, let those in progress finish, then stop the engine."""
         await self._http.stop(DRAIN_S)
@@ -114,15 +161,18 @@ class EngineServer(NoTelemetryStart, LLMServer):
         if isinstance(request, Answer):
             return request
         first = await anext(items, None)
+        if isinstance(first, list) and first and not isinstance(first[0], str):
+            first = first[0]  # refused before streaming (vLLM's error, batched as a stream's)
         if isinstance(first, list):  # a stream: batches of SSE strings
             chunks = self._meter.sse(endpoint, _chained(first, items), keep_usage=keep_usage)
             return Answer(stream=chunks)
         if first is None:
             return Answer.error(500, "the engine returned no answer", code="engine_error")
         status, data = _plain(first)
-        if status == 200:
-            self._meter.usage(endpoint, data.get("usage"))
-        return Answer.json(data, status)
+        if status != 200:
+            return Answer.json(data, status)
+        self._meter.usage(endpoint, data.get("usage"))
+        return Answer.json(data, status, _usage_of(endpoint, body, data))
 
     async def serve_openai(
         self, endpoint: Endpoint, body: dict[str, Any]
@@ -167,6 +217,39 @@ class EngineServer(NoTelemetryStart, LLMServer):
         except ValueError as exc:
             return Answer.error(400, str(exc)), _nothing()
         return request, await getattr(self, endpoint)(request)
+
+
+def _usage_of(endpoint: Endpoint, body: dict[str, Any], data: dict[str, Any]) -> Usage | None:
+    """The (prompt, completion) tokens of a JSON answer, for the ingress: its `usage`; a
+    tokenize answer's `count` as prompt tokens; a detokenize request's token ids."""
+    if endpoint == "tokenize":
+        count = data.get("count")
+        return (count, 0) if isinstance(count, int) else None
+    if endpoint == "detokenize":
+        tokens = body.get("tokens")
+        return (len(tokens), 0) if isinstance(tokens, list) else None
+    return usage_pair(data.get("usage"))
+
+
+async def _reranked(serving: Any, request: Any) -> AsyncIterator[Any]:
+    """The answer of vLLM's scoring service (`serving`; None: the model cannot score) to a
+    rerank request, as `LLMServer.score` gives a score request's."""
+    from vllm.entrypoints.pooling.scoring.protocol import RerankResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMClientError
+
+    if serving is None:
+        yield create_error_response(
+            "This model does not support the 'score' task. "
+            "The rerank endpoint is not available for this model."
+        )
+        return
+    try:
+        response = await serving(request, raw_request=None)
+    except (ValueError, VLLMClientError) as exc:
+        yield serving.create_error_response(exc)
+        return
+    yield RerankResponse.model_validate_json(response.body)
 
 
 async def _nothing() -> AsyncIterator[Any]:

@@ -5,7 +5,9 @@
 (from each answer's `usage`, which the replica reads off the engine's response object, or off
 the stream's final usage chunk: it asks the engine for one on every stream and drops it when
 the client did not). The replica reports `snapshot()` in its routing stats; the ingress sums the
-replicas into `/metrics`. Plain Python.
+replicas into `/metrics`. A stream's usage also goes to the ingress, as an SSE comment in the same
+bytes as the stream's final `data: [DONE]` (`app.engines.http_server.usage_comment`). Plain
+Python.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.engines.http_server import Usage, usage_comment, usage_pair
 
 # Seconds; the ingress exports the histogram with these bounds (`vrstack_inter_token_...`).
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -70,16 +74,21 @@ class RequestMeter:
         self, endpoint: str, batches: AsyncIterable[list[str]], *, keep_usage: bool
     ) -> AsyncIterable[bytes]:
         """The stream's SSE strings as bytes, timed; its usage chunk counted, and dropped
-        unless `keep_usage` (the client asked for it)."""
+        unless `keep_usage` (the client asked for it); the usage's comment for the ingress
+        sent with the final `data: [DONE]`."""
         figures = self._of(endpoint)
         counts, last = figures.itl_counts, None
+        usage: Usage | None = None
         async for batch in batches:
             for event in batch:
                 if event.startswith(_DONE):
-                    yield event.encode()
+                    done = event.encode()
+                    yield done if usage is None else usage_comment(usage) + done
                     continue
                 if _USAGE_KEYS[0] in event or _USAGE_KEYS[1] in event:
-                    self.usage(endpoint, json.loads(event.removeprefix("data: ")).get("usage"))
+                    found = json.loads(event.removeprefix("data: ")).get("usage")
+                    self.usage(endpoint, found)
+                    usage = usage_pair(found)
                     if keep_usage:
                         yield event.encode()
                     continue

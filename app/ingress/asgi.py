@@ -1,15 +1,16 @@
 """The ingress's ASGI app: the OpenAI POST endpoints answered in one pass, the rest by FastAPI.
 
 Every request gets an id (`x-request-id`), which every answer carries. The POST endpoints
-(completions, chat, embeddings, tokenize, detokenize; `app.ingress.routes`) take the hot path,
-with no framework between the server and the relay: API key, body limit, JSON (nesting
-bounded), the request model's checks, the model and its limits (a tenant's too), then the
-per-key or the tenant's quotas (settled from a JSON answer's `usage`), with tenants the model's
-fair admission gate (`_admitted`), then `Gateway.relay_http`, cancelled when
-the client leaves (the app watches for it itself, whatever Ray's proxy was told); each answer
-is counted in the metrics with what the path already holds. Everything else (models, health,
-version, metrics, status, OpenAPI, unknown routes) is FastAPI's, behind the same API keys.
-Every error is OpenAI-shaped.
+(completions, chat, embeddings, score, rerank, tokenize, detokenize; `app.ingress.routes`) take
+the hot path, with no framework between the server and the relay: API key, body limit, JSON
+(nesting bounded), the request model's checks, the model and its limits (a tenant's too), then
+the per-key or the tenant's quotas (settled from the answer's usage, JSON or stream, as its
+engine counted it: `app.ingress.relay`), with tenants the model's fair admission gate
+(`_admitted`), then `Gateway.relay_http`, cancelled when the client leaves (the app watches for
+it itself, whatever Ray's proxy was told); each answer is counted in the metrics with what the
+path already holds, and recorded for a trace when `capture` is on. Everything else (models,
+health, version, metrics, usage, capture, status, OpenAPI, unknown routes) is FastAPI's, behind
+the same API keys. Every error is OpenAI-shaped.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
+from app.capture import Recorder
 from app.engines.http_server import route_path, unless_disconnected
 from app.errors import OpenAIError, public_message, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
 from app.ingress.gateway import Exchange, Gateway, admission_cost
-from app.ingress.limits import Lease, QuotaError, usage_of
+from app.ingress.limits import Lease, QuotaError
 from app.ingress.middleware import (
     json_object,
     read_body,
@@ -42,16 +44,17 @@ from app.ingress.middleware import (
     without_body,
 )
 from app.ingress.protocol import OpenAIRequest
-from app.ingress.routes import chat, completions, embeddings, health, models, tokenize
+from app.ingress.routes import capture as capture_routes
+from app.ingress.routes import chat, completions, embeddings, health, models, score, tokenize
 from app.ingress.routes import metrics as metrics_routes
+from app.ingress.routes import usage as usage_routes
 from app.ingress.routes.common import PostRoute
 from app.observability.metrics import CLIENT_LEFT, NO_TENANT, StackMetrics
-from app.observability.tracing import RequestTrace
 from app.tenants import AdmissionGate, QueueFull, WaitExpired
 
 logger = logging.getLogger("vrstack.ingress")
-POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, tokenize.TOKENIZE,
-               tokenize.DETOKENIZE)  # fmt: skip
+POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, score.SCORE, score.RERANK,
+               tokenize.TOKENIZE, tokenize.DETOKENIZE)  # fmt: skip
 QUEUE_EXPIRED_RETRY_AFTER_S = 1  # as the stack's other overload answers
 
 
@@ -71,6 +74,7 @@ class StackApp:
         self.session_header = key.lower().encode() if key else None
         self.posts = {path: route for route in POST_ROUTES for path in route.paths}
         self.api = _fastapi(gateway, self.metrics, self.keys)
+        self.capture: Recorder | None = self.api.state.capture  # `capture` configured
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,6 +106,7 @@ class StackApp:
             tracing.start("POST", scope["path"], scope["headers"], request_id) if tracing else None
         )
         exchange = Exchange(trace=trace)
+        record = None  # this request's capture record, when recorded
         model, stream, tenant, lease, quota = None, False, None, None, None
         try:
             key_id, request = await self._request(route, scope, receive)
@@ -110,9 +115,10 @@ class StackApp:
             if trace is not None:
                 trace.request(model, tenant, stream)
             lease = await self.gateway.admit_shared(key_id, request, tenant)
+            if self.capture is not None:
+                session = self._session(scope)
+                record = self.capture.begin(endpoint, request, tenant, session, started)
             gate = self.gateway.gate_of(endpoint, request) if self.gated else None
-            # The answer's usage settles token limits and the admission slot.
-            answer.metered = tenant is not None or lease.counts_tokens or gate is not None
             try:
                 relay = self.gateway.relay_http(
                     endpoint,
@@ -125,7 +131,7 @@ class StackApp:
                     tenant=tenant,
                 )
                 if gate is not None:  # tenants configured: wait for a slot in fair order
-                    relay = self._admitted(gate, tenant, request, relay, answer, trace)
+                    relay = self._admitted(gate, tenant, request, relay, answer, exchange)
                 del request  # the relay alone decides how long the request is kept
                 # Ours, whatever Ray's proxy was told (x-request-disconnect-disabled).
                 await unless_disconnected(relay, receive)
@@ -133,7 +139,7 @@ class StackApp:
                 lease.settle(0)  # failed before answering: not charged
                 raise
             finally:
-                _settle(lease, answer)
+                _settle(lease, answer, exchange.usage)
                 lease.release()
         except OpenAIError as exc:
             quota = exc.quota if isinstance(exc, QuotaError) else None
@@ -155,9 +161,11 @@ class StackApp:
                 decision=exchange.decision,
             )
             if self.metrics.tenants:
-                self.metrics.tenant_finish(tenant, status, answer.usage, lease, quota)
+                self.metrics.tenant_finish(tenant, status, exchange.usage, lease, quota)
             if trace is not None:
-                trace.end(status, answer.usage)
+                trace.end(status, exchange.usage)
+            if record is not None and self.capture is not None:
+                self.capture.end(record, exchange)
 
     async def _admitted(
         self,
@@ -166,11 +174,12 @@ class StackApp:
         request: OpenAIRequest,
         relay: Coroutine[Any, Any, None],
         answer: _Answer,
-        trace: RequestTrace | None = None,
+        exchange: Exchange,
     ) -> None:
         """`relay` once `gate` grants a slot (priority class, then the tenants' weighted token
         service), the slot settled with the answer's usage: 429 when the tenant's queue is
         full, 503 when no slot came within `admission.max_wait_s`."""
+        trace = exchange.trace
         label = tenant or NO_TENANT
         priority = self.gateway.priority_of(tenant)
         cost = admission_cost(gate.queue, request)
@@ -187,8 +196,8 @@ class StackApp:
                     slot.settle(0, 0)  # failed before answering: no service
                     raise
                 finally:
-                    if answer.usage is not None:
-                        slot.settle(*answer.usage)
+                    if exchange.usage is not None:
+                        slot.settle(*exchange.usage)
                     elif answer.status is not None and answer.status >= 400:
                         slot.settle(0, 0)
         except (QueueFull, WaitExpired) as exc:
@@ -232,9 +241,6 @@ class _Answer:
         self._held: Message | None = None  # an engine 4xx's head, until its body is in
         self._body = b""
         self.status: int | None = None
-        self.metered = False  # read `usage` off a JSON answer (for token limits and metrics)
-        self._json = False
-        self.usage: tuple[int, int] | None = None  # (prompt, completion) tokens
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -242,14 +248,11 @@ class _Answer:
             if 400 <= self.status < 500 and not _is_stream(message):
                 self._held = message
                 return
-            self._json = self.metered and self.status == 200 and not _is_stream(message)
         elif self._held is not None:
             self._body += message.get("body", b"")
             if not message.get("more_body", False):
                 await send_error(self._send, self._refusal(self._held))
             return
-        elif self._json and self.usage is None:
-            self.usage = usage_of(message.get("body", b""))
         await self._send(message)
 
     async def error(self, error: OpenAIError) -> None:
@@ -270,11 +273,12 @@ class _Answer:
         return error
 
 
-def _settle(lease: Lease, answer: _Answer) -> None:
-    """Charge the tokens the answer's `usage` reports; nothing for a refusal or a failure;
-    else (a stream, a client that left) what was reserved."""
-    if answer.usage is not None:
-        lease.settle(answer.usage[0] + answer.usage[1])
+def _settle(lease: Lease, answer: _Answer, usage: tuple[int, int] | None) -> None:
+    """Charge the tokens the answer's `usage` reports (a JSON answer's or a stream's); nothing
+    for a refusal or a failure; else (a client that left, a stream that broke off, no usage
+    from the engine) what was reserved."""
+    if usage is not None:
+        lease.settle_tokens(*usage)
     elif answer.status is not None and answer.status >= 400:
         lease.settle(0)
 
@@ -317,7 +321,8 @@ def _fastapi(gateway: Gateway, metrics: StackMetrics, keys: KeyStore) -> FastAPI
     )
     app.state.gateway = gateway
     app.state.metrics = metrics
-    for module in (models, health, metrics_routes):
+    app.state.capture = Recorder.of(gateway.config)
+    for module in (models, health, metrics_routes, usage_routes, capture_routes):
         app.include_router(module.router)
     install_error_handlers(app)
     protect = gateway.config.auth.protect_metrics

@@ -184,5 +184,6 @@ def _places(settings: KeySources, where: str = "auth") -> list[str]:
 
 
 def open_paths(protect_metrics: bool) -> frozenset[str]:
-    """Paths answered without a key: health and version, and metrics unless protected."""
-    return OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
+    """Paths answered without a key: health and version, and metrics and usage unless
+    protected (`auth.protect_metrics`)."""
+    return OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics", "/usage"}

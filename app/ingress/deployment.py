@@ -50,18 +50,25 @@ class Ingress:
         app_name = serve.get_replica_context().app_name
         token = await internal_token(app_name)
         self.gateway = Gateway(load_config(config), engines, token=token)
-        self.app = create_app(self.gateway)
+        # Not `self.app`: Serve's ASGI wrapper has a read-only `app` property (the app
+        # `__serve_build_asgi_app__` returns, once Serve has built it).
+        self._asgi = create_app(self.gateway)
         self._ledger_task: asyncio.Task | None = None
         await self._share_quotas(app_name)
+        capture = self._asgi.capture  # every replica's records in the application's store
+        self._capture_task = capture.share_with(app_name) if capture is not None else None
         # Ready (for HAProxy and the proxy) once the routers know the engine replicas.
         await self.gateway.wait_for_routers(ROUTERS_READY_S)
+        # The models' tokenizers, for counting prompt tokens (the estimate until they come).
+        self.gateway.fetch_tokenizers()
 
     async def _share_quotas(self, app_name: str) -> None:
         """Tenants' quotas in the application's ledger actor, got or created by whichever
         replica comes first (detached: it outlives a redeploy's replicas, and ends itself once
-        no replica has called it for a minute); keys without a tenant keep their limits here."""
+        no replica has called it for a minute): tenants' quotas, per-key limits and the usage
+        figures `GET /usage` adds up. Without tenants or per-key limits, nothing is shared."""
         limiter = self.gateway.limiter
-        if not any(q.model_dump(exclude_none=True) for q in limiter.tenants.values()):
+        if not (limiter.wants_ledger or limiter.tenants):
             return
         limiter.share(ActorLedger(ledger_name(app_name)))
         try:  # the first slices before taking requests; without them, 429 until it answers
@@ -71,13 +78,17 @@ class Ingress:
         self._ledger_task = asyncio.get_running_loop().create_task(limiter.run())
 
     async def __serve_build_asgi_app__(self) -> Any:
-        return self.app
+        return self._asgi
 
     async def __del__(self) -> None:
+        self.gateway.stop_fetching()
         if (task := getattr(self, "_ledger_task", None)) is not None:
             task.cancel()
             with contextlib.suppress(Exception):  # give the slices back: best effort
                 await asyncio.wait_for(self.gateway.limiter.close(), LEDGER_CLOSE_S)
+        if (flushing := getattr(self, "_capture_task", None)) is not None:
+            flushing.cancel()
+            await self._asgi.capture.close()  # the last records: best effort
         await self.gateway.relay.close()
         if self.gateway.tracing is not None:  # the spans not sent yet
             await asyncio.to_thread(self.gateway.tracing.shutdown)

@@ -33,23 +33,31 @@ from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError
 from app.ingress.limits import KeyLimiter, Lease
-from app.ingress.protocol import OpenAIRequest, SamplingRequest, approx_tokens
+from app.ingress.prompt_tokens import PromptCounter
+from app.ingress.protocol import OpenAIRequest, PoolingRequest, SamplingRequest, approx_tokens
 from app.ingress.relay import Relay, RelayError, Send, engine_unavailable, pass_through
 from app.observability.tracing import RequestTrace, Span, Tracing, end_attempt
-from app.routing import Decision, view_of_body
+from app.routing import Decision, RequestView, view_of_body
 from app.tenants import AdmissionGate, FairQueue
 
 logger = logging.getLogger("vrstack.ingress")
 ENGINE_PATHS: dict[str, str] = {endpoint: path for path, endpoint in ENDPOINTS.items()}
 REPLICA_FAILED = "replica_failed"
 ROUTER_WAIT_S = 5.0  # how long a request waits for its model's router to learn the replicas
-GATED: frozenset[str] = frozenset({"completions", "chat", "embeddings"})  # the engine's work
+GATED: frozenset[str] = frozenset(  # the engine's work
+    {"completions", "chat", "embeddings", "score", "rerank"}
+)
+POOLING_ONLY: frozenset[str] = frozenset({"score", "rerank"})  # endpoints of pooling models
 STANDARD_PRIORITY = PRIORITY_CLASSES["standard"]  # keys without a tenant, and handle calls
 # vLLM's default max_num_seqs for its OpenAI server (`EngineArgs.get_batch_defaults`): 128 per
 # tensor x pipeline parallel rank on CPU; 256 on most GPUs (1024 on H100-class ones: set
 # max_num_seqs in engine_args to say so).
 CPU_SEQS_PER_RANK = 128
 GPU_SEQS = 256
+TOKENIZER_METHOD = "tokenizer_spec"  # `EngineServer.tokenizer_spec`
+TOKENIZER_TIMEOUT_S = 120.0  # one fetch of a model's tokenizer from an engine replica
+TOKENIZER_ATTEMPTS = 3
+LONG_PROMPT_TOKENS = 2048  # estimated; counted in a thread, not on the event loop (~0.3 µs/char)
 
 
 class EngineHandle(Protocol):
@@ -81,6 +89,11 @@ class Exchange:
     first_byte_at: float | None = None
     decision: Decision | None = None
     trace: RequestTrace | None = None  # with `tracing` configured
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens, as the engine told them
+    view: RequestView | None = None  # the request as the router read it (capture reuses it)
+
+    def told_usage(self, usage: tuple[int, int]) -> None:
+        self.usage = usage
 
 
 class Gateway:
@@ -122,6 +135,15 @@ class Gateway:
             name: handle.options(stream=True, method_name="serve_openai")
             for name, handle in engines.items()
         }
+        # Prompt tokens counted with each model's tokenizer (fetched from its engine after
+        # start: `fetch_tokenizers`), only when something charges tokens; until then, or
+        # without it, the 4-characters estimate (`approx_tokens`).
+        self.counts_tokens = (
+            bool(config.tenants) or config.limits.per_key.tokens_per_minute is not None
+        )
+        self.counters: dict[str, PromptCounter] = {}
+        self._fetches: list[asyncio.Task] = []
+        self._count_failed = False
 
     # -- models -------------------------------------------------------------------------------
     def resolve(self, name: str, tenant: str | None = None) -> ModelSpec:
@@ -205,6 +227,7 @@ class Gateway:
     def _engine_body(
         self, spec: ModelSpec, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None
     ) -> dict[str, Any]:
+        check_task(spec, endpoint, request.model)
         body = request.engine_body(spec.name)
         if spec.name in self._priority and endpoint in GATED:  # a client's own is replaced
             body["priority"] = self.priority_of(tenant)
@@ -222,19 +245,94 @@ class Gateway:
     ) -> Lease:
         """`admit`, first waiting (one exchange, bounded) for the cluster's quota ledger when
         this replica's slice of the tenant's budget is short, instead of refusing."""
-        tokens = self._admission_tokens(request, tenant)
-        if tenant is not None:
-            await self.limiter.ready(key_id, tokens, tenant)
+        spec = self._admission_checks(request, tenant)
+        await self._count_async(spec, request)
+        tokens = request.estimated_tokens()
+        await self.limiter.ready(key_id, tokens, tenant)
         return self.limiter.acquire(key_id, tokens, tenant)
 
     def _admission_tokens(self, request: OpenAIRequest, tenant: str | None) -> int:
-        """The request's checks (see `admit`), then the tokens it is charged at admission."""
-        self.resolve(request.model, tenant)
+        """The request's checks (see `admit`), then the tokens it is charged at admission:
+        its prompt counted with the model's tokenizer when this ingress has it (else
+        estimated), plus its output bound for each sequence (`SamplingRequest.charge`)."""
+        spec = self._admission_checks(request, tenant)
+        counter = self._counter(spec, request)
+        if counter is not None:
+            self._count(counter, request)
+        return request.estimated_tokens()
+
+    def _admission_checks(self, request: OpenAIRequest, tenant: str | None) -> ModelSpec:
+        spec = self.resolve(request.model, tenant)
+        if isinstance(request, PoolingRequest):  # before any charge or wait
+            check_task(spec, request.ENDPOINT, request.model)
         rules = self.tenants.get(tenant) if tenant is not None else None
         if rules is not None and isinstance(request, SamplingRequest):
             bound_output(request, rules)
         self.check_limits(request)
-        return request.estimated_tokens()
+        return spec
+
+    # -- prompt tokens, counted with the model's tokenizer ---------------------------------------
+    def _counter(self, spec: ModelSpec, request: OpenAIRequest) -> PromptCounter | None:
+        """The model's counter when something charges tokens and the request is not counted."""
+        if not self.counts_tokens or request._prompt_tokens is not None:
+            return None
+        return self.counters.get(spec.name)
+
+    def _count(self, counter: PromptCounter, request: OpenAIRequest) -> None:
+        try:
+            request.counted(counter.count(request))
+        except Exception:  # the estimate applies; a counter that fails is not the caller's
+            if not self._count_failed:
+                self._count_failed = True
+                logger.exception("counting prompt tokens failed; estimating them instead")
+
+    async def _count_async(self, spec: ModelSpec, request: OpenAIRequest) -> None:
+        """`_count`, in a thread for a long prompt (the tokenizer takes about 0.3 µs a
+        character: milliseconds the event loop should not wait)."""
+        counter = self._counter(spec, request)
+        if counter is None:
+            return
+        if approx_tokens(request.prompt_input()) > LONG_PROMPT_TOKENS:
+            await asyncio.to_thread(self._count, counter, request)
+        else:
+            self._count(counter, request)
+
+    def fetch_tokenizers(self) -> None:
+        """Fetch each model's tokenizer from one of its engine replicas, in the background
+        (when something charges tokens): `EngineServer.tokenizer_spec`. Not for a model
+        scaled to zero until a replica runs (the fetch never wakes one)."""
+        if not self.counts_tokens or self._fetches:
+            return
+        loop = asyncio.get_running_loop()
+        self._fetches = [
+            loop.create_task(self._fetch_tokenizer(spec))
+            for spec in self.config.models
+            if spec.name in self._handles
+        ]
+
+    def stop_fetching(self) -> None:
+        for task in self._fetches:
+            task.cancel()
+
+    async def _fetch_tokenizer(self, spec: ModelSpec) -> None:
+        handle = self._handles[spec.name].options(method_name=TOKENIZER_METHOD, stream=False)
+        error: Exception | None = None
+        for attempt in range(TOKENIZER_ATTEMPTS):
+            while (routes := self._routes(spec.name)) is None or routes.replica_count() == 0:
+                await asyncio.sleep(1.0)
+            try:
+                answer = await asyncio.wait_for(handle.remote(), TOKENIZER_TIMEOUT_S)
+                self.counters[spec.name] = await asyncio.to_thread(PromptCounter.from_spec, answer)
+            except Exception as exc:  # an engine without the method (a simulated one), ...
+                error = exc
+                await asyncio.sleep(5.0 * (attempt + 1))
+                continue
+            logger.info("model %r: prompt tokens counted with its tokenizer", spec.name)
+            return
+        logger.warning(
+            "model %r: no tokenizer from its engine (%s: %s); prompt tokens are estimated",
+            spec.name, type(error).__name__, str(error)[:200],
+        )  # fmt: skip
 
     def check_limits(self, request: OpenAIRequest) -> None:
         limits = self.config.limits
@@ -271,7 +369,7 @@ class Gateway:
         routes = await self._routes_of(spec)
         body = self._engine_body(spec, endpoint, request, tenant)
         payload = json.dumps(body, separators=(",", ":")).encode()
-        view = view_of_body(body, model=spec.name, session_key=session)
+        view = exchange.view = view_of_body(body, model=spec.name, session_key=session)
         failed: set[str] = set()
         for attempt in range(self.config.server.retries + 1):
             if attempt:
@@ -337,7 +435,7 @@ class Gateway:
                     span.add_event("first_token")
 
             headers = route_headers(routed.decision, private)
-            await pass_through(response, send, headers, first_byte)
+            await pass_through(response, send, headers, first_byte, exchange.told_usage)
             return True
         finally:
             response.release()
@@ -441,6 +539,20 @@ class Gateway:
             return
 
 
+def check_task(spec: ModelSpec, endpoint: Endpoint, name: str) -> None:
+    """A 400 for a pooling endpoint (score, rerank) asked of a model whose engine args make it
+    generate. (A model whose runner vLLM picks from its architecture is asked; its engine
+    answers the same 400 when it cannot score.)"""
+    if endpoint in POOLING_ONLY and spec.runner == "generate":
+        raise OpenAIError(
+            400,
+            f"model {name!r} generates text and cannot {endpoint}: /v1/{endpoint} needs a "
+            "pooling model (an embedding model or a cross-encoder)",
+            param="model",
+            code="model_not_supported",
+        )
+
+
 def slots_per_replica(spec: ModelSpec) -> int:
     """Requests one engine replica runs at once: its `max_num_seqs` (engine_args), else vLLM's
     default for its OpenAI server (see `CPU_SEQS_PER_RANK`)."""
@@ -451,12 +563,13 @@ def slots_per_replica(spec: ModelSpec) -> int:
 
 
 def admission_cost(queue: FairQueue, request: OpenAIRequest) -> float:
-    """A request's estimated service in the fair queue's units: its prompt (estimated) and
-    the most output it may produce, each at the queue's weight."""
+    """A request's estimated service in the fair queue's units: its prompt (counted with the
+    model's tokenizer at admission when the ingress has it, else estimated) and the most
+    output it may produce, each at the queue's weight."""
     total = request.estimated_tokens()
     if not isinstance(request, SamplingRequest):
         return queue.service_units(total, 0)
-    prompt = min(total, approx_tokens(request.prompt_input()))
+    prompt = min(total, request.prompt_tokens())
     return queue.service_units(prompt, total - prompt)
 
 

@@ -7,16 +7,25 @@ really used when the ingress learns them (`Lease.settle`): the difference goes b
 taken from) the buckets it was charged to.
 
 Where the budget lives:
-- By default, in this process's memory (`_State`): keys without a tenant always, and tenants
-  when no ledger is shared (tests, a single process).
-- With `KeyLimiter.share(ledger)` (the ingress deployment, on Ray), a tenant's quotas are the
-  cluster's, in one ledger (`app.tenants.ledger`). Admission stays local and synchronous: this
-  replica spends slices of the tenant's budget it took from the ledger earlier (`_Shared`), and
-  a background exchange (`KeyLimiter.sync`, every `SYNC_S`, and at once when a slice runs low
-  or short) gives back what it holds in excess and takes new slices sized to its recent demand.
+- By default, in this process's memory (`_State`): every key and tenant when no ledger is
+  shared (tests, a single process), and anonymous callers (auth off) always.
+- With `KeyLimiter.share(ledger)` (the ingress deployment, on Ray), a tenant's quotas, and each
+  key's `limits.per_key`, are the cluster's, in one ledger (`app.tenants.ledger`): a key's
+  account is named by its key id (`KEY_PREFIX` + the digest prefix, never the key), made on
+  its first request, and dropped by this replica (its slices given back) once unused for
+  `KEY_IDLE_DROP_S`, or sooner beyond `MAX_KEY_ACCOUNTS`. Admission stays local and
+  synchronous: this replica spends slices of the account's budget it took from the ledger
+  earlier (`_Shared`), and a background exchange (`KeyLimiter.sync`, every `SYNC_S`, and at
+  once when a slice runs low or short) gives back what it holds in excess and takes new slices
+  sized to its recent demand.
   Nothing is admitted that the ledger has not granted, so the cluster admits no more than one
   bucket of the quota's size would; a request finding its slice short while the ledger still
   has budget is refused with `Retry-After: 1` unless the caller awaited `ready` first.
+
+Usage: each admitted request is counted, when released, in its tenant's row of `usage` (keys
+without a tenant: one row, `KEYS_ROW`) with the prompt and output tokens it settled
+(`Lease.settle_tokens`); each refusal under its quota's name. The rows go to the ledger with
+the exchange (cumulative, so a lost exchange loses nothing): `GET /usage`.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,13 +42,12 @@ from typing import Any, Protocol
 
 from app.config import KeyLimits, TenantQuotas
 from app.errors import OpenAIError
-from app.tenants.ledger import DAY_S, DayCounter, TokenBucket, quota_sizes
+from app.ingress.auth import ANONYMOUS
+from app.tenants.ledger import DAY_S, KEY_PREFIX, KEYS_ROW, DayCounter, TokenBucket, quota_sizes
 
-__all__ = ["DAY_S", "DayCounter", "KeyLimiter", "Lease", "QuotaError", "TokenBucket", "usage_of"]
+__all__ = ["DAY_S", "DayCounter", "KeyLimiter", "Lease", "QuotaError", "TokenBucket"]
 
 logger = logging.getLogger("vrstack.limits")
-_USAGE_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
-_USAGE_SPAN = 400  # bytes after `"usage"` that hold its counts (vLLM puts them first)
 
 # Slices of a tenant's budget (docs/tenants.md#shared-quotas).
 SYNC_S = 0.2  # the background exchange's period
@@ -53,6 +60,8 @@ SLICE_TTL_S = 5.0  # no exchange for this long: the slices are void (the ledger'
 IDLE_RETURN_S = 2.0  # a tenant idle this long on a replica: its slices go back to the ledger,
 IDLE_KEEP_SHARE = 0.25  # but one request's, if the replicas' together are below this share
 READY_TIMEOUT_S = 1.0  # the longest `ready` waits for the ledger
+KEY_IDLE_DROP_S = 30.0  # a key unused this long: its account is given back and dropped here
+MAX_KEY_ACCOUNTS = 4096  # beyond this many, the least recently used idle keys' accounts too
 _QUOTA_OF = {
     "requests": "requests_per_second",
     "tokens": "tokens_per_minute",
@@ -64,7 +73,9 @@ _QUOTA_OF = {
 class Ledger(Protocol):
     """What `KeyLimiter.share` needs of a ledger client (`app.tenants.ledger`)."""
 
-    async def exchange(self, replica: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    async def exchange(
+        self, replica: str, items: list[dict[str, Any]], usage: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -91,6 +102,39 @@ class _State:
 
 
 @dataclass
+class _Usage:
+    """This replica's cumulative figures for one usage row (a tenant, or the keys')."""
+
+    wall: Callable[[], float]
+    requests: int = 0  # admitted and answered (not given back as failed)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    tokens: int = 0  # charged: the answers' usage, else the estimates
+    refused: dict[str, int] = field(default_factory=dict)  # quota -> refusals
+    day: int = -1
+    tokens_today: int = 0  # charged in UTC day `day`
+
+    def answered(self, tokens: int) -> None:
+        self.requests += 1
+        self.tokens += tokens
+        day = int(self.wall() // DAY_S)
+        if day != self.day:
+            self.day, self.tokens_today = day, 0
+        self.tokens_today += tokens
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "tokens": self.tokens,
+            "refused": dict(self.refused),
+            "day": self.day,
+            "tokens_today": self.tokens_today,
+        }
+
+
+@dataclass
 class _Plan:
     """One account's part of an exchange in progress."""
 
@@ -100,10 +144,11 @@ class _Plan:
 
 
 class _Shared:
-    """A tenant's slices of the cluster's budget held by this replica: `held` per kind (slots
-    count those in use); refunds are spendable only once the ledger has been told of them."""
+    """A tenant's (or a key's) slices of the cluster's budget held by this replica: `held` per
+    kind (slots count those in use); refunds are spendable only once the ledger has been told
+    of them."""
 
-    def __init__(self, name: str, limits: TenantQuotas, now: float) -> None:
+    def __init__(self, name: str, limits: KeyLimits, now: float) -> None:
         self.name = name
         self.limits = limits
         self.quotas = limits.model_dump(exclude_none=True)
@@ -282,19 +327,35 @@ class Lease:
     tenant: str | None = None
     _released: bool = field(default=False)
     _settled: bool = field(default=False)
+    _usage: _Usage | None = field(default=None, repr=False)  # its usage row
+    _failed: bool = field(default=False)  # settled to nothing: not an answer
 
     def settle(self, used: int) -> None:
-        """Charge `used` tokens instead of the estimate (refunding or taking the difference)."""
+        """Charge `used` tokens instead of the estimate (refunding or taking the difference);
+        0 is a failure's or a refusal's (not counted as an answered request)."""
         if self._settled:
             return
         self._settled = True
+        self._failed = used == 0
         difference, self.tokens = used - self.tokens, used
         self._state.charge(difference)
 
+    def settle_tokens(self, prompt: int, output: int) -> None:
+        """`settle` to an answer's usage, counting its `prompt` and `output` tokens in the
+        usage figures."""
+        if self._settled:
+            return
+        if self._usage is not None:
+            self._usage.prompt_tokens += prompt
+            self._usage.output_tokens += output
+        self.settle(prompt + output)
+        self._failed = False  # an answer, even of no tokens
+
     def settle_usage(self, usage: object) -> None:
-        """`settle` from an OpenAI `usage` object (a dict), when it has the prompt's count."""
+        """`settle_tokens` from an OpenAI `usage` object (a dict), when it has the prompt's
+        count."""
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self.settle(usage["prompt_tokens"] + (usage.get("completion_tokens") or 0))
+            self.settle_tokens(usage["prompt_tokens"], usage.get("completion_tokens") or 0)
 
     @property
     def counts_tokens(self) -> bool:
@@ -305,6 +366,8 @@ class Lease:
         if not self._released:
             self._released = True
             self._state.release()
+            if self._usage is not None and not self._failed:
+                self._usage.answered(self.tokens)
 
 
 class QuotaError(OpenAIError):
@@ -321,7 +384,8 @@ def _refusal(quota: str, status: int, message: str, **fields: Any) -> QuotaError
 
 class KeyLimiter:
     """Admits or refuses requests per key id, or per tenant for tenants' keys; refusals are
-    429 with `Retry-After` (or 400 for a request larger than a token limit)."""
+    429 with `Retry-After` (or 400 for a request larger than a token limit). Counts each row's
+    usage (`usage`: tenant name, or `KEYS_ROW`)."""
 
     def __init__(
         self,
@@ -345,11 +409,30 @@ class KeyLimiter:
         self._kicked_at = -math.inf
         self._closed = False
         self._beat = -math.inf
+        self.key_sizes = quota_sizes(limits.model_dump(exclude_none=True))
+        self._key_shared: dict[str, _Shared] = {}  # key id -> its account (with a ledger)
+        self.usage: dict[str, _Usage] = {}  # row (tenant, or KEYS_ROW) -> its figures
+        self._reported: dict[str, Any] | None = None  # the usage the ledger last got
+        self.since = wall()
+
+    @property
+    def wants_ledger(self) -> bool:
+        """Whether any limit here becomes the cluster's with `share`: a tenant's quotas, or
+        `limits.per_key`."""
+        return bool(self.key_sizes) or any(
+            quota_sizes(q.model_dump(exclude_none=True)) for q in self.tenants.values()
+        )
+
+    @property
+    def key_accounts(self) -> int:
+        """How many keys' accounts this replica holds."""
+        return len(self._key_shared)
 
     # -- the cluster's ledger ---------------------------------------------------------------
     def share(self, ledger: Ledger, replica: str | None = None) -> None:
-        """Hold tenants' quotas in `ledger` (shared by every replica calling it) from now on;
-        keys without a tenant stay in this process's memory. Call `sync` (or `run`) after."""
+        """Hold tenants' quotas and keys' `limits.per_key` in `ledger` (shared by every replica
+        calling it) from now on (anonymous callers stay in this process's memory). Call `sync`
+        (or `run`) after."""
         self.ledger = ledger
         self.replica = replica or uuid.uuid4().hex
         now = self._clock()
@@ -370,20 +453,86 @@ class KeyLimiter:
             self._closed = close
             now, wall = self._clock(), self._wall()
             plans = [(state, state.plan(now, wall, close=close)) for state in self._shared.values()]
+            closing = set(self._key_shared) if close else self._closing_keys(now)
+            marks = {key_id: self._key_shared[key_id].used_at for key_id in closing}
+            for key_id, state in self._key_shared.items():
+                plans.append((state, state.plan(now, wall, close=key_id in closing)))
             plans = [(state, plan) for state, plan in plans if plan is not None]
-            if not plans and now - self._beat < HEARTBEAT_S:
+            report = {row: usage.report() for row, usage in self.usage.items()}
+            usage = None if report == self._reported else report
+            if not plans and usage is None and now - self._beat < HEARTBEAT_S:
+                self._drop_keys(marks)
                 return
+            items = [p.item for _, p in plans]
             try:
-                replies = await self.ledger.exchange(self.replica, [p.item for _, p in plans])
+                if usage is None:
+                    replies = await self.ledger.exchange(self.replica, items)
+                else:
+                    replies = await self.ledger.exchange(self.replica, items, usage)
             except Exception as exc:  # the ledger is away: spend what is held, keep the debts
                 logger.warning("quota ledger exchange failed: %r", exc)
                 for state, plan in plans:
                     state.failed(plan)
                 return
             self._beat = now  # the slices held are good until now + SLICE_TTL_S
+            self._reported = report
             now = self._clock()
             for (state, plan), reply in zip(plans, replies, strict=True):
                 state.apply(plan, reply, now)
+            self._drop_keys(marks)
+
+    def _closing_keys(self, now: float) -> set[str]:
+        """The keys whose accounts this exchange gives back whole and drops: unused for
+        `KEY_IDLE_DROP_S`, and beyond `MAX_KEY_ACCOUNTS` the least recently used others
+        (none with a request in flight)."""
+        idle = [(s.used_at, k) for k, s in self._key_shared.items() if s.in_flight == 0]
+        closing = {k for used_at, k in idle if now - used_at > KEY_IDLE_DROP_S}
+        excess = len(self._key_shared) - len(closing) - MAX_KEY_ACCOUNTS
+        if excess > 0:
+            closing.update(k for _, k in sorted(x for x in idle if x[1] not in closing)[:excess])
+        return closing
+
+    def _drop_keys(self, marks: dict[str, float]) -> None:
+        """Drop the accounts given back whole, unless a request came for them meanwhile."""
+        for key_id, used_at in marks.items():
+            state = self._key_shared.get(key_id)
+            if state is not None and state.in_flight == 0 and state.used_at == used_at:
+                del self._key_shared[key_id]
+
+    def _account(self, key_id: str, tenant: str | None) -> _Shared | None:
+        """The slices of the ledger's account for a request: its tenant's, or its key's (made
+        on first use) when `limits.per_key` is shared; None: limits in this process."""
+        if tenant is not None:
+            return self._shared.get(tenant)
+        if self.ledger is None or not self.key_sizes or key_id == ANONYMOUS:
+            return None
+        state = self._key_shared.get(key_id)
+        if state is None:
+            state = self._key_shared[key_id] = _Shared(
+                KEY_PREFIX + key_id, self.limits, self._clock()
+            )
+        return state
+
+    async def usage_figures(self) -> dict[str, Any]:
+        """The usage rows: the cluster's from the ledger (`Ledger.usage`, `scope: cluster`)
+        when one is shared, this replica's own (`scope: replica`) otherwise."""
+        if self.ledger is not None and hasattr(self.ledger, "usage"):
+            with contextlib.suppress(TimeoutError):  # this replica's latest figures first
+                await asyncio.wait_for(self.sync(), READY_TIMEOUT_S)
+            return {**await self.ledger.usage(), "scope": "cluster"}
+        rows = {row: usage.report() for row, usage in self.usage.items()}
+        day = int(self._wall() // DAY_S)
+        for row in rows.values():
+            if row["day"] != day:
+                row["day"], row["tokens_today"] = day, 0
+            row.pop("day")
+        return {
+            "rows": rows,
+            "accounts": {},
+            "since": self.since,
+            "replicas": 1,
+            "scope": "replica",
+        }
 
     async def run(self, period_s: float = SYNC_S) -> None:
         """Exchange with the ledger every `period_s`, for ever (a background task)."""
@@ -394,8 +543,9 @@ class KeyLimiter:
     async def ready(self, key_id: str, tokens: int, tenant: str | None = None) -> None:
         """Make sure this replica holds enough of the tenant's budget for a request of `tokens`
         (one awaited exchange, at most `READY_TIMEOUT_S`, only when it does not): awaited before
-        `acquire`, a short slice waits for the ledger instead of being refused."""
-        state = self._shared.get(tenant) if tenant is not None else None
+        `acquire`, a short slice waits for the ledger instead of being refused. The same for a
+        key's own account (`limits.per_key` shared) with `tenant` None."""
+        state = self._account(key_id, tenant)
         if state is None or not (short := state.short(tokens, self._wall())):
             return
         needs = state.needs(tokens)
@@ -422,8 +572,9 @@ class KeyLimiter:
             self._kicked = asyncio.get_running_loop().create_task(self.sync())
             self._kicked_at = now
 
-    def _acquire_shared(self, state: _Shared, tokens: int, tenant: str) -> Lease:
-        limits, who = state.limits, f"tenant {tenant!r}"
+    def _acquire_shared(self, state: _Shared, tokens: int, tenant: str | None) -> Lease:
+        limits = state.limits
+        who = "this API key" if tenant is None else f"tenant {tenant!r}"
         if "tokens" in state.sizes:
             _fits(tokens, state.sizes["tokens"], "per minute", "tokens_per_minute")
         if "day" in state.sizes:
@@ -469,8 +620,22 @@ class KeyLimiter:
         return state
 
     def acquire(self, key_id: str, tokens: int, tenant: str | None = None) -> Lease:
-        """Admit one request costing `tokens` (estimated prompt + max output), or raise."""
-        if tenant is not None and (shared := self._shared.get(tenant)) is not None:
+        """Admit one request costing `tokens` (estimated prompt + max output), or raise; counted
+        in its usage row either way."""
+        row = KEYS_ROW if tenant is None else tenant
+        usage = self.usage.get(row)
+        if usage is None:
+            usage = self.usage[row] = _Usage(self._wall)
+        try:
+            lease = self._admit(key_id, tokens, tenant)
+        except QuotaError as exc:
+            usage.refused[exc.quota] = usage.refused.get(exc.quota, 0) + 1
+            raise
+        lease._usage = usage
+        return lease
+
+    def _admit(self, key_id: str, tokens: int, tenant: str | None) -> Lease:
+        if (shared := self._account(key_id, tenant)) is not None:
             return self._acquire_shared(shared, tokens, tenant)
         now = self._clock()
         state = self._state(key_id, tenant, now)
@@ -525,16 +690,3 @@ def _too_many(quota: str, reason: str, who: str, retry_after_s: float) -> QuotaE
         code="rate_limit_exceeded",
         headers={"retry-after": str(seconds)},
     )
-
-
-def usage_of(body: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of an OpenAI JSON answer's top-level `usage`, found without
-    parsing the answer: its last `"usage"` key (a key inside a string would have its quotes
-    escaped), then the two counts just after it; None when it has no usage."""
-    at = body.rfind(b'"usage"')
-    if at < 0:
-        return None
-    counts = dict(_USAGE_FIELDS.findall(body, at, at + _USAGE_SPAN))
-    if b"prompt_tokens" not in counts:
-        return None
-    return int(counts[b"prompt_tokens"]), int(counts.get(b"completion_tokens", 0))

@@ -7,6 +7,14 @@ may retry on another replica (nothing was sent to the client yet), and so may an
 saying the replica's engine is gone (`engine_unavailable`). `pass_through` copies the answer
 to the client: a JSON body whole, a stream chunk by chunk as it arrives (no parsing), ending a
 stream that breaks or stalls with an OpenAI-shaped error event and `data: [DONE]`.
+
+It also hands the caller the answer's token usage as the engine counted it
+(`app.engines.http_server`), with no look into the answer's JSON: a 200 JSON answer's
+`x-vrstack-usage` header (never passed on), or the `: vrstack-usage <prompt> <completion>`
+comment in a stream's final chunk, the one that ends with `data: [DONE]` (stripped there). A
+comment split across reads is not found: it reaches the client as it is (an SSE comment, which
+clients skip) and the answer has no usage (the caller keeps what it reserved), as an error
+answer, a stream that breaks off, or an engine that sends none.
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ from typing import Any
 
 import aiohttp
 
-from app.engines.http_server import ENGINE_UNAVAILABLE, TOKEN_HEADER
+from app.engines.http_server import (
+    ENGINE_UNAVAILABLE,
+    TOKEN_HEADER,
+    USAGE_COMMENT,
+    USAGE_HEADER,
+    Usage,
+)
 from app.errors import error_body
 
 logger = logging.getLogger("vrstack.ingress")
@@ -92,30 +106,41 @@ async def pass_through(
     send: Send,
     headers: list[tuple[bytes, bytes]],
     on_first_byte: Callable[[], None],
-) -> None:
-    """Copy the engine's answer to the client: its status, `headers` and body as it comes."""
+    on_usage: Callable[[Usage], None] = lambda usage: None,
+) -> Usage | None:
+    """Copy the engine's answer to the client: its status, `headers` and body as it comes; the
+    answer's (prompt, completion) tokens when the engine told them (see the module docstring),
+    also given to `on_usage` before the answer's last bytes are sent (a client that leaves once
+    it has them may cancel the relay before it returns)."""
     kind = response.headers.get("content-type", "application/json").encode()
     start = {"type": "http.response.start", "status": response.status}
     if not kind.startswith(b"text/event-stream"):
         body = await response.read()
         on_first_byte()
         head = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
+        usage = _parse_usage(response.headers.get(USAGE_HEADER)) if response.status == 200 else None
+        if usage is not None:
+            on_usage(usage)
         await send({**start, "headers": [*head, *headers]})
         await send({"type": "http.response.body", "body": body})
-        return
+        return usage
     await send({**start, "headers": [(b"content-type", kind), (b"cache-control", b"no-cache"),
                                      *headers]})  # fmt: skip
-    first, tail = True, b""
+    first, tail, usage = True, b"", None
     try:
         async for chunk in response.content.iter_any():
             if first:
                 on_first_byte()
                 first = False
+            if chunk.endswith(_DONE):  # the final chunk: it may hold the usage's comment
+                chunk, usage = _strip_usage(chunk)
+                if usage is not None:
+                    on_usage(usage)
             tail = (tail + chunk)[-len(_DONE) :]
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if tail == _DONE:
             await send({"type": "http.response.body", "body": b""})
-            return
+            return usage
         failure = error_body(502, "the engine ended the stream early", code="engine_error")
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
         failure = error_body(504, "the engine stopped answering mid-stream", code="timeout")
@@ -124,3 +149,30 @@ async def pass_through(
         failure = error_body(502, "the engine's stream broke off", code="engine_error")
     event = b"data: " + json.dumps(failure).encode() + b"\n\n"
     await send({"type": "http.response.body", "body": event + _DONE})
+    return None
+
+
+def _parse_usage(text: str | bytes | None) -> Usage | None:
+    """(prompt, completion) of `"<prompt> <completion>"`; None if it is not that."""
+    if not text:
+        return None
+    prompt, _, completion = text.partition(" " if isinstance(text, str) else b" ")
+    try:
+        usage = int(prompt), int(completion)
+    except ValueError:
+        return None
+    return usage if usage[0] >= 0 and usage[1] >= 0 else None
+
+
+def _strip_usage(chunk: bytes) -> tuple[bytes, Usage | None]:
+    """A stream's final chunk (it ends with `data: [DONE]`) without the usage's comment just
+    before that, and the usage; the chunk as it is and None when the comment is not all in it."""
+    end = len(chunk) - len(_DONE)
+    at = chunk.rfind(USAGE_COMMENT, 0, end)
+    if at < 0 or (at > 0 and chunk[at - 1] != 0x0A):  # not at the start of a line
+        return chunk, None
+    line = chunk[at + len(USAGE_COMMENT) : end]
+    if not line.endswith(b"\n\n") or b"\n" in line[:-2]:
+        return chunk, None
+    usage = _parse_usage(line[:-2])
+    return (chunk, None) if usage is None else (chunk[:at] + _DONE, usage)

@@ -1,5 +1,6 @@
-"""This project as a byte-for-byte deterministic source distribution (`.tar.xz`, which pip
-installs), the package the default manifests carry in a ConfigMap (`app.k8s.render`)."""
+"""This project's serving part as a byte-for-byte deterministic source distribution
+(`.tar.xz`, which pip installs), the package the default manifests carry in a ConfigMap
+(`app.k8s.render`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ MAX_BASE64_BYTES = 200 * 1024
 # no package data: `app` reads no file of its own), and the package itself.
 TOP_FILES = ("pyproject.toml", "README.md")
 PACKAGE_DIR = "app"
+# What the cluster's pods do not run, left out to keep the archive within a ConfigMap: the
+# `vrstack` command's own parts (the pods serve; `serve run` and Ray import only the serving
+# path). An image built with the package (--image) has all of it.
+NOT_SERVED = ("cli", "k8s", "bench")
 # The label the package ConfigMaps carry (`vrstack k8s delete` finds earlier versions' by it)
 COMPONENT_LABEL, PACKAGE_COMPONENT = "app.kubernetes.io/component", "package"
 SOURCE_EPOCH = 946684800  # 2000-01-01: wheels (zip) cannot hold times before 1980
@@ -53,13 +58,17 @@ def check_version(root: Path) -> None:
 
 
 def source_files(root: Path) -> list[str]:
-    """The sdist's files, relative to `root`, sorted."""
+    """The sdist's files, relative to `root`, sorted: the package but its `NOT_SERVED` parts."""
     package = [
         p.relative_to(root).as_posix()
         for p in (root / PACKAGE_DIR).rglob("*.py")
-        if "__pycache__" not in p.parts
+        if "__pycache__" not in p.parts and not _not_served(p.relative_to(root / PACKAGE_DIR))
     ]
     return sorted([*TOP_FILES, *package])
+
+
+def _not_served(path: Path) -> bool:
+    return len(path.parts) > 1 and path.parts[0] in NOT_SERVED
 
 
 def build_sdist(root: Path) -> bytes:

@@ -13,27 +13,39 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 
+from app.lab.trace import BlockView
 from app.routing import Decision, PrefixIndex, ReplicaStats, RequestView
 from app.routing.policies import PolicyBase, eligible, pending
 
 
 def char_chunk_hashes(view: RequestView, chunk: int) -> list[int]:
-    """Chained hashes of the prompt's full `chunk`-byte pieces (token ids as decimal text)."""
-    text = view.text if view.text is not None else " ".join(map(str, view.token_ids or ()))
+    """Chained hashes of the prompt's full `chunk`-byte pieces (token ids as decimal text; a
+    prompt known only by its blocks, at block granularity: `BlockView.chunk_hashes`)."""
     cache_key = -chunk  # negative keys: character chunks, apart from token-block hashes
     hashes = view._hashes.get(cache_key)
     if hashes is None:
-        data = memoryview(text.encode())
-        parent = 0x7EE
-        hashes = []
-        for start in range(0, len(data) - chunk + 1, chunk):
-            parent = hash((parent, zlib.crc32(data[start : start + chunk])))
-            hashes.append(parent)
+        if isinstance(view, BlockView):
+            hashes = view.chunk_hashes(chunk)
+        else:
+            hashes = _text_chunks(view, chunk)
         view._hashes[cache_key] = hashes
+    return list(hashes)  # type: ignore[arg-type]
+
+
+def _text_chunks(view: RequestView, chunk: int) -> list[int]:
+    text = view.text if view.text is not None else " ".join(map(str, view.token_ids or ()))
+    data = memoryview(text.encode())
+    parent = 0x7EE
+    hashes = []
+    for start in range(0, len(data) - chunk + 1, chunk):
+        parent = hash((parent, zlib.crc32(data[start : start + chunk])))
+        hashes.append(parent)
     return hashes
 
 
 def _text_len(view: RequestView) -> int:
+    if isinstance(view, BlockView):
+        return view.text_bytes
     if view.text is not None:
         return max(1, len(view.text.encode()))
     return max(1, len(" ".join(map(str, view.token_ids or ()))))

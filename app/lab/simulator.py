@@ -7,7 +7,8 @@ Model of one simulated replica:
 - at most `max_concurrency` admitted requests; more wait in an admission queue (FIFO);
 - one prefill at a time (FIFO): `prefill_overhead + prefill_cost * uncached prompt tokens`, where
   the cached tokens are the prompt's leading blocks found in the cache when its prefill starts;
-- decode runs beside other requests: `decode_cost * max_tokens` after the prefill ends.
+- decode runs beside other requests: `decode_cost * output tokens` after the prefill ends (the
+  answer's tokens when the trace has them, else `max_tokens`).
 TTFT is arrival to end of prefill. No real time passes: events are ordered on a heap.
 """
 
@@ -213,7 +214,7 @@ def replay(
     index_of = {sim.replica_id: i for i, sim in enumerate(sims)}
     views = views if views is not None else [r.view() for r in requests]
     jobs = [
-        _Job(i, r.t, v, v.block_hashes(s.block_size), max(1, v.prompt_tokens), r.max_tokens)
+        _Job(i, r.t, v, v.block_hashes(s.block_size), max(1, v.prompt_tokens), r.decode_tokens)
         for i, (r, v) in enumerate(zip(requests, views, strict=True))
     ]
     seq = itertools.count()

@@ -74,7 +74,10 @@ class Scenario:
 
 
 def prompt_tokens(request: TraceRequest) -> int:
-    """The request's prompt length in tokens (its token ids, else the text's estimate)."""
+    """The request's prompt length in tokens (its token ids, a blocks line's count, else the
+    text's estimate)."""
+    if request.prompt_tokens is not None:
+        return request.prompt_tokens
     if request.tokens is not None:
         return len(request.tokens)
     return approx_tokens(request.prompt or "")

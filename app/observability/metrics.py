@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -31,11 +31,12 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from app.config import StackConfig
+from app.engines.items import Endpoint
 from app.engines.request_meter import ITL_BUCKETS
 from app.routing import Decision
 
 PREFIX = "vrstack_"
-ENDPOINT_NAMES = ("chat", "completions", "detokenize", "embeddings", "tokenize")
+ENDPOINT_NAMES = tuple(sorted(get_args(Endpoint)))  # every endpoint's series from the start
 UNKNOWN_MODEL = "unknown"
 NO_TENANT = "anonymous"  # the tenant label of callers without a tenant
 CLIENT_LEFT = 499  # the status counted for a request whose client left before its answer

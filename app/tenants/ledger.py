@@ -17,6 +17,16 @@ new slices. The ledger keeps, per tenant and kind:
 - `slots`: `max_concurrent` less the slots the replicas hold (in use or spare); a lost replica's
   slots come back after `holder_ttl_s`.
 
+Keys without a tenant that have `limits.per_key` are accounts too, created on first use and
+named `key:<key id>` (the key's digest prefix, never the key; tenant names cannot hold `:`);
+an account of a key that no replica holds anything of and whose buckets are full again is
+forgotten (`sweep`), as a fresh one would be the same.
+
+Usage: each replica also reports, with its exchange, its cumulative figures per tenant
+(requests answered, refusals per quota, prompt and output tokens; keys without a tenant in one
+row, `KEYS_ROW`); the ledger sums the replicas it hears from and those it has forgotten
+(`usage`), for `GET /usage` and `vrstack usage`.
+
 `Ledger` is plain Python (tests and a single process use it directly through `LocalLedger`);
 `ActorLedger` is its client through a named, detached Ray actor (`LedgerActor`), one per Serve
 application, which ends itself once no ingress replica has called it for `idle_exit_s`.
@@ -25,18 +35,22 @@ application, which ends itself once no ingress replica has called it for `idle_e
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger("vrstack.ledger")
+from app.idle_actor import end_when_idle
+
 DAY_S = 86_400
 HOLDER_TTL_S = 10.0  # a replica silent this long has lost what it held
 IDLE_EXIT_S = 60.0  # the actor ends when no replica has called it for this long
 NAMESPACE = "vrstack"
 KINDS = ("requests", "tokens", "day", "slots")
+KEY_PREFIX = "key:"  # a key's account: KEY_PREFIX + its key id (a tenant name has no ':')
+KEYS_ROW = ""  # the usage row of every caller without a tenant (anonymous and per-key)
+SWEEP_S = 30.0  # how often the ledger forgets keys' accounts at rest
+USAGE_COUNTS = ("requests", "prompt_tokens", "output_tokens", "tokens")
 
 
 class TokenBucket:
@@ -168,13 +182,24 @@ class Ledger:
         self.accounts: dict[str, _Account] = {}
         self._seen: dict[str, float] = {}  # replica -> when it last called
         self._last_call = clock()
+        self._swept = clock()
+        self.since = wall()  # the usage figures count from here
+        self._usage: dict[str, dict[str, Any]] = {}  # replica -> its cumulative usage report
+        self._retired: dict[str, dict[str, Any]] = {}  # the figures of replicas forgotten
 
     def idle_s(self) -> float:
         """Seconds since any replica last called."""
         return self._clock() - self._last_call
 
-    def exchange(self, replica: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One replica's exchange, an answer per item. An item: `account` (a tenant), `quotas`
+    def exchange(
+        self,
+        replica: str,
+        items: list[dict[str, Any]],
+        usage: dict[str, dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One replica's exchange, an answer per item, and its cumulative `usage` report (row ->
+        figures: `requests`, `prompt_tokens`, `output_tokens`, `tokens`, `refused` as quota ->
+        count, and `day`/`tokens_today`), if it sent one. An item: `account` (a tenant), `quotas`
         (its quotas as a dict), `day` (the UTC day of the replica's daily slice), `give` (kind ->
         amount given back; negative: owed), `held` (kind -> what it holds after giving), `want`
         (kind -> amount it would like) and `need` (kind -> the least worth granting). The answer:
@@ -185,15 +210,51 @@ class Ledger:
         now, wall = self._clock(), self._wall()
         self._last_call = now
         self._seen[replica] = now
-        self._expire(now)
+        self._expire(now, wall)
+        if usage is not None:
+            self._usage[replica] = usage
+        if now - self._swept >= SWEEP_S:
+            self.sweep(now)
         return [self._exchange(replica, item, now, wall) for item in items]
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, wall: float) -> None:
         gone = [r for r, at in self._seen.items() if now - at > self.holder_ttl_s]
         for replica in gone:
             del self._seen[replica]
             for account in self.accounts.values():
                 account.outstanding.pop(replica, None)
+            for row, figures in self._usage.pop(replica, {}).items():
+                _add_usage(self._retired.setdefault(row, {}), figures, int(wall // DAY_S))
+
+    def sweep(self, now: float | None = None) -> None:
+        """Forget keys' accounts at rest: held by no replica, their buckets full again."""
+        now = self._clock() if now is None else now
+        self._swept = now
+        for name in [n for n in self.accounts if n.startswith(KEY_PREFIX)]:
+            account = self.accounts[name]
+            account.refill(now)
+            at_rest = account.day is None and not any(account.held(k) for k in KINDS)
+            if at_rest and all(b.level >= b.capacity for b in account.buckets.values()):
+                del self.accounts[name]
+
+    def usage(self) -> dict[str, Any]:
+        """The cluster's usage per row (tenant, or `KEYS_ROW`) since `since`: each replica's
+        last report plus those of replicas forgotten; with each tenant account's `snapshot`."""
+        today = int(self._wall() // DAY_S)
+        rows: dict[str, dict[str, Any]] = {}
+        for row, figures in self._retired.items():
+            _add_usage(rows.setdefault(row, {}), figures, today)
+        for report in self._usage.values():
+            for row, figures in report.items():
+                _add_usage(rows.setdefault(row, {}), figures, today)
+        accounts = {n: self.snapshot(n) for n in self.accounts if not n.startswith(KEY_PREFIX)}
+        return {
+            "rows": rows,
+            "accounts": accounts,
+            "key_accounts": sum(n.startswith(KEY_PREFIX) for n in self.accounts),
+            "since": self.since,
+            "replicas": len(self._seen),
+        }
 
     def _exchange(
         self, replica: str, item: dict[str, Any], now: float, wall: float
@@ -277,14 +338,35 @@ class Ledger:
         return figures
 
 
+def _add_usage(total: dict[str, Any], figures: dict[str, Any], today: int) -> None:
+    """Add one replica's figures (for one row) to `total`; `tokens_today` counts only today's."""
+    for name in USAGE_COUNTS:
+        total[name] = total.get(name, 0) + int(figures.get(name, 0))
+    refused = total.setdefault("refused", {})
+    for quota, count in (figures.get("refused") or {}).items():
+        refused[quota] = refused.get(quota, 0) + int(count)
+    if total.get("day") != today:
+        total["day"], total["tokens_today"] = today, 0
+    if figures.get("day") == today:
+        total["tokens_today"] += int(figures.get("tokens_today", 0))
+
+
 class LocalLedger:
     """A `Ledger` in this process, with the client's interface (tests, a single process)."""
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self.ledger = ledger or Ledger()
 
-    async def exchange(self, replica: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.ledger.exchange(replica, items)
+    async def exchange(
+        self,
+        replica: str,
+        items: list[dict[str, Any]],
+        usage: dict[str, dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        return self.ledger.exchange(replica, items, usage)
+
+    async def usage(self) -> dict[str, Any]:
+        return self.ledger.usage()
 
     async def close(self) -> None:
         return None
@@ -298,21 +380,24 @@ class LedgerActor:
         self.idle_exit_s = idle_exit_s
         self._watch: asyncio.Task | None = None
 
-    async def exchange(self, replica: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def exchange(
+        self,
+        replica: str,
+        items: list[dict[str, Any]],
+        usage: dict[str, dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
         if self._watch is None:
             self._watch = asyncio.create_task(self._end_when_idle())
-        return self.ledger.exchange(replica, items)
+        return self.ledger.exchange(replica, items, usage)
 
     async def snapshot(self, name: str) -> dict[str, float]:
         return self.ledger.snapshot(name)
 
-    async def _end_when_idle(self) -> None:
-        import ray
+    async def usage(self) -> dict[str, Any]:
+        return self.ledger.usage()
 
-        while self.ledger.idle_s() <= self.idle_exit_s:
-            await asyncio.sleep(min(1.0, self.idle_exit_s / 4))
-        logger.info("no ingress replica for %.0f s: the ledger ends", self.idle_exit_s)
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+    async def _end_when_idle(self) -> None:
+        await end_when_idle(self.ledger.idle_s, self.idle_exit_s, "ledger")
 
 
 def ledger_name(app_name: str) -> str:
@@ -347,11 +432,24 @@ class ActorLedger:
             )
         return self._handle
 
-    async def exchange(self, replica: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def exchange(
+        self,
+        replica: str,
+        items: list[dict[str, Any]],
+        usage: dict[str, dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
         try:
-            return await self.handle().exchange.remote(replica, items)
+            return await self.handle().exchange.remote(replica, items, usage)
         except Exception:
             self._handle = None  # gone (idle, or its node lost): get or create it next time
+            raise
+
+    async def usage(self) -> dict[str, Any]:
+        """The cluster's usage figures (`Ledger.usage`)."""
+        try:
+            return await self.handle().usage.remote()
+        except Exception:
+            self._handle = None
             raise
 
     async def close(self) -> None:
