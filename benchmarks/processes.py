@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -179,3 +180,19 @@ def stop(proc: subprocess.Popen, timeout_s: float = 10) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
+
+
+def engine_core(app: str, deployment: str, replica_id: str) -> Any:
+    """The `VLLM::EngineCore` process (psutil) of a Serve engine replica: the child of the
+    replica's process, found by the Serve log file it holds open (named after the replica id)."""
+    import psutil
+
+    mark = f"ServeReplica:{app}:{deployment}"
+    for proc in psutil.process_iter(["cmdline"]):
+        if not any(mark in part for part in proc.info["cmdline"] or []):
+            continue
+        if any(replica_id in f.path for f in proc.open_files()):
+            cores = [c for c in proc.children(recursive=True) if "EngineCore" in c.name()]
+            if len(cores) == 1:
+                return cores[0]
+    raise LookupError(f"no engine core process of replica {replica_id} of {app}:{deployment}")

@@ -30,18 +30,16 @@ import asyncio
 import bisect
 import json
 import random
-import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from app.bench.load import words
+from benchmarks.command import main, report_options, settings
 from benchmarks.overhead import MODEL, serve_cluster
 
 APP_NAME = "quota-soak"
@@ -246,7 +244,7 @@ def report(a: argparse.Namespace, logs: list[TenantLog], duration_s: float) -> d
         for t in tenants
     )
     return {
-        "settings": {k: v for k, v in vars(a).items() if k not in {"json_out", "markdown"}},
+        "settings": settings(a),
         "duration_s": round(duration_s, 1),
         "tenants": tenants,
         "failed": failed,
@@ -314,30 +312,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-s", type=float, default=0.05, help="A simulated answer's time.")
     p.add_argument("--rest-s", type=float, default=65, help="Rest after the readiness checks.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_out", type=Path, help="Write the report as JSON.")
-    p.add_argument("--markdown", type=Path, help="Write the markdown table to this file.")
-    return p
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # unwinds through `serve_cluster`, which stops what it started
-
-
-def main() -> None:
-    a = parser().parse_args()
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        result = {"command": "python -m benchmarks.quota_soak " + " ".join(sys.argv[1:]), **run(a)}
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the Ray cluster and the processes of the run are stopped")
-    text = markdown(result)
-    if a.json_out:
-        a.json_out.write_text(json.dumps(result, indent=1) + "\n")
-    if a.markdown:
-        a.markdown.write_text(text)
-    print(text)
-    sys.exit(0 if result["quotas_held"] and not result["failed"] else 1)
+    return report_options(p)
 
 
 if __name__ == "__main__":
-    main()
+    main(
+        "quota_soak",
+        parser(),
+        run,
+        markdown,
+        failed=lambda result: not (result["quotas_held"] and not result["failed"]),
+    )

@@ -16,10 +16,13 @@ Its answers come from one of two sources:
   `BackendPool` and relays every call over HTTP to that replica of the lab's HTTP simulator
   (`benchmarks.sim_server`), so Ray's fronts and the peer routers face the same simulated replicas.
 Its answers tell the ingress their usage as an engine replica's do (`app.engines.http_server`).
-Tests may shape one request with a `simulate` object in its body (`{"delay_s": 25, "tokens":
-100}` overrides the deployment's), and stop a replica's engine as vLLM's engine core dies inside
-a live replica (`fail_engine`, or `"engine_dies_after_s"` in a request's `simulate`: the engine
-of the replica answering it): streams in progress end with vLLM's error event and [DONE], new
+Streams asked for their token ids (`return_token_ids`, as the ingress asks for the streams it
+can migrate) carry them, their text made by a toy model (`benchmarks.toy_model`); a prompt of
+token ids asking for them (a migrated stream's continuation) gets `max_tokens` tokens. Tests may
+shape one request with a `simulate` object in its body (`{"delay_s": 25, "tokens": 100}`
+overrides the deployment's), and stop a replica's engine as vLLM's engine core dies inside a
+live replica (`fail_engine`, or `"engine_dies_after_s"` in a request's `simulate`: the engine of
+the replica answering it): streams in progress end with vLLM's error event and [DONE], new
 requests fail with vLLM's text, and the health check raises (so Serve replaces the replica).
 It is never built from a serve config: tests and benchmarks bind it.
 """
@@ -43,6 +46,7 @@ from app.engines.items import Endpoint, EngineItem, error_item
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.internal_token import internal_token
 from app.ray_internals import openai_request_models
+from benchmarks.toy_model import next_token, prompt_ids, word
 
 PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 KEEPALIVE_LIMITS = httpx.Limits(max_connections=1000, keepalive_expiry=1.0)
@@ -210,6 +214,9 @@ class SimulatedEngine:
             )
         tokens = shape.get("tokens") or self._tokens
         tokens = tokens or int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        prompt, limit = body.get("prompt"), body.get("max_tokens")
+        if body.get("return_token_ids") and isinstance(prompt, list) and isinstance(limit, int):
+            tokens = limit  # token ids for token ids: a migrated stream's continuation
         return float(shape.get("delay_s", self._delay_s)), max(1, int(tokens))
 
     async def _plain(self, body: dict[str, Any]) -> AsyncIterator[Piece]:
@@ -271,11 +278,27 @@ async def _sse_stream(
     body: dict[str, Any], delay_s: float, tokens: int, *, usage: bool
 ) -> AsyncIterator[str]:
     """`tokens` SSE text chunks `delay_s / tokens` apart, a usage chunk with `usage`, then
-    [DONE]."""
+    [DONE]. With `return_token_ids` (vLLM's option) the chunks carry token ids and their text
+    comes from the toy model (`benchmarks.toy_model`), as the ingress asks for streams it can
+    migrate."""
     created, rid = int(time.time()), f"sim-{uuid.uuid4().hex[:12]}"
-    for _ in range(tokens):
+    with_ids = bool(body.get("return_token_ids"))
+    prompt = prompt_ids(body) if with_ids else []
+    sequence = list(prompt)
+    for i in range(tokens):
         await asyncio.sleep(delay_s / tokens)
-        chunk = _completion(rid, created, body, "sim ", tokens, usage=False)
+        if not with_ids:
+            chunk = _completion(rid, created, body, "sim ", tokens, usage=False)
+            yield f"data: {json.dumps(chunk)}\n\n"
+            continue
+        token = next_token(sequence)
+        sequence.append(token)
+        chunk = _completion(rid, created, body, word(token), tokens, usage=False)
+        chunk["choices"][0] |= {
+            "finish_reason": "length" if i == tokens - 1 else None,
+            "prompt_token_ids": prompt if i == 0 else None,
+            "token_ids": [token],
+        }
         yield f"data: {json.dumps(chunk)}\n\n"
     if usage:
         final = {**_completion(rid, created, body, "", tokens), "choices": []}

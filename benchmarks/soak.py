@@ -24,12 +24,10 @@ import dataclasses
 import json
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,6 +35,7 @@ import psutil
 
 from app.bench.load import BenchConfig, build_body, make_client, send_request, words
 from app.bench.summary import RequestRecord
+from benchmarks.command import main, report_options, settings, stop
 from benchmarks.overhead import replica_pid, serve_cluster, wait_answering
 
 MODEL = "sim"
@@ -203,7 +202,7 @@ def run(a: argparse.Namespace, serve_port: int | None = None) -> dict[str, Any]:
 
     with serve_cluster(serve_port) as port:
         if serve_port is None:  # after `ray.init`, which puts its own SIGTERM handler in
-            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGTERM, stop)
         url = f"http://127.0.0.1:{port}"
         deploy(a)
         try:
@@ -214,8 +213,7 @@ def run(a: argparse.Namespace, serve_port: int | None = None) -> dict[str, Any]:
             report = run_stoppable(soak(a, url, psutil.Process(pid)), serve_port is None)
         finally:
             serve.delete(APP_NAME)
-    settings = {k: v for k, v in vars(a).items() if k not in ("json_out", "markdown")}
-    return {"settings": settings, "cpus": psutil.cpu_count(), **report}
+    return {"settings": settings(a), "cpus": psutil.cpu_count(), **report}
 
 
 def run_stoppable(work: Coroutine[Any, Any, Any], sigterm: bool) -> Any:
@@ -234,7 +232,7 @@ def run_stoppable(work: Coroutine[Any, Any, Any], sigterm: bool) -> Any:
         raise KeyboardInterrupt from None
     finally:
         if sigterm:  # the loop's handler is gone with the loop
-            signal.signal(signal.SIGTERM, _stop)
+            signal.signal(signal.SIGTERM, stop)
 
 
 def _rate(x: float | None, digits: int = 1) -> str:
@@ -293,30 +291,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=60)
     p.add_argument("--settle-s", type=float, default=30, help="Wait for in-flight to reach 0.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_out", type=Path, help="Write the report as JSON.")
-    p.add_argument("--markdown", type=Path, help="Write the markdown table to this file.")
-    return p
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # unwinds through `serve_cluster`, which stops what it started
-
-
-def main() -> None:
-    a = parser().parse_args()
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        report = {"command": "python -m benchmarks.soak " + " ".join(sys.argv[1:]), **run(a)}
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the Ray cluster and the processes of the run are stopped")
-    text = markdown(report)
-    if a.json_out:
-        a.json_out.write_text(json.dumps(report, indent=1) + "\n")
-    if a.markdown:
-        a.markdown.write_text(text)
-    print(text)
-    sys.exit(1 if report["failures"] or any(report["shape_violations"].values()) else 0)
+    return report_options(p)
 
 
 if __name__ == "__main__":
-    main()
+    main(
+        "soak",
+        parser(),
+        run,
+        markdown,
+        failed=lambda report: bool(report["failures"] or any(report["shape_violations"].values())),
+    )

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import random
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +35,7 @@ import yaml
 
 from app.bench.load import words
 from app.bench.summary import percentile
+from benchmarks.command import main, report_options, settings
 from benchmarks.overhead import serve_cluster
 
 CONFIG = Path("serve_configs/smollm2-cpu.yaml")
@@ -235,8 +233,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}"
         for rule in a.rules:
             results.append(run_rule(rule, base, a))
-    settings = {k: v for k, v in vars(a).items() if k not in {"json_out", "markdown"}}
-    return {"settings": settings, "rules": results}
+    return {"settings": settings(a), "rules": results}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -250,29 +247,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-words", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_out", type=Path, help="Write the report as JSON.")
-    p.add_argument("--markdown", type=Path, help="Write the markdown table to this file.")
-    return p
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # unwinds through `serve_cluster`, which stops what it started
-
-
-def main() -> None:
-    a = parser().parse_args()
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        report = {"command": "python -m benchmarks.tenants_cpu " + " ".join(sys.argv[1:]), **run(a)}
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the Ray cluster and the processes of the run are stopped")
-    text = markdown(report)
-    if a.json_out:
-        a.json_out.write_text(json.dumps(report, indent=1) + "\n")
-    if a.markdown:
-        a.markdown.write_text(text)
-    print(text)
+    return report_options(p)
 
 
 if __name__ == "__main__":
-    main()
+    main("tenants_cpu", parser(), run, markdown)

@@ -3,11 +3,14 @@
 `EngineDouble` answers like an engine replica (`app.engines.http_server.Backend`) and can be told
 to fail, hang or break a stream midway, or lose its engine as vLLM does when its engine core
 process dies (`engine_dead`: from the start; `engine_dies`: after a stream's first chunk;
-`engine_dead_once`: one replica's engine is dead, the other's lives). `Stack` serves doubles on
-loopback ports with the real engine port app and server (`EngineApp`, `EngineHttpServer`), and
-hands the ingress each model's replicas through the real request router
-(`StackRequestRouter.route`) over fake Serve replica records, standing in for Serve's replica
-discovery. A "dead" replica is a port nothing listens on.
+`engine_dead_once`: one replica's engine is dead, the other's lives; `engine_dies_once`: one
+replica's engine dies mid-stream, the other's lives). With `model=True` it streams as vLLM does
+with `return_token_ids`, from a deterministic toy model (`benchmarks.toy_model`): a
+continuation from a prompt of token ids makes what an uninterrupted run makes. `Stack` serves
+doubles on loopback ports with the real engine port app and server (`EngineApp`,
+`EngineHttpServer`), and hands the ingress each model's replicas through the real request
+router (`StackRequestRouter.route`) over fake Serve replica records, standing in for Serve's
+replica discovery. A "dead" replica is a port nothing listens on.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from app.engines.http_server import Answer, EngineApp, EngineHttpServer, usage_c
 from app.engines.router import Routed, StackRequestRouter
 from app.routing import RequestView
 from benchmarks.processes import free_port
+from benchmarks.toy_model import next_token, prompt_ids, word
 
 TOKEN = "test-token"
 MODES = ("ok", "error400", "error500", "hang", "die", "die_once", "slow", "break_stream",
-         "hang_stream", "engine_dead", "engine_dies", "engine_dead_once")  # fmt: skip
+         "hang_stream", "engine_dead", "engine_dies", "engine_dead_once",
+         "engine_dies_once")  # fmt: skip
 VLLM_OOPS = "CUDA error: an illegal memory access was encountered"
 VLLM_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 _DEAD_EVENT = json.dumps({"error": {"message": VLLM_DEAD, "type": "InternalServerError",
@@ -38,17 +43,23 @@ _DEAD_EVENT = json.dumps({"error": {"message": VLLM_DEAD, "type": "InternalServe
 class EngineDouble:
     """One model's engine, answering every replica of it."""
 
-    def __init__(self, name: str, *, mode: str = "ok", tokens: int = 3) -> None:
+    def __init__(
+        self, name: str, *, mode: str = "ok", tokens: int = 3, model: bool = False, fail_at: int = 1
+    ) -> None:
         assert mode in MODES, mode
         self.name = name
         self.mode = mode
         self.tokens = tokens
+        self.model = model  # stream as vLLM with return_token_ids, from `next_token`
+        self.fail_at = fail_at  # the chunk a failing stream (break, hang, engine dies) fails at
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
         self.engine_dead = mode == "engine_dead"
         # set: answers carry it as an engine replica's do (JSON: a header, streams: a comment)
         self.usage: dict[str, int] | None = None
         self.events: list[dict[str, Any]] | None = None  # set: a stream's data events, as given
+        self.running = 0  # answers being made now
+        self.most_running = 0
 
     async def check_health(self) -> None:
         if self.engine_dead:
@@ -60,6 +71,8 @@ class EngineDouble:
             if body.get("stream"):
                 return Answer(stream=_chunks([f"data: {_DEAD_EVENT}\n\n", "data: [DONE]\n\n"]))
             raise RuntimeError(VLLM_DEAD)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
         try:
             if self.mode == "hang":
                 await asyncio.sleep(3600)
@@ -68,6 +81,8 @@ class EngineDouble:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        finally:
+            self.running -= 1
         if self.mode == "error400":
             return Answer.error(400, "prompt too long", param="prompt")
         if self.mode == "error500":
@@ -78,19 +93,69 @@ class EngineDouble:
             if self.usage is None:
                 return Answer.json(answer)
             return Answer.json({**answer, "usage": self.usage}, usage=usage_pair(self.usage))
+        if self.model:
+            return Answer(stream=self._model_stream(endpoint, body))
         return Answer(stream=self._stream())
+
+    async def _failure(self, i: int) -> list[bytes] | None:
+        """The chunks that end a stream failing at its chunk `i` (None: it does not fail
+        there), each as vLLM yields it."""
+        if i != self.fail_at:
+            return None
+        if self.mode == "break_stream":
+            raise RuntimeError("engine died mid-stream")
+        if self.mode == "hang_stream":
+            await asyncio.sleep(3600)
+        if self.mode != "engine_dies":
+            return None
+        self.engine_dead = True
+        return [f"data: {_DEAD_EVENT}\n\n".encode(), b"data: [DONE]\n\n"]  # no usage after it
+
+    async def _model_stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """vLLM's stream with `return_token_ids` (of a chat or a completion), from `next_token`."""
+        prompt = prompt_ids(body)
+        count = body.get("max_tokens") or body.get("max_completion_tokens") or self.tokens
+        chat, sequence = endpoint == "chat", list(prompt)
+        head = {"id": f"{endpoint}-double", "created": 7, "model": body["model"],
+                "object": "chat.completion.chunk" if chat else "text_completion"}  # fmt: skip
+        if chat:
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}  # fmt: skip
+            yield _data({**head, "choices": [role], "prompt_token_ids": prompt})
+        try:
+            for i in range(count):
+                if (end := await self._failure(i)) is not None:
+                    for chunk in end:
+                        yield chunk
+                    return
+                token = next_token(sequence)
+                sequence.append(token)
+                reason = "length" if i == count - 1 else None
+                choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason,
+                                          "stop_reason": None}  # fmt: skip
+                if chat:
+                    choice = {**choice, "delta": {"content": word(token)}, "token_ids": [token]}
+                else:
+                    first = prompt if i == 0 else None
+                    choice = {**choice, "text": word(token), "prompt_token_ids": first,
+                              "token_ids": [token]}  # fmt: skip
+                yield _data({**head, "choices": [choice]})
+            options = body.get("stream_options") or {}
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": count,
+                     "total_tokens": len(prompt) + count}  # fmt: skip
+            if options.get("include_usage"):
+                yield _data({**head, "choices": [], "usage": usage})
+            yield usage_comment((len(prompt), count)) + b"data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
 
     async def _stream(self) -> AsyncIterator[bytes]:
         try:
             for i in range(self.tokens):
-                if self.mode == "break_stream" and i == 1:
-                    raise RuntimeError("engine died mid-stream")
-                if self.mode == "hang_stream" and i == 1:
-                    await asyncio.sleep(3600)
-                if self.mode == "engine_dies" and i == 1:
-                    self.engine_dead = True
-                    yield f"data: {_DEAD_EVENT}\n\n".encode()
-                    yield b"data: [DONE]\n\n"  # no usage after an engine's error
+                if (end := await self._failure(i)) is not None:
+                    for chunk in end:
+                        yield chunk
                     return
                 yield f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'.encode()
             for event in self.events or []:
@@ -102,9 +167,39 @@ class EngineDouble:
             raise
 
 
+def _data(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
 async def _chunks(events: list[str]) -> AsyncIterator[bytes]:
     for event in events:
         yield event.encode()
+
+
+class HandleDouble:
+    """An engine deployment's Serve handle (the part the gateway uses: `serve_openai`) over an
+    engine double: JSON answers as `{"body"}` items, errors as `{"status", "error"}`, streams'
+    data events as `{"chunk"}` items."""
+
+    def __init__(self, engine: EngineDouble) -> None:
+        self.engine = engine
+
+    def options(self, **_: Any) -> HandleDouble:
+        return self
+
+    def remote(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async def items() -> AsyncIterator[dict[str, Any]]:
+            answer = await self.engine.answer(endpoint, body)
+            if answer.stream is None:
+                data = json.loads(answer.body)
+                yield {"body": data} if answer.status == 200 else {"status": answer.status, **data}
+                return
+            text = b"".join([chunk async for chunk in answer.stream]).decode()
+            for event in events(text):
+                if event != "[DONE]":
+                    yield {"chunk": event}
+
+        return items()
 
 
 class LoopbackRoutes:
@@ -159,7 +254,11 @@ class Stack:
             dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
             if engine.mode == "engine_dead_once":  # a replica whose engine is gone, then ours
                 dead = await self._serve(EngineDouble(name, mode="engine_dead"))
-            once = {"die_once", "engine_dead_once"}
+            if engine.mode == "engine_dies_once":  # a replica whose engine dies mid-stream
+                dies = EngineDouble(name, mode="engine_dies", model=engine.model,
+                                    fail_at=engine.fail_at, tokens=engine.tokens)  # fmt: skip
+                dead = await self._serve(dies)
+            once = {"die_once", "engine_dead_once", "engine_dies_once"}
             urls = (
                 [dead] * 4
                 if engine.mode == "die"

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from app.capture import CaptureStore, LocalStore, Recorder
+from app.capture import CaptureStore, Recorder
 from app.cli import cli
 from app.config import load_config
 from app.engines.http_server import EngineHttpServer
@@ -27,6 +27,7 @@ from app.lab.run import LAB_POLICIES, run_lab
 from app.lab.simulator import SimSettings
 from app.lab.trace import BlockView, TraceRequest, parse_line, read_trace, write_trace
 from app.lab.workloads import multi_round_qa, shared_prefix
+from app.shared_actor import Local
 from tests.engine_double import TOKEN, EngineDouble, Stack
 from tests.test_auth_limits import bearer
 from tests.test_ingress import assert_openai_error
@@ -191,7 +192,7 @@ async def test_requests_that_reach_no_engine_are_not_recorded(cpu_model):
 
 
 async def test_every_replica_records_into_one_trace_ordered_by_time(cpu_model):
-    shared = LocalStore(CaptureStore(100))
+    shared = Local(CaptureStore(100))
     async with capturing(cpu_model) as (one, app1), capturing(cpu_model) as (two, app2):
         app1.capture.share(shared)
         app2.capture.share(shared)

@@ -17,7 +17,7 @@ from app.config import load_config
 from app.ingress.asgi import create_app
 from app.ingress.gateway import Gateway
 from app.routing import RequestView
-from tests.engine_double import TOKEN, EngineDouble, Stack, events
+from tests.engine_double import TOKEN, EngineDouble, HandleDouble, Stack, events
 
 pytestmark = pytest.mark.anyio
 
@@ -29,10 +29,19 @@ def anyio_backend():
 
 @contextlib.asynccontextmanager
 async def make_client(
-    cpu_model, *, modes=None, ready=None, limits=None, timeout=5.0, config=None, replica_stats=None
+    cpu_model,
+    *,
+    modes=None,
+    ready=None,
+    limits=None,
+    timeout=5.0,
+    config=None,
+    replica_stats=None,
+    double=None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, EngineDouble], Stack]]:
     """The ingress app over engine doubles: (client, engines by model, the stack).
-    `replica_stats` stands in for what Serve reports of the replicas (for /metrics)."""
+    `replica_stats` stands in for what Serve reports of the replicas (for /metrics); `double`:
+    the doubles' other options (`EngineDouble`)."""
     other = {**cpu_model, "name": "second", "aliases": ["b"]}
     config = load_config(config or {
         "models": [cpu_model, other],
@@ -40,9 +49,13 @@ async def make_client(
         "server": {"request_timeout_s": timeout},
     })  # fmt: skip
     modes = modes or {}
-    engines = {m.name: EngineDouble(m.name, mode=modes.get(m.name, "ok")) for m in config.models}
+    engines = {
+        m.name: EngineDouble(m.name, mode=modes.get(m.name, "ok"), **(double or {}))
+        for m in config.models
+    }
     stack = await Stack(engines, ready).start()
-    gateway = Gateway(config, {}, token=TOKEN, routes=stack.get)
+    handles = {name: HandleDouble(engine) for name, engine in engines.items()}
+    gateway = Gateway(config, handles, token=TOKEN, routes=stack.get)
     app = create_app(gateway)
     if replica_stats is not None:
         app.metrics.engines.source = replica_stats

@@ -2,14 +2,6 @@
 `vrstack capture`): `recorder` in each ingress replica, `store` for the whole application."""
 
 from app.capture.recorder import CAPTURED, Recorder, timed_lines
-from app.capture.store import ActorStore, CaptureStore, LocalStore, store_name
+from app.capture.store import CaptureStore, store_name
 
-__all__ = [
-    "CAPTURED",
-    "ActorStore",
-    "CaptureStore",
-    "LocalStore",
-    "Recorder",
-    "store_name",
-    "timed_lines",
-]
+__all__ = ["CAPTURED", "CaptureStore", "Recorder", "store_name", "timed_lines"]

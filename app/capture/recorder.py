@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.capture.store import ActorStore, CaptureStore, LocalStore, store_name
+from app.capture.store import CaptureStore, store_name
 from app.config import CaptureSettings, StackConfig
 from app.ingress.protocol import OpenAIRequest, SamplingRequest
 from app.lab.trace import DEFAULT_MAX_TOKENS, HASH_MASK, TraceRequest, trace_lines
 from app.routing import DEFAULT_BLOCK_SIZE
+from app.shared_actor import Local, Shared
 
 if TYPE_CHECKING:
     from app.ingress.gateway import Exchange
@@ -36,7 +37,8 @@ CLOSE_S = 2.0  # how long a stopping replica tries to send its last records
 
 
 class Store(Protocol):
-    """Where records go: `LocalStore` or `ActorStore` (`app.capture.store`)."""
+    """Where records go: a `CaptureStore` in this process or the application's
+    (`app.shared_actor`)."""
 
     async def add(self, batch: Sequence[TraceRequest], dropped: int = 0) -> None: ...
 
@@ -73,7 +75,7 @@ class Recorder:
         `share`), else None."""
         if config.capture is None or not config.capture.enabled:
             return None
-        return cls(config, LocalStore(CaptureStore(config.capture.max_records)))
+        return cls(config, Local(CaptureStore(config.capture.max_records)))
 
     def share(self, store: Store) -> None:
         """Send records to `store` from now on."""
@@ -81,7 +83,7 @@ class Recorder:
 
     def share_with(self, app_name: str) -> asyncio.Task:
         """Send records to the application's store actor every `flush_s`: the task doing it."""
-        self.share(ActorStore(store_name(app_name), self.settings.max_records))
+        self.share(Shared(store_name(app_name), CaptureStore, self.settings.max_records))
         return asyncio.get_running_loop().create_task(self.run())
 
     def begin(

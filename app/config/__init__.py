@@ -1,8 +1,10 @@
 """The configuration model: the one schema behind serve configs, manifests and the CLI."""
 
+from app.config.batches import BatchSettings
 from app.config.capture import CaptureSettings
 from app.config.models import Autoscaling, KVOffload, ModelSpec, Resources, SecretRef
 from app.config.quantity import parse_quantity
+from app.config.responses import ResponsesSettings
 from app.config.stack import (
     AuthSettings,
     ConfigError,
@@ -24,6 +26,7 @@ __all__ = [
     "PRIORITY_CLASSES",
     "AuthSettings",
     "Autoscaling",
+    "BatchSettings",
     "CaptureSettings",
     "ConfigError",
     "KVOffload",
@@ -32,6 +35,7 @@ __all__ = [
     "Limits",
     "ModelSpec",
     "Resources",
+    "ResponsesSettings",
     "RouterSettings",
     "SecretRef",
     "ServerSettings",

@@ -6,8 +6,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from app.config.batches import BatchSettings
 from app.config.capture import CaptureSettings
 from app.config.models import ModelSpec, StrictModel, check_custom_resources
+from app.config.responses import ResponsesSettings
 from app.config.tenants import AdmissionSettings, KeyLimits, KeySources, Tenant
 from app.config.tracing import TracingSettings
 from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
@@ -61,7 +63,16 @@ class ServerSettings(StrictModel):
         300, gt=0, description="Longest wait for an engine answer (first byte for streams)."
     )
     retries: int = Field(
-        2, ge=0, le=10, description="Retries on another replica when one fails before answering."
+        2,
+        ge=0,
+        le=10,
+        description="Retries on another replica when one fails before answering; also how often "
+        "a stream that breaks later may go on elsewhere.",
+    )
+    migrate_streams: bool = Field(
+        True,
+        description="Continue a completions or chat stream whose replica fails mid-stream on "
+        "another replica, on the same connection (greedy requests exactly; docs/reliability.md).",
     )
 
     @field_validator("ingress_resources")
@@ -126,6 +137,15 @@ class StackConfig(StrictModel):
     )
     capture: CaptureSettings | None = Field(
         None, description="Record live traffic as a lab trace (`vrstack capture`)."
+    )
+    batches: BatchSettings = Field(
+        default_factory=BatchSettings,
+        description="/v1/files and /v1/batches, run on the engines as their lowest-priority "
+        "work (docs/batches.md).",
+    )
+    responses: ResponsesSettings = Field(
+        default_factory=ResponsesSettings,
+        description="/v1/responses and its store of responses (docs/responses.md).",
     )
 
     @model_validator(mode="before")

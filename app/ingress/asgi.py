@@ -9,8 +9,10 @@ engine counted it: `app.ingress.relay`), with tenants the model's fair admission
 (`_admitted`), then `Gateway.relay_http`, cancelled when the client leaves (the app watches for
 it itself, whatever Ray's proxy was told); each answer is counted in the metrics with what the
 path already holds, and recorded for a trace when `capture` is on. Everything else (models,
-health, version, metrics, usage, capture, status, OpenAPI, unknown routes) is FastAPI's, behind
-the same API keys. Every error is OpenAI-shaped.
+health, version, metrics, usage, capture, status, the Responses API (`/v1/responses`, served
+over the engines' chat: `app.ingress.routes.responses`), files and batches (`/v1/files`,
+`/v1/batches`: `app.ingress.routes.batches`), OpenAPI, unknown routes) is FastAPI's, behind the
+same API keys. Every error is OpenAI-shaped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
+from app.batches import BatchStore
 from app.capture import Recorder
 from app.engines.http_server import route_path, unless_disconnected
 from app.errors import OpenAIError, public_message, validation_message
@@ -44,12 +47,16 @@ from app.ingress.middleware import (
     without_body,
 )
 from app.ingress.protocol import OpenAIRequest
+from app.ingress.routes import batches as batches_routes
 from app.ingress.routes import capture as capture_routes
 from app.ingress.routes import chat, completions, embeddings, health, models, score, tokenize
+from app.ingress.routes import files as files_routes
 from app.ingress.routes import metrics as metrics_routes
+from app.ingress.routes import responses as responses_routes
 from app.ingress.routes import usage as usage_routes
 from app.ingress.routes.common import PostRoute
 from app.observability.metrics import CLIENT_LEFT, NO_TENANT, StackMetrics
+from app.shared_actor import Local, Shared, shared
 from app.tenants import AdmissionGate, QueueFull, WaitExpired
 
 logger = logging.getLogger("vrstack.ingress")
@@ -75,6 +82,7 @@ class StackApp:
         self.posts = {path: route for route in POST_ROUTES for path in route.paths}
         self.api = _fastapi(gateway, self.metrics, self.keys)
         self.capture: Recorder | None = self.api.state.capture  # `capture` configured
+        self.batches: Local | Shared | None = self.api.state.batches  # `batches` enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,6 +167,7 @@ class StackApp:
                 time.perf_counter() - started,
                 ttft_s=exchange.first_byte_at - started if streamed else None,
                 decision=exchange.decision,
+                migration=exchange.stream.outcome if exchange.stream is not None else None,
             )
             if self.metrics.tenants:
                 self.metrics.tenant_finish(tenant, status, exchange.usage, lease, quota)
@@ -322,7 +331,13 @@ def _fastapi(gateway: Gateway, metrics: StackMetrics, keys: KeyStore) -> FastAPI
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.capture = Recorder.of(gateway.config)
-    for module in (models, health, metrics_routes, usage_routes, capture_routes):
+    batches = gateway.config.batches
+    app.state.batches = (
+        shared("batches", BatchStore, batches.max_stored_bytes) if batches.enabled else None
+    )
+    routers = (models, health, metrics_routes, usage_routes, capture_routes, responses_routes,
+               files_routes, batches_routes)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
     install_error_handlers(app)
     protect = gateway.config.auth.protect_metrics

@@ -1,6 +1,7 @@
 """The ingress as a Ray Serve deployment: HTTP through `app.ingress.asgi`, Python through handle
 methods. With tenants' quotas, every replica shares the application's quota ledger (a named Ray
-actor, `app.tenants.ledger`): see `Ingress.__init__`."""
+actor, `app.tenants.ledger`): see `Ingress.__init__`. Each replica also runs a batch worker
+(`app.batches.worker`) while `batches` is enabled."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 
+from app.batches import BatchWorker
 from app.config import load_config
 from app.engines.items import Endpoint
 from app.errors import OpenAIError, validation_message
@@ -61,6 +63,10 @@ class Ingress:
         await self.gateway.wait_for_routers(ROUTERS_READY_S)
         # The models' tokenizers, for counting prompt tokens (the estimate until they come).
         self.gateway.fetch_tokenizers()
+        # Batch requests, run here as the engines' lowest-priority work (`batches` enabled).
+        store, settings = self._asgi.batches, self.gateway.config.batches
+        worker = BatchWorker(self.gateway, store, settings) if store is not None else None
+        self._batch_task = asyncio.get_running_loop().create_task(worker.run()) if worker else None
 
     async def _share_quotas(self, app_name: str) -> None:
         """Tenants' quotas in the application's ledger actor, got or created by whichever
@@ -86,6 +92,8 @@ class Ingress:
             task.cancel()
             with contextlib.suppress(Exception):  # give the slices back: best effort
                 await asyncio.wait_for(self.gateway.limiter.close(), LEDGER_CLOSE_S)
+        if (batches := getattr(self, "_batch_task", None)) is not None:
+            batches.cancel()  # requests it runs are handed out again by the store's lease
         if (flushing := getattr(self, "_capture_task", None)) is not None:
             flushing.cancel()
             await self._asgi.capture.close()  # the last records: best effort

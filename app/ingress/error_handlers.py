@@ -21,6 +21,14 @@ def error_response(exc: OpenAIError, headers: dict[str, str] | None = None) -> J
     )
 
 
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
+def _field(loc: tuple) -> tuple:
+    """FastAPI's error location without where in the request it is (`query.limit`: `limit`)."""
+    return tuple(loc[1:]) if loc and loc[0] in _LOCATIONS else tuple(loc)
+
+
 _HTTP_MESSAGES = {
     404: (
         "no route {method} {path}; see GET /v1/models and POST /v1/chat/completions",
@@ -39,7 +47,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(exc.errors()))
+        errors = [{**e, "loc": _field(e.get("loc", ()))} for e in exc.errors()]
+        message, param = validation_message(errors)
         return error_response(OpenAIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)

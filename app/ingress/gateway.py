@@ -3,9 +3,10 @@
 - HTTP requests (`relay_http`) go to a replica chosen by the model's request router
   (`app.engines.router`) and are relayed to that replica's own port (`app.ingress.relay`):
   retried on another replica while nothing has been sent (the replica is unreachable, drops
-  the connection, or answers that its engine is gone), the choice reported in `x-route-*`
-  headers, the first byte and the end reported back to the router (exactly once, however
-  the attempt ends: answered, failed, timed out or cancelled).
+  the connection, or answers that its engine is gone), a stream that breaks later continued on
+  another replica (`app.ingress.migration`), the choice reported in `x-route-*` headers, the
+  first byte and the end reported back to the router (exactly once, however the attempt ends:
+  answered, failed, timed out or cancelled).
 - Python handle calls (`call`, `stream`) go through the engine deployment's Serve handle,
   which the same router routes, and get plain items (`app.engines.items`).
 Both take the same model resolution and limits. With tenants configured, each model has a fair
@@ -31,11 +32,19 @@ from app.engines import router_registry
 from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
-from app.errors import OpenAIError
+from app.errors import OpenAIError, error_body
 from app.ingress.limits import KeyLimiter, Lease
+from app.ingress.migration import Stream, migratable, relay_events
 from app.ingress.prompt_tokens import PromptCounter
 from app.ingress.protocol import OpenAIRequest, PoolingRequest, SamplingRequest, approx_tokens
-from app.ingress.relay import Relay, RelayError, Send, engine_unavailable, pass_through
+from app.ingress.relay import (
+    Relay,
+    RelayError,
+    Send,
+    engine_unavailable,
+    pass_through,
+    stream_head,
+)
 from app.observability.tracing import RequestTrace, Span, Tracing, end_attempt
 from app.routing import Decision, RequestView, view_of_body
 from app.tenants import AdmissionGate, FairQueue
@@ -91,6 +100,7 @@ class Exchange:
     trace: RequestTrace | None = None  # with `tracing` configured
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens, as the engine told them
     view: RequestView | None = None  # the request as the router read it (capture reuses it)
+    stream: Stream | None = None  # a migratable stream's state (`app.ingress.migration`)
 
     def told_usage(self, usage: tuple[int, int]) -> None:
         self.usage = usage
@@ -119,17 +129,18 @@ class Gateway:
         )
         self.relay = Relay(token, timeout_s=config.server.request_timeout_s)
         self._routes = routes
-        # With tenants: a fair admission gate per model, and `priority` on the engine requests
-        # of models whose engines schedule by it (the config sets that unless told otherwise).
+        # With tenants, a fair admission gate per model. Engine requests of models whose
+        # engines schedule by priority (with tenants the config sets that unless told
+        # otherwise) carry `priority`: the tenant's class, `standard` without one, and
+        # `batches.priority` for batch work.
         self.gates: dict[str, AdmissionGate] = {}
-        self._priority: frozenset[str] = frozenset()
         if config.tenants:
             self.gates = {spec.name: self._gate(spec) for spec in config.models}
-            self._priority = frozenset(
-                spec.name
-                for spec in config.models
-                if spec.engine_args.get(SCHEDULING_POLICY) == "priority"
-            )
+        self._priority = frozenset(
+            spec.name
+            for spec in config.models
+            if spec.engine_args.get(SCHEDULING_POLICY) == "priority"
+        )
         self.tracing = Tracing(config.tracing) if config.tracing is not None else None
         self._handles = {  # making them starts each model's router in this process
             name: handle.options(stream=True, method_name="serve_openai")
@@ -225,12 +236,17 @@ class Gateway:
         return rules.priority_value if rules is not None else STANDARD_PRIORITY
 
     def _engine_body(
-        self, spec: ModelSpec, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None
+        self,
+        spec: ModelSpec,
+        endpoint: Endpoint,
+        request: OpenAIRequest,
+        tenant: str | None,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         check_task(spec, endpoint, request.model)
         body = request.engine_body(spec.name)
         if spec.name in self._priority and endpoint in GATED:  # a client's own is replaced
-            body["priority"] = self.priority_of(tenant)
+            body["priority"] = self.priority_of(tenant) if priority is None else priority
         return body
 
     # -- checks -------------------------------------------------------------------------------
@@ -260,6 +276,11 @@ class Gateway:
         if counter is not None:
             self._count(counter, request)
         return request.estimated_tokens()
+
+    def check(self, request: OpenAIRequest, tenant: str | None = None) -> ModelSpec:
+        """A request's checks without a charge (a batch's, at creation): its model, the
+        tenant's access and output bounds (a default output length set on it), the limits."""
+        return self._admission_checks(request, tenant)
 
     def _admission_checks(self, request: OpenAIRequest, tenant: str | None) -> ModelSpec:
         spec = self.resolve(request.model, tenant)
@@ -368,6 +389,9 @@ class Gateway:
         spec = self._checked(request)
         routes = await self._routes_of(spec)
         body = self._engine_body(spec, endpoint, request, tenant)
+        stream = exchange.stream = self._migratable(spec, endpoint, request)
+        if stream is not None:
+            body["return_token_ids"] = True
         payload = json.dumps(body, separators=(",", ":")).encode()
         view = exchange.view = view_of_body(body, model=spec.name, session_key=session)
         failed: set[str] = set()
@@ -381,38 +405,116 @@ class Gateway:
             span = trace.attempt(routed.decision, attempt, routed.url, private) if trace else None
             answered = False
             try:  # the router's count of the request is released however the attempt ends
-                answered = await self._attempt(routes, routed, endpoint, payload, request_id,
-                                               send, exchange, private, span)  # fmt: skip
-                if answered:
-                    return
+                path = ENGINE_PATHS[endpoint]
+                answered = await self._attempt(routes, routed, path, payload, request_id, send,
+                                               exchange, private, span)  # fmt: skip
             finally:
                 routes.finish(routed)
                 if span is not None:
                     end_attempt(span, answered)
+            if answered:
+                if stream is not None and not stream.done:  # it broke after its first byte
+                    failed.add(routed.replica_id)
+                    await self._migrate(routes, endpoint, body, send, request_id, exchange,
+                                        failed, session, private)  # fmt: skip
+                return
             failed.add(routed.replica_id)
         raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
+
+    def _migratable(
+        self, spec: ModelSpec, endpoint: Endpoint, request: OpenAIRequest
+    ) -> Stream | None:
+        if not self.config.server.migrate_streams:
+            return None
+        return migratable(endpoint, request, spec.engine_args)
+
+    async def _migrate(
+        self,
+        routes: EngineRoutes,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        send: Send,
+        request_id: str,
+        exchange: Exchange,
+        failed: set[str],
+        session: str | None,
+        private: bool,
+    ) -> None:
+        """Go on with a stream that broke after its first byte on other replicas, at most
+        `retries` times (`app.ingress.migration`): the continuation's chunks, then the ending
+        (usage, the migration's comment, [DONE]); the stream's error event and [DONE] when no
+        replica can. A stream whose client got no chunk yet starts again on another replica."""
+        stream = exchange.stream
+        assert stream is not None
+        for attempt in range(self.config.server.retries):
+            if stream.done or (stream.started and (stream.complete or not stream.can_continue())):
+                break
+            again = not stream.started  # nothing of it reached the client
+            next_body = body if again else stream.continuation(body)
+            await asyncio.sleep(backoff_s(attempt))
+            routed = routes.route(view_of_body(next_body, model=body["model"],
+                                               session_key=session), exclude=failed)  # fmt: skip
+            if routed is None:
+                break
+            logger.warning("request %s: stream broke after %d tokens; going on at replica %s",
+                           request_id, len(stream.generated), routed.replica_id)  # fmt: skip
+            stream.resume(routed.replica_id, again=again)
+            trace = exchange.trace
+            span = None if trace is None else trace.attempt(routed.decision, attempt + 1,
+                                                            routed.url, private)  # fmt: skip
+            payload = json.dumps(next_body, separators=(",", ":")).encode()
+            path = ENGINE_PATHS[endpoint if again else "completions"]
+            answered = False
+            try:
+                answered = await self._attempt(routes, routed, path, payload, request_id, send,
+                                               exchange, private, span, head=False)  # fmt: skip
+            finally:
+                routes.finish(routed)
+                if span is not None:
+                    end_attempt(span, answered)
+            if not stream.done:
+                failed.add(routed.replica_id)
+        if stream.done and not stream.continuing:  # started again: it ended as any stream
+            stream.outcome = "continued"
+            return
+        if stream.started and (stream.done or stream.complete):
+            stream.outcome = "continued"
+            exchange.told_usage(stream.total_usage())
+            ending = stream.ending(private)
+            await send({"type": "http.response.body", "body": ending, "more_body": True})
+        else:
+            stream.outcome = "failed"
+            failure = stream.error_event or _event(error_body(
+                502, "the engine's stream broke off", code="engine_error"))  # fmt: skip
+            await send({"type": "http.response.body", "body": failure + b"data: [DONE]\n\n",
+                        "more_body": True})  # fmt: skip
+        await send({"type": "http.response.body", "body": b""})
 
     async def _attempt(
         self,
         routes: EngineRoutes,
         routed: Any,
-        endpoint: Endpoint,
+        path: str,
         payload: bytes,
         request_id: str,
         send: Send,
         exchange: Exchange,
         private: bool = False,
         span: Span | None = None,
+        *,
+        head: bool = True,
     ) -> bool:
-        """Relay the request to the routed replica; False when it failed before answering (not
-        reachable, or its engine is gone: another replica may answer). `span`: the attempt's
-        trace span, whose `traceparent` the engine request carries."""
+        """Relay the request to the routed replica's `path`; False when it failed before
+        answering (not reachable, or its engine is gone: another replica may answer). `span`:
+        the attempt's trace span, whose `traceparent` the engine request carries. A migratable
+        stream (`exchange.stream`) goes event by event; `head`: the answer's head is still to
+        send (not for a continuation)."""
         traceparent = RequestTrace.traceparent(span) if span is not None else None
         try:
-            response = await self.relay.send(routed.url, ENGINE_PATHS[endpoint], payload,
-                                             request_id, traceparent)  # fmt: skip
+            response = await self.relay.send(routed.url, path, payload, request_id,
+                                             traceparent)  # fmt: skip
         except RelayError as exc:
-            if exc.timed_out:
+            if exc.timed_out and head:  # (a continuation's: the client has the answer's head)
                 raise _timed_out(self.relay.timeout_s) from None
             logger.warning(
                 "request %s: replica %s failed before answering: %s",
@@ -426,16 +528,30 @@ class Gateway:
                     request_id, routed.replica_id,
                 )  # fmt: skip
                 return False
-            exchange.decision = routed.decision
+            if head:  # the answer's routing (a continuation's is in the migration's comment)
+                exchange.decision = routed.decision
 
             def first_byte() -> None:
-                exchange.first_byte_at = time.perf_counter()
+                if exchange.first_byte_at is None:  # a continuation's is not the answer's
+                    exchange.first_byte_at = time.perf_counter()
                 routes.first_token(routed)
                 if span is not None:
                     span.add_event("first_token")
 
             headers = route_headers(routed.decision, private)
-            await pass_through(response, send, headers, first_byte, exchange.told_usage)
+            stream = exchange.stream
+            streamed = response.status == 200 and response.content_type == "text/event-stream"
+            if not head and not streamed:  # a continuation refused: the client has a head
+                return False
+            if stream is None or not streamed:
+                await pass_through(response, send, headers, first_byte, exchange.told_usage)
+                return True
+            if head:
+                stream.replicas.append(routed.replica_id)
+                await send(stream_head(response, headers))
+            await relay_events(response, send, stream, first_byte, exchange.told_usage)
+            if stream.done and not stream.continuing:  # it ended in its own shape
+                await send({"type": "http.response.body", "body": b""})
             return True
         finally:
             response.release()
@@ -484,11 +600,16 @@ class Gateway:
 
     # -- handle calls: through the engine deployment's Serve handle -----------------------------
     async def call(
-        self, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None = None
+        self,
+        endpoint: Endpoint,
+        request: OpenAIRequest,
+        tenant: str | None = None,
+        *,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         """A non-streaming request's JSON answer; `tenant`: whose `priority` the engine request
-        carries (when its engines schedule by it)."""
-        async for item in self._items(endpoint, request, tenant):
+        carries (when its engines schedule by it), unless `priority` is given."""
+        async for item in self._items(endpoint, request, tenant, priority):
             if "body" in item:
                 return item["body"]
         raise OpenAIError(500, "the engine answered a non-streaming request with a stream")
@@ -504,14 +625,18 @@ class Gateway:
                 raise OpenAIError.from_body(item["status"], item)
 
     async def _items(
-        self, endpoint: Endpoint, request: OpenAIRequest, tenant: str | None
+        self,
+        endpoint: Endpoint,
+        request: OpenAIRequest,
+        tenant: str | None,
+        priority: int | None = None,
     ) -> AsyncIterator[EngineItem]:
         spec = self._checked(request)
         state = self.state(spec)
         if not state.ready and not state.scales_to_zero:
             raise _not_ready(spec)
         handle = self._handles[spec.name]
-        body = self._engine_body(spec, endpoint, request, tenant)  # not gated: see the docstring
+        body = self._engine_body(spec, endpoint, request, tenant, priority)  # not gated (above)
         for attempt in range(self.config.server.retries + 1):
             items = handle.remote(endpoint, body)
             try:
@@ -634,3 +759,7 @@ def _not_ready(spec: ModelSpec) -> OpenAIError:
 
 def _timed_out(timeout_s: float) -> OpenAIError:
     return OpenAIError(504, f"the engine did not answer within {timeout_s:g} s", code="timeout")
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -118,14 +118,13 @@ async def pass_through(
         body = await response.read()
         on_first_byte()
         head = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
-        usage = _parse_usage(response.headers.get(USAGE_HEADER)) if response.status == 200 else None
+        usage = parse_usage(response.headers.get(USAGE_HEADER)) if response.status == 200 else None
         if usage is not None:
             on_usage(usage)
         await send({**start, "headers": [*head, *headers]})
         await send({"type": "http.response.body", "body": body})
         return usage
-    await send({**start, "headers": [(b"content-type", kind), (b"cache-control", b"no-cache"),
-                                     *headers]})  # fmt: skip
+    await send(stream_head(response, headers))
     first, tail, usage = True, b"", None
     try:
         async for chunk in response.content.iter_any():
@@ -152,7 +151,19 @@ async def pass_through(
     return None
 
 
-def _parse_usage(text: str | bytes | None) -> Usage | None:
+def stream_head(
+    response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
+) -> dict[str, Any]:
+    """The head of a stream's answer to the client: the engine's content type, `headers`."""
+    kind = response.headers.get("content-type", "text/event-stream").encode()
+    return {
+        "type": "http.response.start",
+        "status": response.status,
+        "headers": [(b"content-type", kind), (b"cache-control", b"no-cache"), *headers],
+    }
+
+
+def parse_usage(text: str | bytes | None) -> Usage | None:
     """(prompt, completion) of `"<prompt> <completion>"`; None if it is not that."""
     if not text:
         return None
@@ -174,5 +185,5 @@ def _strip_usage(chunk: bytes) -> tuple[bytes, Usage | None]:
     line = chunk[at + len(USAGE_COMMENT) : end]
     if not line.endswith(b"\n\n") or b"\n" in line[:-2]:
         return chunk, None
-    usage = _parse_usage(line[:-2])
+    usage = parse_usage(line[:-2])
     return (chunk, None) if usage is None else (chunk[:at] + _DONE, usage)

@@ -23,9 +23,10 @@ MAX_BASE64_BYTES = 200 * 1024
 TOP_FILES = ("pyproject.toml", "README.md")
 PACKAGE_DIR = "app"
 # What the cluster's pods do not run, left out to keep the archive within a ConfigMap: the
-# `vrstack` command's own parts (the pods serve; `serve run` and Ray import only the serving
-# path). An image built with the package (--image) has all of it.
-NOT_SERVED = ("cli", "k8s", "bench")
+# `vrstack` command's own parts and the routing lab (the pods serve; `serve run` and Ray import
+# only the serving path). An image built with the package (--image) has all of it.
+NOT_SERVED = ("cli", "k8s", "bench", "lab")
+SERVED_ANYWAY = ("lab/__init__.py", "lab/trace.py")  # the trace format capture writes
 # The label the package ConfigMaps carry (`vrstack k8s delete` finds earlier versions' by it)
 COMPONENT_LABEL, PACKAGE_COMPONENT = "app.kubernetes.io/component", "package"
 SOURCE_EPOCH = 946684800  # 2000-01-01: wheels (zip) cannot hold times before 1980
@@ -68,6 +69,8 @@ def source_files(root: Path) -> list[str]:
 
 
 def _not_served(path: Path) -> bool:
+    if path.as_posix() in SERVED_ANYWAY:
+        return False
     return len(path.parts) > 1 and path.parts[0] in NOT_SERVED
 
 

@@ -42,6 +42,7 @@ NO_TENANT = "anonymous"  # the tenant label of callers without a tenant
 CLIENT_LEFT = 499  # the status counted for a request whose client left before its answer
 QUOTAS = ("requests_per_second", "tokens_per_minute", "tokens_per_day", "max_concurrent")
 TOKEN_KINDS = ("prompt", "output", "estimated")
+MIGRATION_OUTCOMES = ("continued", "failed")
 QUEUE_REASONS = ("queue_full", "expired")  # why fair admission refused a request
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -89,6 +90,13 @@ class StackMetrics:
             ["model", "policy", "reason", "replica"],
             registry=r,
         )
+        self.migrations = Counter(
+            PREFIX + "stream_migrations",
+            "Streams that broke after their first byte, by model and outcome: continued on "
+            "another replica, or failed (ended with an error event).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.replicas = Gauge(
             PREFIX + "model_replicas_available",
             "Engine replicas of the model in RUNNING state (Ray Serve).",
@@ -109,6 +117,8 @@ class StackMetrics:
                 self.latency.labels(spec.name, endpoint)
             for endpoint in ("completions", "chat"):
                 self.ttft.labels(spec.name, endpoint)
+            for outcome in MIGRATION_OUTCOMES:
+                self.migrations.labels(spec.name, outcome)
         for endpoint in ENDPOINT_NAMES:
             self.in_flight.labels(endpoint).set(0)
         self._series: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
@@ -139,8 +149,9 @@ class StackMetrics:
         *,
         ttft_s: float | None = None,
         decision: Decision | None = None,
+        migration: str | None = None,
     ) -> None:
-        """Record one finished request."""
+        """Record one finished request (`migration`: the outcome of a stream that broke)."""
         label = self.model_label(model)
         key = (label, endpoint, status)
         series = self._series.get(key)
@@ -157,6 +168,8 @@ class StackMetrics:
         if decision is not None:
             kind = decision.reason.split("=", 1)[0] or "none"
             self.routing.labels(label, decision.policy, kind, decision.replica_id).inc()
+        if migration is not None:
+            self.migrations.labels(label, migration).inc()
 
     def _tenant_metrics(self, r: CollectorRegistry) -> None:
         self.tenant_requests = Counter(

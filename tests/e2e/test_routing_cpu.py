@@ -15,6 +15,7 @@ from ray import serve
 
 from app.builder import build_app
 from app.serve_config import read_serve_config
+from benchmarks.processes import engine_core
 from tests.conftest import SERVE_CONFIGS
 from tests.e2e.conftest import wait_healthy
 
@@ -75,3 +76,30 @@ def test_streams_carry_route_headers(two_replicas):
         assert response.headers["x-route-policy"] == "scored"
         assert response.headers["x-route-replica"]
         assert "data: [DONE]" in response.read().decode()
+
+
+# -- last: an engine killed mid-stream (its replica is replaced after the module) ---------------
+def test_a_stream_whose_engine_dies_goes_on_exactly_at_the_other_replica(two_replicas):
+    """The serving replica's `VLLM::EngineCore` killed after 8 chunks of a greedy stream: the
+    stream continues at the other replica, its text the uninterrupted run's
+    (`app.ingress.migration`), with the openai client reading it."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{two_replicas}/v1", api_key="none", timeout=120)
+    request = {"model": "smollm2", "prompt": "The history of the railway in Britain began",
+               "max_tokens": 64, "temperature": 0, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    expected = "".join(c.choices[0].text for c in client.completions.create(**request, stream=True))
+    raw = client.completions.with_streaming_response.create(**request, stream=True)
+    with raw as response:
+        core = engine_core("routing", "engine:smollm2", response.headers["x-route-replica"])
+        text = ""
+        for i, chunk in enumerate(response.parse()):
+            text += chunk.choices[0].text if chunk.choices else ""
+            if i == 7:
+                core.kill()
+    assert text == expected and len(expected) > 100
+    metrics = httpx.get(f"{two_replicas}/metrics", timeout=10).text
+    assert 'vrstack_stream_migrations_total{model="smollm2",outcome="continued"} 1.0' in metrics
+    print(
+        f"engine killed after 8 chunks: the stream went on, {len(text)} characters as uninterrupted"
+    )

@@ -14,9 +14,10 @@ import pytest
 import ray
 from ray import serve
 
-from app.capture.store import ActorStore, store_name
+from app.capture.store import CaptureStore, store_name
 from app.config import load_config
 from app.lab.trace import parse_line
+from app.shared_actor import Shared
 from app.tenants.ledger import NAMESPACE, ActorLedger, ledger_name
 from benchmarks.simulated_engine import simulated_stack
 from tests.e2e.conftest import wait_healthy
@@ -90,7 +91,7 @@ def test_three_ingress_replicas_and_a_redeploy_share_one_quota(cluster):
     started = time.monotonic()
     # The application's actors, made first with a short idle exit (the ingress gets them).
     ActorLedger(ledger_name(APP), idle_exit_s=IDLE_EXIT_S).handle()
-    ActorStore(store_name(APP), 10_000, idle_exit_s=IDLE_EXIT_S)._handle()
+    Shared(store_name(APP), CaptureStore, 10_000, idle_exit_s=IDLE_EXIT_S)._handle()
     try:
         deploy(300)
         wait_healthy(cluster.base_url)

@@ -5,6 +5,8 @@ called with the `openai` client, plain HTTP (production-stack's curl paths) and 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import httpx
 import openai
@@ -142,3 +144,28 @@ def test_handle_client(smollm2):
     with pytest.raises(StackError) as info:
         client.chat_sync("smollm2", FRANCE, max_tokens=-1)
     assert info.value.status == 400 and info.value.param == "max_tokens"
+
+
+def test_a_batch_runs_on_the_engine_with_the_openai_clients_batch_api(client):
+    """Files and batches as OpenAI's clients use them: upload, create, poll, download."""
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "default", "messages": [{"role": "user", "content": question}],
+                  "max_tokens": 24, "temperature": 0}}
+        for i, question in enumerate(["What is the capital of France?", "Say hello."])
+    ]  # fmt: skip
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = client.files.create(file=("questions.jsonl", data), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")  # fmt: skip
+    deadline = time.monotonic() + 180
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(1)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    results = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    answers = {r["custom_id"]: r["response"] for r in results}
+    assert sorted(answers) == ["q0", "q1"]
+    assert all(answer["status_code"] == 200 for answer in answers.values())
+    assert "Paris" in answers["q0"]["body"]["choices"][0]["message"]["content"]
+    assert answers["q0"]["body"]["usage"]["completion_tokens"] <= 24

@@ -1,4 +1,5 @@
-"""What the endpoint modules share: the gateway dependency (GET routes) and `PostRoute`."""
+"""What the endpoint modules share: the gateway dependency (GET routes), the caller of a
+FastAPI route and the owner of what it stores, and `PostRoute`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,28 @@ def _gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls a FastAPI route (set by `app.ingress.auth.AuthMiddleware`): its key id, its
+    tenant, and the owner of what it stores (responses, files, batches): the tenant, else the
+    key, so another tenant's or key's are as absent as missing ones."""
+
+    key_id: str
+    tenant: str | None
+
+    @property
+    def owner(self) -> str:
+        return f"tenant:{self.tenant}" if self.tenant is not None else f"key:{self.key_id}"
+
+
+def caller_of(request: Request) -> Caller:
+    """The caller of a FastAPI route."""
+    return Caller(request.state.api_key_id, request.state.tenant)
+
+
+CallerDep = Annotated[Caller, Depends(caller_of)]
 
 
 @dataclass(frozen=True)
