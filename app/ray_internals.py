@@ -111,6 +111,16 @@ def scoring_service(engine: Any) -> Any:
     return getattr(engine, "_oai_serving_scores", None)
 
 
+def engine_block_size(engine: Any) -> int | None:
+    """The KV cache block size Ray Serve LLM's vLLM engine runs with (None if unknown).
+
+    Why: the block size is resolved by vLLM's platform at start (128 on CPUs unless set);
+    Ray Serve LLM keeps the resolved config only on its engine client."""
+    config = getattr(getattr(engine, "_engine_client", None), "vllm_config", None)
+    size = getattr(getattr(config, "cache_config", None), "block_size", None)
+    return size if isinstance(size, int) else None
+
+
 async def engine_tokenizer(engine: Any) -> tuple[Any, str | None]:
     """The tokenizer of Ray Serve LLM's vLLM engine and the chat template its chat service
     renders with (None when it has none of its own).

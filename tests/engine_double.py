@@ -24,7 +24,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from app.engines import router_registry
-from app.engines.http_server import Answer, EngineApp, EngineHttpServer, usage_comment, usage_pair
+from app.engines.http_server import (
+    Answer,
+    EngineApp,
+    EngineHttpServer,
+    Usage,
+    usage_comment,
+    usage_pair,
+)
 from app.engines.router import Routed, StackRequestRouter
 from app.routing import RequestView
 from benchmarks.processes import free_port
@@ -145,7 +152,7 @@ class EngineDouble:
                      "total_tokens": len(prompt) + count}  # fmt: skip
             if options.get("include_usage"):
                 yield _data({**head, "choices": [], "usage": usage})
-            yield usage_comment((len(prompt), count)) + b"data: [DONE]\n\n"
+            yield usage_comment(Usage(len(prompt), count)) + b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise

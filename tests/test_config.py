@@ -141,8 +141,11 @@ def test_serve_config_errors_name_file_and_application(tmp_path, cpu_model):
         read_serve_config(path)
 
 
-def test_a_policy_the_engines_cannot_feed_yet_is_refused_with_the_reason(cpu_model):
+def test_the_kv_policy_needs_the_engines_prefix_caches(cpu_model):
+    config = load_config({"models": [cpu_model], "router": {"policy": "kv"}})
+    assert config.router.policy == "kv"
+    off = {**cpu_model, "engine_args": {"enable_prefix_caching": False}}
     with pytest.raises(ConfigError) as err:
-        load_config({"models": [cpu_model], "router": {"policy": "kv"}})
-    assert "router: Value error" not in str(err.value)
-    assert "KV cache events" in str(err.value) and "'scored'" in str(err.value)
+        load_config({"models": [off], "router": {"policy": "kv"}})
+    assert "enable_prefix_caching: false" in str(err.value)
+    assert load_config({"models": [off]}).router.policy == "scored"  # others do not need them

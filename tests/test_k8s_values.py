@@ -164,15 +164,12 @@ def test_import_values_to_stdout_and_bad_values(tmp_path):
     assert result.exit_code == 2 and "resources.cpu" in result.output
 
 
-def test_kvaware_routing_imports_as_the_default_policy_with_a_warning():
+def test_kvaware_routing_imports_as_the_kv_policy():
     values = {"servingEngineSpec": {"modelSpec": [{"name": "m", "modelURL": "org/m"}]},
               "routerSpec": {"routingLogic": "kvaware"}}  # fmt: skip
     imported = import_values(values)
-    assert imported.serve_config["applications"][0]["args"].get("router", {}).get("policy") in (
-        None,
-        "scored",
-    )
-    assert any("'kvaware'" in w and "KV cache events" in w for w in imported.warnings)
+    assert imported.serve_config["applications"][0]["args"]["router"]["policy"] == "kv"
+    assert not any("kvaware" in w for w in imported.warnings)
 
 
 # Fixtures modelled on production-stack's tutorial values files (tutorials/assets/ in

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
-from app.engines.http_server import ENGINE_UNAVAILABLE
+from app.engines.http_server import ENGINE_UNAVAILABLE, Usage
 from app.ingress.migration import MIGRATED_COMMENT, Stream, migratable
 from app.ingress.protocol import ChatCompletionRequest, CompletionRequest
 from benchmarks.toy_model import next_token, prompt_ids, word
@@ -264,7 +264,7 @@ def test_token_ids_not_asked_for_are_taken_out():
                         b'"text":"a","prompt_token_ids":[1,2],"token_ids":[3]}]}')  # fmt: skip
     assert first.endswith(b'"prompt_token_ids":null,"token_ids":null}]}\n\n')
     assert stream.prompt_ids == [1, 2] and stream.generated == [3]
-    assert stream.take(b": vrstack-usage 2 1") == b"" and stream.usage == (2, 1)
+    assert stream.take(b": vrstack-usage 2 1") == b"" and stream.usage == Usage(2, 1)
     assert stream.take(b"data: [DONE]") == b"data: [DONE]\n\n" and stream.done
     chat = Stream(chat=True)
     assert chat.take(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":null,'

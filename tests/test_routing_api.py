@@ -247,15 +247,21 @@ def test_kv_policy_uses_engine_events_only():
     reps = _replicas(3)
     tokens = list(range(100, 132))
     req = RequestView("m", token_ids=tokens)
-    assert policy.choose(req, reps).reason == "least-load"
-    assert policy.choose(req, reps).reason == "least-load"  # its own decisions are not recorded
+    first = policy.choose(req, reps)
+    assert first.reason == "least-load"
+    policy.on_complete(req, first.replica_id)  # done, and no engine reported its blocks
+    again = policy.choose(req, reps)
+    assert again.reason == "least-load"  # its own decisions are not recorded in the index
+    policy.on_complete(req, again.replica_id)
     policy.on_kv_event("m", "r2", BlockStored([11, 12], None, tokens[:8], 4))
     policy.on_kv_event("m", "r2", BlockStored([13, 14], 12, tokens[8:16], 4))
     d = policy.choose(req, reps)
     assert (d.replica_id, d.reason) == ("r2", "kv-match=0.50")
+    policy.on_complete(req, d.replica_id)
     policy.on_kv_event("m", "r2", BlockRemoved([13, 14]))
-    assert policy.choose(req, reps).reason == "kv-match=0.25"
+    assert policy.index("m").match(req.block_hashes(4)) == {"r2": 2}
     policy.on_kv_event("m", "r2", AllBlocksCleared())
+    assert policy.index("m").match(req.block_hashes(4)) == {}
     assert policy.choose(req, reps).reason == "least-load"
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from app.engines.http_server import Answer, EngineApp, EngineHttpServer
+from app.engines.http_server import Answer, EngineApp, EngineHttpServer, Usage, usage_pair
 from app.engines.request_meter import RequestMeter, wants_usage
-from app.ingress.relay import Relay, pass_through
+from app.ingress.relay import Relay, parse_usage, pass_through
 
 pytestmark = pytest.mark.anyio
 TOKEN = "test-token"
@@ -117,7 +117,7 @@ def _client_bytes(messages: list[dict]) -> bytes:
 
 async def test_a_json_answers_usage_comes_from_its_header(chosen_bytes):
     usage, messages = await _relayed(chosen_bytes, "/json")
-    assert usage == (12, 8)
+    assert usage == Usage(12, 8)
     head = dict(messages[0]["headers"])
     assert b"x-vrstack-usage" not in head  # the engine's headers never reach the client
     assert head[b"x-route-policy"] == b"p"
@@ -144,7 +144,7 @@ async def test_the_usage_is_told_before_the_last_bytes_are_sent(chosen_bytes, pa
             response.release()
     finally:
         await relay.close()
-    assert told == [(12, 8) if path == "/json" else (7, 3)]
+    assert told == [Usage(12, 8) if path == "/json" else Usage(7, 3)]
 
 
 @pytest.mark.parametrize("path", ["/json-garbled", "/json-none", "/json-400", "/json-500"])
@@ -157,7 +157,7 @@ async def test_a_json_answer_without_a_valid_header_or_not_200_has_no_usage(chos
 @pytest.mark.parametrize("path", ["/stream", "/stream-alone"])
 async def test_a_streams_usage_comment_is_read_and_stripped(chosen_bytes, path):
     usage, messages = await _relayed(chosen_bytes, path)
-    assert usage == (7, 3)
+    assert usage == Usage(7, 3)
     sent = _client_bytes(messages)
     assert b"vrstack-usage" not in sent
     assert sent == TEXT + TEXT + DONE
@@ -208,7 +208,7 @@ class _Backend:
             raise RuntimeError("CUDA error")
         if not body.get("stream"):
             usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-            return Answer.json({"choices": [], "usage": usage}, usage=(5, 2))
+            return Answer.json({"choices": [], "usage": usage}, usage=Usage(5, 2))
         events = [TEXT.decode(), TEXT.decode(), USAGE_EVENT, DONE.decode()]
         if kind == "no-usage":
             events.remove(USAGE_EVENT)
@@ -236,7 +236,7 @@ async def engine_port() -> AsyncIterator[tuple[str, _Backend]]:
 async def test_the_engine_port_tells_a_json_answers_usage(engine_port):
     url, _ = engine_port
     usage, messages = await _relayed(url, "/v1/completions", {"model": "m"})
-    assert usage == (5, 2)
+    assert usage == Usage(5, 2)
     assert json.loads(_client_bytes(messages))["usage"]["completion_tokens"] == 2
 
 
@@ -247,7 +247,7 @@ async def test_the_engine_port_tells_a_streams_usage(engine_port, include_usage)
     if include_usage:
         body["stream_options"] = {"include_usage": True}
     usage, messages = await _relayed(url, "/v1/completions", body)
-    assert usage == (7, 3)
+    assert usage == Usage(7, 3)
     sent = _client_bytes(messages)
     assert b"vrstack-usage" not in sent and sent.endswith(DONE)
     assert (b'"prompt_tokens":7' in sent) is include_usage  # the client's chunk, if it asked
@@ -270,10 +270,24 @@ async def test_the_engine_ports_errors_and_streams_without_usage_tell_none(engin
 def test_the_engine_tells_tokenize_and_detokenize_counts_as_prompt_tokens():
     from app.engines.llm_server import _usage_of
 
-    assert _usage_of("tokenize", {}, {"count": 5, "tokens": [1, 2, 3, 4, 5]}) == (5, 0)
-    assert _usage_of("detokenize", {"tokens": [7, 8, 9]}, {"prompt": "abc"}) == (3, 0)
+    assert _usage_of("tokenize", {}, {"count": 5, "tokens": [1, 2, 3, 4, 5]}) == Usage(5, 0)
+    assert _usage_of("detokenize", {"tokens": [7, 8, 9]}, {"prompt": "abc"}) == Usage(3, 0)
     embedding = {"usage": {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": None}}
-    assert _usage_of("embeddings", {}, embedding) == (4, 0)
+    assert _usage_of("embeddings", {}, embedding) == Usage(4, 0)
     chat = {"usage": {"prompt_tokens": 9, "total_tokens": 12, "completion_tokens": 3}}
-    assert _usage_of("chat", {}, chat) == (9, 3)
+    assert _usage_of("chat", {}, chat) == Usage(9, 3)
     assert _usage_of("completions", {}, {"choices": []}) is None
+
+
+def test_cached_prompt_tokens_travel_with_the_usage():
+    usage = usage_pair(
+        {
+            "prompt_tokens": 300,
+            "completion_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 256},
+        }
+    )
+    assert usage == Usage(300, 4, 256)
+    assert parse_usage(usage.wire()) == usage
+    assert parse_usage(b"300 4") == Usage(300, 4, None)
+    assert parse_usage(b"300 4 256 1") is None and parse_usage("3 -1") is None

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.lab.figures import LabFigures
+from app.lab.kv_feed import KvFeedSettings
 from app.lab.run import LAB_POLICIES, run_lab
 from app.lab.simulator import SimSettings
 from app.lab.trace import TraceRequest, read_trace, write_trace
@@ -49,6 +50,24 @@ def lab(
         list[str] | None,
         typer.Option(help=f"Policy (repeatable) or 'all': {', '.join(LAB_POLICIES)}."),
     ] = None,
+    kv_event_delay: Annotated[
+        float,
+        typer.Option(min=0.0, help="kv policy: seconds from a replica's KV events to the router."),
+    ] = 0.05,
+    kv_event_loss: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="kv policy: fraction of event batches dropped."),
+    ] = 0.0,
+    kv_replay: Annotated[
+        bool,
+        typer.Option(
+            "--kv-replay/--no-kv-replay",
+            help="kv policy: recover a lost batch by replay (after one more delay), or lose it.",
+        ),
+    ] = True,
+    drift_every: Annotated[
+        int, typer.Option(min=1, help="Sample the index drift every N decisions.")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     tenants: Annotated[
         bool,
@@ -76,15 +95,22 @@ def lab(
         prefill_cost=prefill_cost,
         decode_cost=decode_cost,
     )
+    feed = KvFeedSettings(delay_s=kv_event_delay, loss=kv_event_loss, replay=kv_replay)
     try:
-        results = run_lab(requests, names, replicas, settings, seed=seed)
+        results = run_lab(
+            requests, names, replicas, settings, seed=seed, kv_feed=feed, drift_every=drift_every
+        )
     except ValueError as exc:
         _fail(str(exc))
     if as_json:
         source = str(trace) if trace else workload
-        typer.echo(json.dumps(_as_json(results, source, len(requests), replicas, settings)))
+        out = _as_json(results, source, len(requests), replicas, settings)
+        if "kv" in names:
+            out["kv_feed"] = _feed_json(feed)
+        typer.echo(json.dumps(out))
     else:
         _print_table(results, len(requests), replicas)
+        _print_drift(results, feed)
 
 
 def _fail(message: str) -> NoReturn:
@@ -150,6 +176,38 @@ def _print_table(results: list[LabFigures], requests: int, replicas: int) -> Non
     if results:
         Console().print(
             f"oracle hit rate (pooled cache, same capacity): {results[0].oracle_hit_rate:.3f}"
+        )
+
+
+def _feed_json(feed: KvFeedSettings) -> dict[str, Any]:
+    return {"delay_s": feed.delay_s, "loss": feed.loss, "replay": feed.replay}
+
+
+def _print_drift(results: list[LabFigures], feed: KvFeedSettings) -> None:
+    """The indexed policies' drift from the simulated caches, and the kv feed's batches."""
+    rows = [r for r in results if r.index_drift is not None]
+    if not rows:
+        return
+    table = Table(title="index vs simulated caches (share of entries; mean over decisions / end)")
+    for col in ("policy", "stale", "missing", "event batches"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        d = r.index_drift or {}
+        ev = r.kv_events
+        table.add_row(
+            r.policy,
+            f"{d['stale_mean']:.3f} / {d['stale_end']:.3f}",
+            f"{d['missing_mean']:.3f} / {d['missing_end']:.3f}",
+            ""
+            if ev is None
+            else f"{ev['dropped']} of {ev['published']} lost, {ev['replayed']} replayed",
+        )
+    Console().print(table)
+    if any(r.kv_events is not None for r in rows):
+        Console().print(
+            f"kv events: {feed.delay_s:g} s delay, {feed.loss:.1%} of batches lost, "
+            f"replay {'on' if feed.replay else 'off'}",
+            markup=False,
         )
 
 

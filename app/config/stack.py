@@ -12,14 +12,9 @@ from app.config.models import ModelSpec, StrictModel, check_custom_resources
 from app.config.responses import ResponsesSettings
 from app.config.tenants import AdmissionSettings, KeyLimits, KeySources, Tenant
 from app.config.tracing import TracingSettings
-from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy
+from app.routing import DEFAULT_POLICY, POLICY_NAMES, make_policy, uses_kv_events
 
 SCHEDULING_POLICY = "scheduling_policy"  # vLLM's engine argument: "fcfs" (default) or "priority"
-# Policies the routing package has but the engines cannot feed yet: refused with the reason.
-NOT_WIRED = {
-    "kv": "routes from the engines' KV cache events, which no engine publishes to the router "
-    "yet; use 'scored' (the default) or 'prefix'",
-}
 
 
 class RouterSettings(StrictModel):
@@ -37,11 +32,15 @@ class RouterSettings(StrictModel):
         description="Header carrying a session id (production-stack's sessionKey); "
         "else the body's `user` field.",
     )
+    receipts: bool = Field(
+        False,
+        description="Attach a route receipt (candidates, scores, predicted cached tokens) to "
+        "every decision, as a request's `x-route-receipt: 1` header asks for its own; with "
+        "tenants configured, receipts go to the logs only, never to answers.",
+    )
 
     @model_validator(mode="after")
     def _policy_settings(self) -> RouterSettings:
-        if self.policy in NOT_WIRED:
-            raise ValueError(f"policy {self.policy!r} {NOT_WIRED[self.policy]}")
         try:
             make_policy(self.policy, **self.settings)
         except TypeError as exc:
@@ -159,6 +158,20 @@ class StackConfig(StrictModel):
         if isinstance(models, list):
             data = {**data, "models": [_with_priority_scheduling(m) for m in models]}
         return data
+
+    @model_validator(mode="after")
+    def _prefix_caching_for_kv_events(self) -> StackConfig:
+        """A policy reading the engines' KV cache events needs their prefix caches on."""
+        if not uses_kv_events(self.router.policy, **self.router.settings):
+            return self
+        for model in self.models:
+            if model.engine_args.get("enable_prefix_caching") is False:
+                raise ValueError(
+                    f"model {model.name!r}: router policy {self.router.policy!r} routes by the "
+                    "engines' prefix caches, but its engine_args turn prefix caching off "
+                    "(enable_prefix_caching: false)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> StackConfig:

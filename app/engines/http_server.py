@@ -37,7 +37,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from app.engines.items import Endpoint
 from app.errors import error_body
@@ -64,10 +64,24 @@ DRAIN_S = 30.0  # how long a stopping replica lets its answers in progress finis
 # long enough for the drain and for the engine to stop after it.
 SHUTDOWN_S = DRAIN_S + 30.0
 _ERROR_EVENT = b'data: {"error"'
-USAGE_HEADER = "x-vrstack-usage"  # a JSON answer's usage: "<prompt_tokens> <completion_tokens>"
+USAGE_HEADER = "x-vrstack-usage"  # a JSON answer's usage: "<prompt> <completion>[ <cached>]"
 USAGE_COMMENT = b": vrstack-usage "  # a stream's usage, just before its final `data: [DONE]`
 _USAGE_HEADER = USAGE_HEADER.encode()
-Usage = tuple[int, int]  # (prompt tokens, completion tokens)
+
+
+class Usage(NamedTuple):
+    """An answer's tokens as the engine counted them; `cached`: the prompt tokens its prefix
+    cache served (`usage.prompt_tokens_details.cached_tokens`), None when it did not say."""
+
+    prompt: int
+    completion: int
+    cached: int | None = None
+
+    def wire(self) -> bytes:
+        """As `USAGE_HEADER` and `usage_comment` carry it."""
+        if self.cached is None:
+            return b"%d %d" % (self.prompt, self.completion)
+        return b"%d %d %d" % (self.prompt, self.completion, self.cached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +118,21 @@ class Backend(Protocol):
 
 
 def usage_pair(usage: Any) -> Usage | None:
-    """(prompt, completion) tokens of an OpenAI `usage` object; None when there is none."""
+    """The tokens of an OpenAI `usage` object; None when there is none."""
     if not isinstance(usage, dict):
         return None
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        cached if isinstance(cached, int) else None,
+    )
 
 
 def usage_comment(usage: Usage) -> bytes:
     """A stream's usage as the SSE comment sent just before its final `data: [DONE]`."""
-    return b"%s%d %d\n\n" % (USAGE_COMMENT, usage[0], usage[1])
+    return USAGE_COMMENT + usage.wire() + b"\n\n"
 
 
 def route_path(scope: dict[str, Any]) -> str:
@@ -287,7 +307,7 @@ async def _read_body(receive: Any) -> bytes | None:
 async def _send(send: Any, answer: Answer) -> None:
     headers = [*_JSON, (b"content-length", str(len(answer.body)).encode())]
     if answer.usage is not None:
-        headers.append((_USAGE_HEADER, b"%d %d" % answer.usage))
+        headers.append((_USAGE_HEADER, answer.usage.wire()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body})
 

@@ -28,6 +28,9 @@ def resolve_source(source: str) -> str:
 
 def engine_kwargs(spec: ModelSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": spec.dtype, **spec.engine_args}
+    # Answers tell the prompt tokens the engine's prefix cache served, as OpenAI's do
+    # (`usage.prompt_tokens_details.cached_tokens`); the router's receipts compare them.
+    kwargs.setdefault("enable_prompt_tokens_details", True)
     if spec.max_model_len is not None:
         kwargs["max_model_len"] = spec.max_model_len
     if spec.kv_offload is not None:
@@ -83,6 +86,14 @@ def placement_bundles(spec: ModelSpec) -> list[dict[str, float]]:
         first["memory"] = memory
     first.update(res.custom)
     return [first] + [{"GPU": 1.0} for _ in range(1, math.ceil(res.gpu))]
+
+
+def kv_events(router: RouterSettings) -> bool:
+    """Whether the engines publish their KV cache events to the router (its policy reads
+    them: `kv`)."""
+    from app.routing import uses_kv_events
+
+    return uses_kv_events(router.policy, **router.settings)
 
 
 def router_config(spec: ModelSpec, router: RouterSettings) -> dict[str, Any]:
@@ -164,6 +175,6 @@ def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
     return build_llm_deployment(
         config,
         deployment_cls=EngineServer,
-        bind_kwargs={"embedded_model": spec.embedded_model},
+        bind_kwargs={"embedded_model": spec.embedded_model, "kv_events": kv_events(router)},
         override_serve_options={"name": deployment_name(spec)},
     )

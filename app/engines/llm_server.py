@@ -31,9 +31,11 @@ from app.engines.http_server import (
     EngineApp,
     EngineHttpServer,
     Usage,
+    engine_host,
     usage_pair,
 )
 from app.engines.items import Endpoint, EngineItem
+from app.engines.kv_publisher import METADATA_KEY, KvPublisher
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.engines.stat_logger import EngineStats
 from app.errors import error_body, validation_message
@@ -42,6 +44,7 @@ from app.ray_internals import (
     NoTelemetryStart,
     add_stat_logger,
     enable_tokenization,
+    engine_block_size,
     engine_tokenizer,
     openai_request_models,
     scoring_service,
@@ -87,8 +90,11 @@ class EngineServer(NoTelemetryStart, LLMServer):
         llm_config: Any,
         *,
         embedded_model: str | None = None,
+        kv_events: bool = False,
         **kwargs: Any,
     ) -> None:
+        """`kv_events`: the engine publishes its KV cache events for the router
+        (`app.engines.kv_publisher`)."""
         self._engine_stats = EngineStats()
         self._meter = RequestMeter()
         token = await internal_token(serve.get_replica_context().app_name)
@@ -96,6 +102,9 @@ class EngineServer(NoTelemetryStart, LLMServer):
         self._http = EngineHttpServer(self._port)
         if embedded_model:  # convert on this node, once; the engine then loads the folder
             await asyncio.to_thread(embedded.prepare, embedded_model)
+        self._kv = KvPublisher.on(engine_host()) if kv_events else None
+        if self._kv is not None:
+            llm_config.update_engine_kwargs(kv_events_config=self._kv.engine_config())
         await super().__init__(llm_config, **kwargs)
 
     async def start(self) -> None:
@@ -106,8 +115,12 @@ class EngineServer(NoTelemetryStart, LLMServer):
         await self._http.start()
 
     def record_replica_metadata(self) -> dict[str, Any]:
-        """The replica's HTTP port, for the ingress's request router."""
-        return {"url": self._http.url}
+        """The replica's HTTP port, for the ingress's request router; where its engine
+        publishes its KV cache events, when it does."""
+        metadata: dict[str, Any] = {"url": self._http.url}
+        if self._kv is not None:
+            metadata[METADATA_KEY] = self._kv.metadata(engine_block_size(self.engine))
+        return metadata
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Stats for the request router and the ingress's metrics: the replica's answers in
@@ -220,14 +233,14 @@ class EngineServer(NoTelemetryStart, LLMServer):
 
 
 def _usage_of(endpoint: Endpoint, body: dict[str, Any], data: dict[str, Any]) -> Usage | None:
-    """The (prompt, completion) tokens of a JSON answer, for the ingress: its `usage`; a
-    tokenize answer's `count` as prompt tokens; a detokenize request's token ids."""
+    """The tokens of a JSON answer, for the ingress: its `usage`; a tokenize answer's `count`
+    as prompt tokens; a detokenize request's token ids."""
     if endpoint == "tokenize":
         count = data.get("count")
-        return (count, 0) if isinstance(count, int) else None
+        return Usage(count, 0) if isinstance(count, int) else None
     if endpoint == "detokenize":
         tokens = body.get("tokens")
-        return (len(tokens), 0) if isinstance(tokens, list) else None
+        return Usage(len(tokens), 0) if isinstance(tokens, list) else None
     return usage_pair(data.get("usage"))
 
 

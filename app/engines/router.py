@@ -8,21 +8,26 @@ replica's HTTP port) and their routing stats from Serve, and chooses replicas in
   counts and the policy's view of outstanding prefill stay true;
 - `choose_replicas(...)`: Serve's hook, for handle calls (the stack's Python API).
 Both go through one lock: Serve may run its hook on another thread than the ingress's.
+A policy that routes from the engines' KV cache events (`kv`) gets them from a `KvFeed`
+thread (`app.engines.kv_feed`), under the same lock.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from app.engines import router_registry
+from app.engines.kv_feed import FeedCounts, KvFeed, Source
+from app.engines.kv_publisher import METADATA_KEY
 from app.routing import (
     Decision,
+    KvEvent,
     NoReplicaError,
     ReplicaStats,
     RequestView,
@@ -84,6 +89,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._in_flight: dict[str, int] = {}  # replica id -> open requests (none: no entry)
         self._open: dict[Any, _Open] = {}  # request key -> where it went
         self.replicas_known = False  # Serve has told this router the running replicas
+        self._kv_feed = KvFeed(self, f"kv-feed-{model}") if self._policy.kv_events else None
         router_registry.register(model, self)
 
     # -- relayed requests (the ingress's HTTP path) ------------------------------------------
@@ -131,6 +137,39 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self.replicas_known = True
+        if self._kv_feed is not None:
+            self._watch_kv_events(replicas)
+
+    # -- KV cache events (a `kv` policy) ----------------------------------------------------------
+    def _watch_kv_events(self, replicas: list[RunningReplica]) -> None:
+        """Follow the replicas' KV event publishers; take the engines' block size."""
+        sources: dict[str, Source] = {}
+        for replica in replicas:
+            published = replica.replica_metadata.get(METADATA_KEY)
+            if not isinstance(published, dict) or (source := Source.of(published)) is None:
+                continue
+            sources[replica.replica_id.unique_id] = source
+            block_size = published.get("block_size")
+            if isinstance(block_size, int) and block_size != self._policy.block_size:
+                with self._lock:  # request views hash their prompts per block size
+                    self._policy.block_size = block_size
+        assert self._kv_feed is not None
+        self._kv_feed.watch(sources)
+
+    def apply(self, replica_id: str, events: Sequence[KvEvent]) -> None:
+        """A replica's KV cache events, in order (`KvFeed`'s sink)."""
+        with self._lock:
+            for event in events:
+                self._policy.on_kv_event(self._model, replica_id, event)
+
+    def reset(self, replica_id: str) -> None:
+        """Forget a replica's cache: its events are rebuilding it (`KvFeed`'s sink)."""
+        with self._lock:
+            self._policy.forget_blocks(replica_id)
+
+    def kv_counts(self) -> FeedCounts | None:
+        """What the KV event feed has done (None: the policy takes no events)."""
+        return None if self._kv_feed is None else self._kv_feed.counts
 
     async def choose_replicas(
         self,

@@ -76,6 +76,23 @@ def snapshot() -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+def kv_counts() -> dict[str, dict[str, int]]:
+    """model -> what its routers' KV event feeds have done (`kv_feed.FeedCounts`, summed);
+    only models whose policy reads KV cache events."""
+    with _lock:
+        routers = {model: list(found) for model, found in _routers.items()}
+    out: dict[str, dict[str, int]] = {}
+    for model, found in routers.items():
+        for router in found:
+            counts = router.kv_counts()
+            if counts is None:
+                continue
+            total = out.setdefault(model, {})
+            for name in counts.__slots__:
+                total[name] = total.get(name, 0) + getattr(counts, name)
+    return out
+
+
 def forget_all() -> None:
     """For tests."""
     with _lock:

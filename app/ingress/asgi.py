@@ -32,7 +32,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app import __version__
 from app.batches import BatchStore
 from app.capture import Recorder
-from app.engines.http_server import route_path, unless_disconnected
+from app.engines.http_server import Usage, route_path, unless_disconnected
 from app.errors import OpenAIError, public_message, validation_message
 from app.ingress.auth import AuthMiddleware, KeyStore
 from app.ingress.error_handlers import install_error_handlers
@@ -56,6 +56,7 @@ from app.ingress.routes import responses as responses_routes
 from app.ingress.routes import usage as usage_routes
 from app.ingress.routes.common import PostRoute
 from app.observability.metrics import CLIENT_LEFT, NO_TENANT, StackMetrics
+from app.observability.receipts import log_receipt
 from app.shared_actor import Local, Shared, shared
 from app.tenants import AdmissionGate, QueueFull, WaitExpired
 
@@ -63,6 +64,7 @@ logger = logging.getLogger("vrstack.ingress")
 POST_ROUTES = (completions.ROUTE, chat.ROUTE, embeddings.ROUTE, score.SCORE, score.RERANK,
                tokenize.TOKENIZE, tokenize.DETOKENIZE)  # fmt: skip
 QUEUE_EXPIRED_RETRY_AFTER_S = 1  # as the stack's other overload answers
+RECEIPT_HEADER = b"x-route-receipt"  # a request's ask for its route receipt
 
 
 class StackApp:
@@ -79,6 +81,7 @@ class StackApp:
         self.gated = bool(gateway.gates)  # tenants: fair admission in front of each model
         key = config.router.session_key
         self.session_header = key.lower().encode() if key else None
+        self.receipts = config.router.receipts  # every decision carries a route receipt
         self.posts = {path: route for route in POST_ROUTES for path in route.paths}
         self.api = _fastapi(gateway, self.metrics, self.keys)
         self.capture: Recorder | None = self.api.state.capture  # `capture` configured
@@ -137,6 +140,7 @@ class StackApp:
                     exchange=exchange,
                     private=self.private_routes,
                     tenant=tenant,
+                    receipt=self._receipt(scope),
                 )
                 if gate is not None:  # tenants configured: wait for a slot in fair order
                     relay = self._admitted(gate, tenant, request, relay, answer, exchange)
@@ -168,7 +172,10 @@ class StackApp:
                 ttft_s=exchange.first_byte_at - started if streamed else None,
                 decision=exchange.decision,
                 migration=exchange.stream.outcome if exchange.stream is not None else None,
+                usage=exchange.usage,
             )
+            if exchange.decision is not None and exchange.decision.receipt is not None:
+                log_receipt(request_id, exchange.decision.receipt, exchange.usage)
             if self.metrics.tenants:
                 self.metrics.tenant_finish(tenant, status, exchange.usage, lease, quota)
             if trace is not None:
@@ -206,7 +213,7 @@ class StackApp:
                     raise
                 finally:
                     if exchange.usage is not None:
-                        slot.settle(*exchange.usage)
+                        slot.settle(exchange.usage.prompt, exchange.usage.completion)
                     elif answer.status is not None and answer.status >= 400:
                         slot.settle(0, 0)
         except (QueueFull, WaitExpired) as exc:
@@ -230,6 +237,17 @@ class StackApp:
         except ValidationError as exc:
             message, param = validation_message(exc)
             raise OpenAIError(400, message, param=param) from None
+
+    def _receipt(self, scope: Scope) -> bool:
+        """Whether the decision carries a route receipt: `router.receipts`, or the request's
+        `x-route-receipt: 1` (`true`, `yes`) header unless tenants share the stack (their
+        receipts go to the logs only, so only `router.receipts` makes them)."""
+        if self.receipts:
+            return True
+        if self.private_routes:
+            return False
+        value = dict(scope["headers"]).get(RECEIPT_HEADER)
+        return value is not None and value.strip().lower() in (b"1", b"true", b"yes")
 
     def _session(self, scope: Scope) -> str | None:
         if self.session_header is None:
@@ -282,12 +300,12 @@ class _Answer:
         return error
 
 
-def _settle(lease: Lease, answer: _Answer, usage: tuple[int, int] | None) -> None:
+def _settle(lease: Lease, answer: _Answer, usage: Usage | None) -> None:
     """Charge the tokens the answer's `usage` reports (a JSON answer's or a stream's); nothing
     for a refusal or a failure; else (a client that left, a stream that broke off, no usage
     from the engine) what was reserved."""
     if usage is not None:
-        lease.settle_tokens(*usage)
+        lease.settle_tokens(usage.prompt, usage.completion)
     elif answer.status is not None and answer.status >= 400:
         lease.settle(0)
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from app.config import PRIORITY_CLASSES, ModelSpec, StackConfig, Tenant
 from app.config.stack import SCHEDULING_POLICY
 from app.engines import router_registry
-from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE
+from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE, Usage
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError, error_body
@@ -46,7 +46,8 @@ from app.ingress.relay import (
     stream_head,
 )
 from app.observability.tracing import RequestTrace, Span, Tracing, end_attempt
-from app.routing import Decision, RequestView, view_of_body
+from app.routing import Decision, RequestView, uses_kv_events, view_of_body
+from app.routing.receipts import RouteReceipt
 from app.tenants import AdmissionGate, FairQueue
 
 logger = logging.getLogger("vrstack.ingress")
@@ -98,11 +99,11 @@ class Exchange:
     first_byte_at: float | None = None
     decision: Decision | None = None
     trace: RequestTrace | None = None  # with `tracing` configured
-    usage: tuple[int, int] | None = None  # (prompt, completion) tokens, as the engine told them
+    usage: Usage | None = None  # the answer's tokens, as the engine told them
     view: RequestView | None = None  # the request as the router read it (capture reuses it)
     stream: Stream | None = None  # a migratable stream's state (`app.ingress.migration`)
 
-    def told_usage(self, usage: tuple[int, int]) -> None:
+    def told_usage(self, usage: Usage) -> None:
         self.usage = usage
 
 
@@ -152,6 +153,8 @@ class Gateway:
         self.counts_tokens = (
             bool(config.tenants) or config.limits.per_key.tokens_per_minute is not None
         )
+        # The router matches prompts with the engines' cached blocks by token ids (`kv`).
+        self.routes_by_tokens = uses_kv_events(config.router.policy, **config.router.settings)
         self.counters: dict[str, PromptCounter] = {}
         self._fetches: list[asyncio.Task] = []
         self._count_failed = False
@@ -294,14 +297,21 @@ class Gateway:
 
     # -- prompt tokens, counted with the model's tokenizer ---------------------------------------
     def _counter(self, spec: ModelSpec, request: OpenAIRequest) -> PromptCounter | None:
-        """The model's counter when something charges tokens and the request is not counted."""
-        if not self.counts_tokens or request._prompt_tokens is not None:
+        """The model's counter when something charges tokens or routes by them, and the
+        request is not counted."""
+        if not self.tokenizes or request._prompt_tokens is not None:
             return None
         return self.counters.get(spec.name)
 
+    @property
+    def tokenizes(self) -> bool:
+        """Whether prompts are tokenized here: to charge them, or to route them."""
+        return self.counts_tokens or self.routes_by_tokens
+
     def _count(self, counter: PromptCounter, request: OpenAIRequest) -> None:
         try:
-            request.counted(counter.count(request))
+            ids = counter.token_ids(request) if self.routes_by_tokens else None
+            request.counted(len(ids) if ids is not None else counter.count(request), ids)
         except Exception:  # the estimate applies; a counter that fails is not the caller's
             if not self._count_failed:
                 self._count_failed = True
@@ -322,7 +332,7 @@ class Gateway:
         """Fetch each model's tokenizer from one of its engine replicas, in the background
         (when something charges tokens): `EngineServer.tokenizer_spec`. Not for a model
         scaled to zero until a replica runs (the fetch never wakes one)."""
-        if not self.counts_tokens or self._fetches:
+        if not self.tokenizes or self._fetches:
             return
         loop = asyncio.get_running_loop()
         self._fetches = [
@@ -381,10 +391,12 @@ class Gateway:
         exchange: Exchange | None = None,
         private: bool = False,
         tenant: str | None = None,
+        receipt: bool = False,
     ) -> None:
         """Answer one HTTP request from a replica of its model (see the module docstring);
         `private` (tenants configured): the answer shows only the routing policy; `tenant`:
-        whose `priority` the engine request carries (when its engines schedule by it)."""
+        whose `priority` the engine request carries (when its engines schedule by it);
+        `receipt`: the routing decision carries a route receipt (`app.routing.receipts`)."""
         exchange = exchange or Exchange()
         spec = self._checked(request)
         routes = await self._routes_of(spec)
@@ -393,7 +405,12 @@ class Gateway:
         if stream is not None:
             body["return_token_ids"] = True
         payload = json.dumps(body, separators=(",", ":")).encode()
-        view = exchange.view = view_of_body(body, model=spec.name, session_key=session)
+        if self.routes_by_tokens:
+            await self._count_async(spec, request)
+        view = exchange.view = view_of_body(
+            body, model=spec.name, session_key=session, token_ids=request._prompt_ids
+        )
+        view.receipt = receipt
         failed: set[str] = set()
         for attempt in range(self.config.server.retries + 1):
             if attempt:
@@ -699,16 +716,25 @@ def admission_cost(queue: FairQueue, request: OpenAIRequest) -> float:
 
 
 def route_headers(decision: Decision, private: bool = False) -> list[tuple[bytes, bytes]]:
-    """`x-route-policy`, `x-route-replica` and `x-route-reason` of a routing decision; when
-    tenants share the stack (`private`) the policy only: the replica and the reason depend on
-    the prompts other callers sent (a prefix match), so they would tell one of another's."""
+    """`x-route-policy`, `x-route-replica` and `x-route-reason` of a routing decision, and
+    `x-route-receipt` (compact JSON) when it has a receipt; when tenants share the stack
+    (`private`) the policy only: the replica, the reason and a receipt depend on the prompts
+    other callers sent (a prefix match), so they would tell one of another's."""
     if private:
         return [(b"x-route-policy", decision.policy.encode())]
-    return [
+    headers = [
         (b"x-route-policy", decision.policy.encode()),
         (b"x-route-replica", decision.replica_id.encode()),
         (b"x-route-reason", decision.reason.encode()),
     ]
+    if decision.receipt is not None:
+        headers.append((b"x-route-receipt", receipt_json(decision.receipt).encode()))
+    return headers
+
+
+def receipt_json(receipt: RouteReceipt) -> str:
+    """A receipt as compact JSON (ASCII: a header value)."""
+    return json.dumps(receipt.to_json(), separators=(",", ":"))
 
 
 def bound_output(request: SamplingRequest, tenant: Tenant) -> None:

@@ -271,7 +271,7 @@ class Stream:
 
     def total_usage(self) -> Usage:
         """The whole answer's (prompt, completion) tokens, as the engines counted them."""
-        return len(self.prompt_ids or ()), len(self.generated)
+        return Usage(len(self.prompt_ids or ()), len(self.generated))
 
     def ending(self, private: bool = False) -> bytes:
         """What ends a migrated stream: a last chunk if none said why it finished (its tokens
@@ -279,7 +279,7 @@ class Stream:
         without the replica ids, as the routing headers then are), `[DONE]`."""
         out = b"" if self.finished else self.chunk("", "length")
         if self.wants_usage:
-            prompt, completion = self.total_usage()
+            prompt, completion, _ = self.total_usage()
             usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                      "total_tokens": prompt + completion}  # fmt: skip
             out += self._event({"choices": [], "usage": usage})

@@ -37,6 +37,8 @@ class OpenAIRequest(BaseModel):
     # The prompt's tokens as the model's tokenizer counts them, once the ingress has counted
     # them at admission (`app.ingress.prompt_tokens`); None: not counted (the estimate applies).
     _prompt_tokens: int | None = PrivateAttr(None)
+    # The prompt's token ids, when the ingress routes by them (`Gateway.routes_by_tokens`).
+    _prompt_ids: list[int] | None = PrivateAttr(None)
 
     def engine_body(self, model: str) -> dict[str, Any]:
         """The body sent to the engine: fields the client set, with the canonical model name."""
@@ -52,9 +54,10 @@ class OpenAIRequest(BaseModel):
         counted = self._prompt_tokens
         return counted if counted is not None else approx_tokens(self.prompt_input())
 
-    def counted(self, prompt_tokens: int | None) -> None:
-        """Record the prompt's tokens counted with the model's tokenizer."""
+    def counted(self, prompt_tokens: int | None, ids: list[int] | None = None) -> None:
+        """Record the prompt's tokens counted with the model's tokenizer (and its ids)."""
         self._prompt_tokens = prompt_tokens
+        self._prompt_ids = ids
 
     def charge(self, prompt_tokens: int) -> int:
         """What a token limit charges at admission for a prompt of `prompt_tokens`: the input,

@@ -164,15 +164,16 @@ def stream_head(
 
 
 def parse_usage(text: str | bytes | None) -> Usage | None:
-    """(prompt, completion) of `"<prompt> <completion>"`; None if it is not that."""
+    """The `Usage` of `"<prompt> <completion>[ <cached>]"`; None if it is not that."""
     if not text:
         return None
-    prompt, _, completion = text.partition(" " if isinstance(text, str) else b" ")
     try:
-        usage = int(prompt), int(completion)
+        numbers = [int(n) for n in text.split()]
     except ValueError:
         return None
-    return usage if usage[0] >= 0 and usage[1] >= 0 else None
+    if len(numbers) not in (2, 3) or min(numbers) < 0:
+        return None
+    return Usage(*numbers)
 
 
 def _strip_usage(chunk: bytes) -> tuple[bytes, Usage | None]:

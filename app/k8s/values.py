@@ -22,7 +22,6 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
 from app.config import ConfigError, RouterSettings, load_config
-from app.config.stack import NOT_WIRED
 from app.serve_config import BUILDER
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -326,12 +325,7 @@ def _router(spec: dict[str, Any], imported: Imported) -> tuple[dict[str, Any], d
         where = f"routerSpec.{key}"
         if key == "routingLogic":
             policy = ROUTING.get(str(value), str(value))
-            if policy in NOT_WIRED:
-                imported.warnings.append(
-                    f"{where}: {value!r} -> policy {policy!r} {NOT_WIRED[policy]}; "
-                    f"using {RouterSettings().policy}"
-                )
-            elif policy in policies:
+            if policy in policies:
                 router["policy"] = policy
             else:
                 imported.warnings.append(

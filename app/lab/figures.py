@@ -35,9 +35,11 @@ class LabFigures:
     oracle_hit_rate: float
     hit_vs_oracle: float
     reasons: dict[str, int]
+    index_drift: dict[str, float | int] | None = None  # `app.lab.drift`, for indexed policies
+    kv_events: dict[str, int] | None = None  # `app.lab.kv_feed.FeedStats`, for `kv`
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {k: v for k, v in asdict(self).items() if v is not None}
         for k, v in out.items():
             if isinstance(v, float):
                 out[k] = round(v, 4)

@@ -10,6 +10,11 @@ Model of one simulated replica:
 - decode runs beside other requests: `decode_cost * output tokens` after the prefill ends (the
   answer's tokens when the trace has them, else `max_tokens`).
 TTFT is arrival to end of prefill. No real time passes: events are ordered on a heap.
+
+With a KV event feed (`replay(..., feed=...)`, `app.lab.kv_feed`), each replica publishes what
+its cache did at the end of every prefill as one batch of vLLM-shaped events, as a vLLM engine
+publishes one batch per step: `BlockStored` for the blocks that entered the cache (in the
+router's hash space: `token_ids` None) and `BlockRemoved` for those evicted.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.lab.trace import TraceRequest
 from app.routing import DEFAULT_BLOCK_SIZE, Decision, Policy, ReplicaStats, RequestView
+from app.routing.kv_events import BlockRemoved, BlockStored, KvEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +60,10 @@ class _Job:
 class BlockCache(OrderedDict[int, None]):
     """Block hashes with LRU eviction at `capacity` blocks: the engines' prefix-cache model."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__()
         self.capacity = capacity
+        self.block_size = block_size  # tokens a block, for the events
 
     def prefix(self, hashes: Sequence[int]) -> int:
         """Leading blocks of a chain that are in the cache."""
@@ -67,15 +74,32 @@ class BlockCache(OrderedDict[int, None]):
             n += 1
         return n
 
-    def store(self, hashes: Sequence[int]) -> None:
-        """Insert (or refresh) a chain's blocks, then evict the least recently used."""
-        for h in reversed(hashes[: self.capacity]):
+    def store(self, hashes: Sequence[int]) -> list[KvEvent]:
+        """Insert (or refresh) a chain's blocks, then evict the least recently used; what
+        changed, as vLLM's KV events in the router's hash space, in vLLM's order (a block is
+        evicted when its space is taken for a new one, and stored once filled): a
+        `BlockRemoved` of the evicted blocks, then a `BlockStored` for each run of consecutive
+        new blocks (in chain order, with its parent block)."""
+        chain = hashes[: self.capacity]
+        new = [i for i, h in enumerate(chain) if h not in self]
+        for h in reversed(chain):
             if h in self:
                 self.move_to_end(h)
             else:
                 self[h] = None
-        while len(self) > self.capacity:
-            self.popitem(last=False)
+        excess = len(self) - self.capacity
+        evicted = [self.popitem(last=False)[0] for _ in range(excess)]
+        events: list[KvEvent] = [BlockRemoved(evicted)] if evicted else []
+        start = 0
+        for k in range(1, len(new) + 1):
+            if k == len(new) or new[k] != new[k - 1] + 1:  # the end of a run of new blocks
+                first, last = new[start], new[k - 1]
+                parent = chain[first - 1] if first else None
+                events.append(
+                    BlockStored(list(chain[first : last + 1]), parent, None, self.block_size)
+                )
+                start = k
+        return events
 
 
 class SimulatedReplica:
@@ -84,7 +108,7 @@ class SimulatedReplica:
     def __init__(self, replica_id: str, settings: SimSettings) -> None:
         self.replica_id = replica_id
         self.s = settings
-        self.cache = BlockCache(settings.cache_blocks)
+        self.cache = BlockCache(settings.cache_blocks, settings.block_size)
         self.running: list[_Job] = []
         self.waiting: deque[_Job] = deque()
         self.prefill_queue: deque[_Job] = deque()
@@ -93,6 +117,8 @@ class SimulatedReplica:
         self._load_area = 0.0
         self._last_t = 0.0
         self._held_blocks = 0
+        self.outbox: list[list[KvEvent]] = []  # event batches not yet published
+        self.publish_events = False
 
     # --- observable state
     @property
@@ -144,7 +170,9 @@ class SimulatedReplica:
 
     def prefilled(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
         job.ttft = now - job.arrival
-        self.cache.store(job.hashes)
+        events = self.cache.store(job.hashes)
+        if self.publish_events and events:
+            self.outbox.append(events)
         done = (now + self.s.decode_cost * job.max_tokens, "finished", job)
         return [done, *self._next_prefill(now)]
 
@@ -185,6 +213,21 @@ class Admission(Protocol):
     def complete(self, index: int, request: TraceRequest, now: float) -> None: ...
 
 
+class EventFeed(Protocol):
+    """Carries the replicas' KV event batches to the router (`app.lab.kv_feed`): `publish`
+    takes a replica's batch when its cache changed and `receive` one delivery when it is due;
+    each answers the deliveries to schedule, as (simulated time, delivery)."""
+
+    def publish(
+        self, replica_id: str, events: list[KvEvent], now: float
+    ) -> list[tuple[float, Any]]: ...
+
+    def receive(self, delivery: Any, now: float) -> list[tuple[float, Any]]: ...
+
+
+Observer = Callable[[Sequence[SimulatedReplica]], None]
+
+
 @dataclass(slots=True)
 class ReplayResult:
     """What one replay produced: per-request outcomes and per-replica loads."""
@@ -202,15 +245,21 @@ def replay(
     settings: SimSettings | None = None,
     views: Sequence[RequestView] | None = None,
     admission: Admission | None = None,
+    feed: EventFeed | None = None,
+    observe: Observer | None = None,
 ) -> ReplayResult:
     """Route every request of the trace with `policy` onto simulated replicas, in simulated time.
 
     Policies hear of first tokens (`on_first_token`, at the end of the prefill) and of
     completions (`on_complete`), as a streaming router would. With `admission`, arrivals go to
-    it and are dispatched when it names them (after each arrival and each completion).
+    it and are dispatched when it names them (after each arrival and each completion). With
+    `feed`, the replicas publish their caches' KV events to it at the end of each prefill, and
+    it delivers them when it says. `observe` sees the replicas just before each decision.
     """
     s = settings or SimSettings()
     sims = [SimulatedReplica(f"replica-{i}", s) for i in range(replicas)]
+    for sim in sims:
+        sim.publish_events = feed is not None
     index_of = {sim.replica_id: i for i, sim in enumerate(sims)}
     views = views if views is not None else [r.view() for r in requests]
     jobs = [
@@ -218,12 +267,14 @@ def replay(
         for i, (r, v) in enumerate(zip(requests, views, strict=True))
     ]
     seq = itertools.count()
-    heap: list[tuple[float, int, str, _Job]] = [(j.arrival, next(seq), "arrive", j) for j in jobs]
+    heap: list[tuple[float, int, str, Any]] = [(j.arrival, next(seq), "arrive", j) for j in jobs]
     heapq.heapify(heap)
     decisions: list[Decision] = []
     end = 0.0
 
     def dispatch(job: _Job, now: float, pool: list[SimulatedReplica]) -> list:
+        if observe is not None:
+            observe(sims)
         decision = policy.choose(job.view, [sim.stats() for sim in pool])
         decisions.append(decision)
         job.replica = index_of[decision.replica_id]
@@ -241,25 +292,36 @@ def replay(
                 return out
             out += dispatch(jobs[index], now, free if admission.gated and free else sims)
 
-    while heap:
-        now, _, kind, job = heapq.heappop(heap)
-        end = max(end, now)
+    def step(kind: str, job: _Job, now: float) -> list[tuple[float, str, Any]]:
+        """One request's event: its arrival, the end of its prefill, or its completion."""
         if kind == "arrive":
             if admission is None:
-                new = dispatch(job, now, sims)
-            elif admission.arrive(job.index, requests[job.index], now):
-                new = admit(now)
-            else:
-                new = []
-        elif kind == "prefilled":
-            new = sims[job.replica].prefilled(job, now)
-            policy.on_first_token(job.view, sims[job.replica].replica_id)
+                return dispatch(job, now, sims)
+            return admit(now) if admission.arrive(job.index, requests[job.index], now) else []
+        sim = sims[job.replica]
+        if kind == "prefilled":
+            new: list[tuple[float, str, Any]] = list(sim.prefilled(job, now))
+            policy.on_first_token(job.view, sim.replica_id)
+            if feed is not None:
+                for batch in sim.outbox:
+                    new += [(t, "kv", d) for t, d in feed.publish(sim.replica_id, batch, now)]
+                sim.outbox.clear()
+            return new
+        new = list(sim.finished(job, now))
+        policy.on_complete(job.view, sim.replica_id)
+        if admission is not None:
+            admission.complete(job.index, requests[job.index], now)
+            new += admit(now)
+        return new
+
+    while heap:
+        now, _, kind, item = heapq.heappop(heap)
+        if kind == "kv":  # a delivery to the router: not part of the requests' makespan
+            assert feed is not None
+            new = [(t, "kv", d) for t, d in feed.receive(item, now)]
         else:
-            new = sims[job.replica].finished(job, now)
-            policy.on_complete(job.view, sims[job.replica].replica_id)
-            if admission is not None:
-                admission.complete(job.index, requests[job.index], now)
-                new += admit(now)
+            end = max(end, now)
+            new = step(kind, item, now)
         for t, k, j in new:
             heapq.heappush(heap, (t, next(seq), k, j))
     start = jobs[0].arrival if jobs else 0.0

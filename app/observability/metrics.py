@@ -13,6 +13,8 @@ vLLM fill too). Two sources, each measuring what it holds:
   KV usage, prefix-cache hits; also under production-stack's `vllm:` names), and its per-token
   figures (`app.engines.request_meter`: inter-token latency, prompt and output tokens), summed
   over the model's replicas, those gone included.
+- The request routers' KV event feeds, with a policy that reads them (`KvFeedCollector`): event
+  batches and events taken, gaps replayed, indexes dropped.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from app.config import StackConfig
+from app.engines.http_server import Usage
 from app.engines.items import Endpoint
 from app.engines.request_meter import ITL_BUCKETS
+from app.observability.receipts import PredictionCheck, check_prediction
 from app.routing import Decision
 
 PREFIX = "vrstack_"
@@ -46,6 +50,7 @@ MIGRATION_OUTCOMES = ("continued", "failed")
 QUEUE_REASONS = ("queue_full", "expired")  # why fair admission refused a request
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 60)
 ReplicaStats = Callable[[], dict[str, dict[str, dict[str, Any]]]]
 
@@ -90,6 +95,23 @@ class StackMetrics:
             ["model", "policy", "reason", "replica"],
             registry=r,
         )
+        self.route_tokens = Counter(
+            PREFIX + "route_cached_tokens",
+            "Routing's cached-token predictions checked against the engines' answers, by model "
+            "and policy: `prompt` tokens of the checked answers, cached tokens `predicted` by "
+            "the chosen replica's match and `realised` (the engine's cached_tokens), and the "
+            "`overpredicted` (stale index) and `underpredicted` (missing) parts of the error.",
+            ["model", "policy", "kind"],
+            registry=r,
+        )
+        self.route_error = Histogram(
+            PREFIX + "route_prediction_error_ratio",
+            "Per answer, |predicted - realised cached tokens| over its prompt tokens (routing "
+            "regret from a wrong view of the caches), by model and policy.",
+            ["model", "policy"],
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
         self.migrations = Counter(
             PREFIX + "stream_migrations",
             "Streams that broke after their first byte, by model and outcome: continued on "
@@ -128,6 +150,7 @@ class StackMetrics:
         models = [spec.name for spec in config.models]
         self.engines = EngineCollector(replica_stats or router_registry.snapshot, models)
         r.register(self.engines)
+        r.register(KvFeedCollector(router_registry.kv_counts))
 
     def model_label(self, name: str | None) -> str:
         """The canonical model for a name or alias; `unknown` otherwise (bounded labels)."""
@@ -150,8 +173,10 @@ class StackMetrics:
         ttft_s: float | None = None,
         decision: Decision | None = None,
         migration: str | None = None,
+        usage: Usage | None = None,
     ) -> None:
-        """Record one finished request (`migration`: the outcome of a stream that broke)."""
+        """Record one finished request (`migration`: the outcome of a stream that broke;
+        `usage`: the answer's, to check the decision's cached-token prediction)."""
         label = self.model_label(model)
         key = (label, endpoint, status)
         series = self._series.get(key)
@@ -168,8 +193,19 @@ class StackMetrics:
         if decision is not None:
             kind = decision.reason.split("=", 1)[0] or "none"
             self.routing.labels(label, decision.policy, kind, decision.replica_id).inc()
+            if migration is None and (check := check_prediction(decision.match, usage)):
+                self._prediction(label, decision.policy, check)
         if migration is not None:
             self.migrations.labels(label, migration).inc()
+
+    def _prediction(self, model: str, policy: str, check: PredictionCheck) -> None:
+        tokens = self.route_tokens
+        tokens.labels(model, policy, "prompt").inc(check.prompt)
+        tokens.labels(model, policy, "predicted").inc(check.predicted)
+        tokens.labels(model, policy, "realised").inc(check.realised)
+        tokens.labels(model, policy, "overpredicted").inc(check.over)
+        tokens.labels(model, policy, "underpredicted").inc(check.under)
+        self.route_error.labels(model, policy).observe(check.error_share)
 
     def _tenant_metrics(self, r: CollectorRegistry) -> None:
         self.tenant_requests = Counter(
@@ -322,6 +358,38 @@ class EngineCollector:
             yield ours
             if theirs is not None:
                 yield theirs
+
+
+class KvFeedCollector:
+    """The KV event feeds of this ingress's routers, per model (`router_registry.kv_counts`)."""
+
+    COUNTERS = (
+        ("batches", "kv_event_batches", "KV cache event batches taken from the engines."),
+        ("events", "kv_events", "KV cache events (blocks stored, removed, cleared) applied."),
+        ("replays", "kv_event_replays", "Gaps in an engine's event batches asked back by replay."),
+        ("resets", "kv_index_resets",
+         "Replica indexes dropped and rebuilt (a gap the replay no longer held, an engine "
+         "started again)."),
+    )  # fmt: skip
+
+    def __init__(self, source: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # collected only on scrape
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = self.source()
+        except Exception:  # never fail a scrape on a router being torn down
+            counts = {}
+        if not counts:
+            return
+        for key, name, text in self.COUNTERS:
+            counter = CounterMetricFamily(PREFIX + name, text, labels=["model"])
+            for model, values in sorted(counts.items()):
+                counter.add_metric([model], float(values.get(key, 0)))
+            yield counter
 
 
 def _each(replicas: dict[str, dict[str, dict[str, Any]]]) -> Iterator[tuple[str, str, dict]]:

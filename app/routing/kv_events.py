@@ -3,6 +3,11 @@
 The engine's own block hashes are opaque here: a stored event carries the blocks' token ids, and
 the `kv` policy re-hashes them with `app.routing.tokens` so engine-reported blocks and request
 prompts meet in one hash space. Only token-id prompts can match engine blocks exactly.
+
+A feed may also publish blocks already in the router's hash space (the chained hashes of
+`app.routing.tokens`, as the routing lab's simulated engines do): `KvPolicy.on_kv_event(...,
+router_hashes=True)` takes their hashes as they are, and a stored event then needs no token ids
+(`token_ids=None`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class BlockStored:
-    """The engine cached these consecutive blocks; `parent_block_hash` precedes the first."""
+    """The engine cached these consecutive blocks; `parent_block_hash` precedes the first.
+
+    `token_ids` are the blocks' tokens (`block_size` a block), or None when `block_hashes` are
+    already the router's own chained hashes (a router-hash feed: nothing to re-hash)."""
 
     block_hashes: Sequence[int]
     parent_block_hash: int | None
-    token_ids: Sequence[int]
+    token_ids: Sequence[int] | None
     block_size: int
     lora_name: str | None = None
 

@@ -50,17 +50,19 @@ def view_of_body(
     model: str,
     session_key: str | None = None,
     lora_adapter: str | None = None,
+    token_ids: Sequence[int] | None = None,
 ) -> RequestView:
     """The routing view of an OpenAI completions or chat body.
 
     The model is the body's `model`, else `model`; the session key is `session_key`, else the
-    body's `user`; token-id prompts keep their ids, every other prompt is text.
+    body's `user`; the prompt is `token_ids` when given (the engine's tokens of it), else
+    token-id prompts keep their ids, and every other prompt is text.
     """
-    prompt = prompt_of(body)
+    prompt = token_ids if token_ids is not None else prompt_of(body)
     return RequestView(
         model=str(body.get("model", model)),
         text=prompt if isinstance(prompt, str) else None,
-        token_ids=prompt if isinstance(prompt, list) else None,
+        token_ids=prompt if isinstance(prompt, list | tuple) else None,
         session_key=session_key or body.get("user") or None,
         lora_adapter=lora_adapter or None,
     )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from app.routing.tokens import DEFAULT_BLOCK_SIZE, approx_tokens, chain_hashes
+
+if TYPE_CHECKING:
+    from app.routing.receipts import RouteReceipt
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +36,8 @@ class RequestView:
 
     Give `token_ids` when the caller has tokenised the prompt; otherwise `text` is split by the
     approximation in `app.routing.tokens` (one token per 4 UTF-8 bytes). Block hashes are computed
-    once per block size and cached on the view.
+    once per block size and cached on the view. `receipt`: the decision should carry a route
+    receipt (`app.routing.receipts`).
     """
 
     model: str
@@ -41,6 +45,7 @@ class RequestView:
     token_ids: Sequence[int] | None = None
     session_key: str | None = None
     lora_adapter: str | None = None
+    receipt: bool = False
     _hashes: dict[int, Sequence[int]] = field(default_factory=dict, repr=False)
     _length: int = field(default=-1, repr=False)
 
@@ -63,13 +68,17 @@ class RequestView:
 
 
 class Decision(NamedTuple):
-    """The chosen replica, the policy that chose it and why (e.g. `prefix-match=0.83`).
+    """The chosen replica, the policy that chose it and why (e.g. `prefix-match=0.83`); the
+    chosen replica's match (its share of the prompt in its cached prefix, as the policy knows
+    it; None for a policy without a prefix signal); the route receipt, when the request asked.
 
     A named tuple: immutable, and cheap to make on the routing hot path."""
 
     replica_id: str
     policy: str
     reason: str
+    match: float | None = None
+    receipt: RouteReceipt | None = None
 
     @property
     def reason_kind(self) -> str:

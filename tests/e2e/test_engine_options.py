@@ -32,7 +32,8 @@ def test_cpu_engine_bundle_has_no_gpu(cluster):
         "VLLM_CPU_KVCACHE_SPACE": "1"
     }
     assert config.engine_kwargs == {
-        "dtype": "float32", "enforce_eager": True, "max_model_len": 2048
+        "dtype": "float32", "enforce_eager": True, "max_model_len": 2048,
+        "enable_prompt_tokens_details": True,  # answers tell their cached tokens
     }  # fmt: skip
 
 

@@ -25,7 +25,6 @@ from ray import serve
 
 from app.engines.http_server import ENGINE_UNAVAILABLE
 from benchmarks.toy_model import next_token, prompt_ids, word
-from tests.conftest import SERVE_CONFIGS
 from tests.e2e.conftest import wait_healthy
 from tests.e2e.test_reliability import (
     BODY,
@@ -33,7 +32,6 @@ from tests.e2e.test_reliability import (
     _replica_actor_names,
     deploy_simulated,
     ingress_rss_mb,
-    replica_processes,
 )
 from tests.engine_double import events
 
@@ -292,43 +290,3 @@ def test_redeploying_keeps_streams_longer_than_rays_default_shutdown(base):
     codes = asyncio.run(_fire(base, 20, 20, BODY))
     assert codes.count(200) == 20
     print(f"redeploy: 8/8 streams of 25 s complete ({elapsed:.1f} s)")
-
-
-# -- a real engine: vLLM's engine core process killed inside a live replica ----------------------
-def test_a_real_engine_core_killed_mid_stream(cluster):
-    """serve_configs/smollm2-cpu.yaml (one replica) beside the simulated stack: its
-    `VLLM::EngineCore` child killed mid-stream. The stream ends with `engine_unavailable` and
-    [DONE], a new request is an OpenAI-shaped 503 (the only replica refuses, none is left to
-    retry on), vLLM's text is never answered, and Serve's health check replaces the replica."""
-    from app.builder import build_app
-    from app.serve_config import read_serve_config
-
-    (app,) = read_serve_config(SERVE_CONFIGS / "smollm2-cpu.yaml").apps
-    serve.run(build_app(app.config), name="faults-real", route_prefix="/real")
-    real = f"{cluster.base_url}/real"
-    wait_healthy(real)
-    try:
-        (replica,) = replica_processes("faults-real", "engine:smollm2")
-        (core,) = [c for c in replica.children(recursive=True) if "EngineCore" in c.name()]
-        body = {"model": "smollm2", "prompt": "Once upon a time,", "max_tokens": 300,
-                "ignore_eos": True, "stream": True}  # fmt: skip
-        with httpx.stream("POST", f"{real}/v1/completions", json=body, timeout=120) as response:
-            chunks = response.iter_text()
-            text = next(chunks)
-            core.kill()
-            text += "".join(chunks)
-        *tokens, failure, done = events(text)
-        assert response.status_code == 200 and tokens and done == "[DONE]"
-        assert failure["error"]["code"] == ENGINE_UNAVAILABLE and "EngineCore" not in text
-        again = httpx.post(f"{real}/v1/completions", json={**body, "stream": False}, timeout=60)
-        assert again.status_code == 503 and again.json()["error"]["code"] == "replica_failed"
-        assert "EngineCore" not in again.text and again.headers.get("x-request-id")
-
-        def answered() -> bool:
-            small = {**body, "stream": False, "max_tokens": 4}
-            return httpx.post(f"{real}/v1/completions", json=small, timeout=60).status_code == 200
-
-        took = until(answered, 300, "a new replica answers")
-        print(f"real engine core killed: stream ended in-band, 503 after; replaced in {took:.0f} s")
-    finally:
-        serve.delete("faults-real")

@@ -13,6 +13,9 @@ import openai
 import pytest
 
 from app.client import StackClient, StackError
+from app.engines.http_server import ENGINE_UNAVAILABLE
+from tests.e2e.test_reliability import replica_processes
+from tests.engine_double import events
 
 pytestmark = pytest.mark.e2e
 
@@ -169,3 +172,38 @@ def test_a_batch_runs_on_the_engine_with_the_openai_clients_batch_api(client):
     assert all(answer["status_code"] == 200 for answer in answers.values())
     assert "Paris" in answers["q0"]["body"]["choices"][0]["message"]["content"]
     assert answers["q0"]["body"]["usage"]["completion_tokens"] <= 24
+
+
+# -- last: vLLM's engine core process killed inside the live replica ---------------------------
+def test_a_real_engine_core_killed_mid_stream(smollm2):
+    """The only replica's `VLLM::EngineCore` child killed mid-stream. The stream ends with
+    `engine_unavailable` and [DONE], a new request is an OpenAI-shaped 503 (the only replica
+    refuses, none is left to retry on), vLLM's text is never answered, and Serve's health check
+    replaces the replica."""
+    base = smollm2.base_url
+    (replica,) = replica_processes(smollm2.app_name, "engine:smollm2")
+    (core,) = [c for c in replica.children(recursive=True) if "EngineCore" in c.name()]
+    body = {"model": "smollm2", "prompt": "Once upon a time,", "max_tokens": 300,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+        chunks = response.iter_text()
+        text = next(chunks)
+        core.kill()
+        text += "".join(chunks)
+    *tokens, failure, done = events(text)
+    assert response.status_code == 200 and tokens and done == "[DONE]"
+    assert failure["error"]["code"] == ENGINE_UNAVAILABLE and "EngineCore" not in text
+    again = httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=60)
+    assert again.status_code == 503 and again.json()["error"]["code"] == "replica_failed"
+    assert "EngineCore" not in again.text and again.headers.get("x-request-id")
+
+    def answered() -> bool:
+        small = {**body, "stream": False, "max_tokens": 4}
+        return httpx.post(f"{base}/v1/completions", json=small, timeout=60).status_code == 200
+
+    started = time.monotonic()
+    while not answered():
+        assert time.monotonic() - started < 300, "no new replica answered within 300 s"
+        time.sleep(0.25)
+    took = time.monotonic() - started
+    print(f"real engine core killed: stream ended in-band, 503 after; replaced in {took:.0f} s")

@@ -8,7 +8,12 @@ from app.routing.policies.base import IndexedPolicy, PolicyBase, eligible, pendi
 from app.routing.policies.kv import KvPolicy
 from app.routing.policies.power_of_two import PowerOfTwoPolicy
 from app.routing.policies.prefix import PrefixPolicy
-from app.routing.policies.registry import DEFAULT_POLICY, POLICY_NAMES, make_policy
+from app.routing.policies.registry import (
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    make_policy,
+    uses_kv_events,
+)
 from app.routing.policies.round_robin import RoundRobinPolicy
 from app.routing.policies.scored import ScoredPolicy
 from app.routing.policies.scored_settings import HotspotGuard, ScoredWeights
@@ -30,4 +35,5 @@ __all__ = [
     "eligible",
     "make_policy",
     "pending",
+    "uses_kv_events",
 ]

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from app.routing.index import ChainIndex
 from app.routing.prefix_match import BlockIndex
+from app.routing.receipts import build_receipt
+from app.routing.tokens import DEFAULT_BLOCK_SIZE
 from app.routing.types import Decision, NoReplicaError, ReplicaStats, RequestView
 
 
@@ -31,6 +33,12 @@ class PolicyBase:
 
     name = "base"
 
+    @property
+    def kv_events(self) -> bool:
+        """Whether the policy routes from the engines' KV cache events (`on_kv_event`): its
+        engines then publish them, and its router feeds them in."""
+        return callable(getattr(self, "on_kv_event", None))
+
     def on_first_token(self, request: RequestView, replica_id: str) -> None:
         """Nothing to do by default."""
 
@@ -40,8 +48,20 @@ class PolicyBase:
     def forget_replica(self, replica_id: str) -> None:
         """Nothing to do by default."""
 
-    def _decide(self, replica: ReplicaStats, reason: str) -> Decision:
-        return Decision(replica.replica_id, self.name, reason)
+    def _decide(
+        self,
+        replica: ReplicaStats,
+        reason: str,
+        request: RequestView | None = None,
+        pool: Sequence[ReplicaStats] = (),
+    ) -> Decision:
+        """The decision for `replica`; with its receipt (candidates and loads, no prefix
+        signal) when `request` asks for one."""
+        if request is None or not request.receipt:
+            return Decision(replica.replica_id, self.name, reason)
+        receipt = build_receipt(self.name, replica.replica_id, reason, request, pool,
+                                block_size=DEFAULT_BLOCK_SIZE)  # fmt: skip
+        return Decision(replica.replica_id, self.name, reason, receipt=receipt)
 
 
 class IndexedPolicy(PolicyBase):

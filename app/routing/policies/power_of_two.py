@@ -24,4 +24,4 @@ class PowerOfTwoPolicy(PolicyBase):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         pair = self._rng.sample(pool, 2) if len(pool) > 1 else pool
-        return self._decide(min(pair, key=pending), "least-load")
+        return self._decide(min(pair, key=pending), "least-load", request, pool)

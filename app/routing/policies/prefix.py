@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from app.routing.policies.base import IndexedPolicy, eligible, pending
 from app.routing.prefix_match import MATCH_REASONS, match_ratios, match_reason
+from app.routing.receipts import build_receipt
 from app.routing.tokens import DEFAULT_BLOCK_SIZE
 from app.routing.types import Decision, ReplicaStats, RequestView
 
@@ -54,4 +55,9 @@ class PrefixPolicy(IndexedPolicy):
         ratios = match_ratios(index, request, pool, self.block_size)
         chosen, reason = best_match(pool, ratios, self.min_match)
         index.insert(chosen.replica_id, request.block_hashes(self.block_size))
-        return self._decide(chosen, reason)
+        ratio = ratios[pool.index(chosen)]
+        receipt = None
+        if request.receipt:
+            receipt = build_receipt(self.name, chosen.replica_id, reason, request, pool, ratios,
+                                    block_size=self.block_size)  # fmt: skip
+        return Decision(chosen.replica_id, self.name, reason, ratio, receipt)

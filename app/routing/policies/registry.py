@@ -32,3 +32,8 @@ def make_policy(name: str = DEFAULT_POLICY, **settings: Any) -> Policy:
     if factory is None:
         raise ValueError(f"unknown routing policy {name!r}; allowed: {', '.join(POLICY_NAMES)}")
     return factory(**settings)
+
+
+def uses_kv_events(name: str, **settings: Any) -> bool:
+    """Whether the named policy routes from the engines' KV cache events."""
+    return bool(getattr(make_policy(name, **settings), "kv_events", False))

@@ -24,4 +24,4 @@ class RoundRobinPolicy(PolicyBase):
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
         turn = next(self._turn.setdefault(request.model, itertools.count()))
-        return self._decide(pool[turn % len(pool)], "round-robin")
+        return self._decide(pool[turn % len(pool)], "round-robin", request, pool)

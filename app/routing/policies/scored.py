@@ -14,7 +14,8 @@ from app.routing.policies.scored_settings import (
     Terms,
     split_settings,
 )
-from app.routing.prefix_match import match_ratios, match_reason
+from app.routing.prefix_match import MATCH_REASONS, match_ratios, match_reason
+from app.routing.receipts import TERMS, RouteReceipt, build_receipt
 from app.routing.tokens import DEFAULT_BLOCK_SIZE
 from app.routing.types import Decision, ReplicaStats, RequestView
 
@@ -87,6 +88,7 @@ class ScoredPolicy(IndexedPolicy):
     """
 
     name = "scored"
+    reasons: Sequence[str] = MATCH_REASONS  # the match reasons by ratio (`match_reason`)
 
     def __init__(
         self,
@@ -136,19 +138,64 @@ class ScoredPolicy(IndexedPolicy):
 
     def choose(self, request: RequestView, candidates: Sequence[ReplicaStats]) -> Decision:
         pool = eligible(request, candidates)
-        index = self.index(request.model)
-        ratios = match_ratios(index, request, pool, self.block_size)
+        ratios = self._match(request, pool)
         loads = self._models[request.model]
         rows = self._gather(pool, ratios, loads.replicas)
         bounds = self._bounds(rows, loads.gain)
         terms = self._cold if max(ratios) < self.weights.cold_match else self._warm
         blocks = request.prompt_tokens / self.block_size
         (replica, _, load, ratio, _), skipped = self._pick(rows, bounds, terms, max(blocks, 1))
+        reason = self._reason(ratio, skipped)
+        receipt = (  # before step 5 changes the loads it reads
+            self._receipt(request, rows, bounds, terms, replica.replica_id, reason)
+            if request.receipt
+            else None
+        )
         hashes = request.block_hashes(self.block_size)
         new_blocks = len(hashes) - round(ratio * request.prompt_tokens / self.block_size)
         self._account(request, loads, load, max(0, new_blocks))
-        index.insert(replica.replica_id, hashes)
-        return Decision(replica.replica_id, self.name, self._reason(ratio, skipped))
+        self._record(request, replica.replica_id, hashes)
+        return Decision(replica.replica_id, self.name, reason, ratio, receipt)
+
+    def _receipt(
+        self,
+        request: RequestView,
+        rows: list[Row],
+        bounds: Bounds,
+        terms: Terms,
+        replica_id: str,
+        reason: str,
+    ) -> RouteReceipt:
+        """The decision's receipt: each row's score and terms as step 3 computes them, and
+        whether step 2 sets it aside as a hotspot (with the full guard: the pick relaxes the
+        guard only when it sets every replica aside)."""
+        mean, limit, p_limit, s_limit, lo, span, p_lo, p_span = bounds
+        blocks = max(request.prompt_tokens / self.block_size, 1)
+        scores = []
+        for c, busy, load, ratio, pressure in rows:
+            hot = busy > limit or pressure > p_limit or (load.share > s_limit and busy > mean)
+            parts = dict(zip(TERMS, (
+                terms[0] * ratio,
+                -terms[1] * (busy - lo) / span if span else 0.0,
+                -terms[2] * c.queued / max(1, c.max_concurrency),
+                -terms[3] * c.kv_usage,
+                -terms[4] * (pressure - p_lo) / p_span if p_span else 0.0,
+                -terms[5] * load.work / blocks,
+            ), strict=True))  # fmt: skip
+            scores.append((sum(parts.values()), parts, hot))
+        pool = [row[0] for row in rows]
+        return build_receipt(self.name, replica_id, reason, request, pool,
+                             [row[3] for row in rows], block_size=self.block_size,
+                             scores=scores)  # fmt: skip
+
+    def _match(self, request: RequestView, pool: Sequence[ReplicaStats]) -> list[float]:
+        """Step 3's `match`: each replica's share of the prompt in its cached prefix, from the
+        policy's own index of its decisions."""
+        return match_ratios(self.index(request.model), request, pool, self.block_size)
+
+    def _record(self, request: RequestView, replica_id: str, hashes: Sequence[int]) -> None:
+        """Step 5's record: the prompt's blocks under the chosen replica, in the index."""
+        self.index(request.model).insert(replica_id, hashes)
 
     @staticmethod
     def _gather(
@@ -277,9 +324,8 @@ class ScoredPolicy(IndexedPolicy):
             gain = 1.0
         loads.gain = gain
 
-    @staticmethod
-    def _reason(ratio: float, skipped: bool) -> str:
+    def _reason(self, ratio: float, skipped: bool) -> str:
         """The decision's reason: the chosen replica's match, else whether the guard acted."""
         if ratio > 0:
-            return match_reason(ratio)
+            return match_reason(ratio, self.reasons)
         return "hotspot-guard" if skipped else "least-load"

@@ -60,7 +60,8 @@ class SessionPolicy(PolicyBase):
         pool = eligible(request, candidates)
         if not request.session_key:
             d = self._fallback.choose(request, pool)
-            return Decision(d.replica_id, self.name, "no-session-key")
+            chosen = next(c for c in pool if c.replica_id == d.replica_id)
+            return self._decide(chosen, "no-session-key", request, pool)
         by_id = {c.replica_id: c for c in pool}
         points, owners = self._ring(frozenset(by_id))
         total = sum(c.in_flight for c in pool)
@@ -75,5 +76,5 @@ class SessionPolicy(PolicyBase):
             seen.add(rid)
             if by_id[rid].in_flight < bound:
                 reason = "session-affinity" if rid == first else "session-spill"
-                return self._decide(by_id[rid], reason)
-        return self._decide(by_id[first], "session-affinity")
+                return self._decide(by_id[rid], reason, request, pool)
+        return self._decide(by_id[first], "session-affinity", request, pool)
