@@ -22,6 +22,7 @@ PANEL_TITLES = {
     "KV-cache usage",
     "Prefix-cache hit rate",
     "Routing decisions",
+    "Routing prediction error",
 }
 
 

@@ -53,6 +53,12 @@ def _quantiles(metric: str) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _route_tokens(kinds: str) -> str:
+    """Per model and policy, the rate of the route prediction checks' tokens of `kinds`."""
+    selector = f'vrstack_route_cached_tokens_total{{{MODEL},kind=~"{kinds}"}}'
+    return f"sum by (model, policy) (rate({selector}[{WINDOW}]))"
+
+
 PER_REPLICA = "{{model}} {{replica}}"
 PANELS: tuple[Panel, ...] = (
     Panel(
@@ -152,6 +158,23 @@ PANELS: tuple[Panel, ...] = (
         ),
         unit="reqps",
         description="Replica choices per second by policy, reason and replica.",
+    ),
+    Panel(
+        "Routing prediction error",
+        (
+            (
+                f"{_route_tokens('overpredicted|underpredicted')} / {_route_tokens('prompt')}",
+                "error {{model}} {{policy}}",
+            ),
+            (
+                f"{_route_tokens('overpredicted')} / {_route_tokens('prompt')}",
+                "stale {{model}} {{policy}}",
+            ),
+        ),
+        unit="percentunit",
+        description="Cached tokens the router predicted wrongly (|predicted - realised|), and "
+        "the part it predicted but the engine no longer held (a stale index), over the prompt "
+        "tokens of the answers checked (docs/routing.md, route receipts).",
     ),
 )
 
