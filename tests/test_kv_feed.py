@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import zmq
 
 from app.engines.kv_feed import KvFeed, Source, decode_batch
 from app.engines.kv_publisher import METADATA_KEY, KvPublisher
@@ -183,6 +184,18 @@ def test_events_of_other_tiers_groups_or_salted_blocks_are_left_out() -> None:
 
 
 # -- the feed -----------------------------------------------------------------------------------
+def subscribed(pub: Publisher, sink: Sink, f: KvFeed, replica: str = "r1") -> None:
+    """Subscribe `f` to `pub` once it published its first batch (`stored(0)`), and wait for
+    it: it comes by replay, so no batch is lost while the subscription connects (a PUB
+    socket drops what it sends before a subscriber is connected; a later batch would only
+    show the gap then)."""
+    pub.publish(stored(0))
+    pub.flush()
+    f.watch({replica: pub.source})
+    wait_for(lambda: sink.stored(replica) == [0])
+    time.sleep(0.2)  # the live subscription, connected beside the replay, settles
+
+
 def test_batches_published_before_and_after_subscribing_arrive_once_in_order(
     publisher, feed
 ) -> None:
@@ -205,11 +218,7 @@ def test_batches_published_before_and_after_subscribing_arrive_once_in_order(
 
 def test_lost_batches_are_replayed_before_later_ones(publisher, feed) -> None:
     pub = publisher()
-    sink = Sink()
-    f = feed(sink)
-    f.watch({"r1": pub.source})
-    pub.publish(stored(0))
-    wait_for(lambda: sink.stored() == [0])
+    subscribed(pub, sink := Sink(), f := feed(sink))
     pub.drop = 3  # 1, 2, 3 never reach the subscriber
     for n in range(1, 8):
         pub.publish(stored(n))
@@ -222,11 +231,7 @@ def test_lost_batches_are_replayed_before_later_ones(publisher, feed) -> None:
 
 def test_a_gap_the_replay_no_longer_holds_drops_the_index_and_goes_on(publisher, feed) -> None:
     pub = publisher(buffer_steps=2)
-    sink = Sink()
-    f = feed(sink)
-    f.watch({"r1": pub.source})
-    pub.publish(stored(0))
-    wait_for(lambda: sink.stored() == [0])
+    subscribed(pub, sink := Sink(), f := feed(sink))
     pub.drop = 5  # 1..5 lost; the replay keeps only the last 2 batches
     for n in range(1, 7):
         pub.publish(stored(n))
@@ -240,18 +245,28 @@ def test_a_gap_the_replay_no_longer_holds_drops_the_index_and_goes_on(publisher,
     assert f.counts.resets == 1
 
 
+def started_again(publisher: Callable[..., Publisher], ports: KvPublisher) -> Publisher:
+    """A new publisher on a closed one's ports, once its thread has let them go."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return publisher(ports=ports)
+        except zmq.ZMQError:  # still bound by the old publisher's thread
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_an_engine_that_starts_again_is_followed_from_its_first_batch(publisher, feed) -> None:
     first = publisher()
-    sink = Sink()
-    f = feed(sink)
-    f.watch({"r1": first.source})
-    for n in range(3):
+    subscribed(first, sink := Sink(), feed(sink))
+    for n in range(1, 3):
         first.publish(stored(n))
     wait_for(lambda: len(sink.stored()) == 3)
     ports = first.ports
     first.close()
-    second = publisher(ports=ports)  # numbering starts at 0 again
-    time.sleep(0.3)  # the subscriber reconnects
+    second = started_again(publisher, ports)  # numbering starts at 0 again
+    time.sleep(1.0)  # the subscriber reconnects (ZMQ retries every 0.1 s)
     second.publish(stored(100))
     second.publish(stored(101))
     wait_for(lambda: sink.stored()[-1:] == [101])
@@ -261,11 +276,13 @@ def test_an_engine_that_starts_again_is_followed_from_its_first_batch(publisher,
 
 def test_a_replica_that_leaves_is_dropped_and_the_thread_stops(publisher, feed) -> None:
     one, two = publisher(), publisher()
+    one.publish(stored(1))  # before subscribing: the replay brings them (see `subscribed`)
+    two.publish(stored(2))
+    one.flush()
+    two.flush()
     sink = Sink()
     f = feed(sink)
     f.watch({"r1": one.source, "r2": two.source})
-    one.publish(stored(1))
-    two.publish(stored(2))
     wait_for(lambda: sink.stored("r1") == [1] and sink.stored("r2") == [2])
     f.watch({"r2": two.source})
     wait_for(lambda: sink.resets("r1") == 1)
@@ -307,16 +324,19 @@ def test_the_router_routes_to_the_replica_whose_engine_reports_the_prefix(publis
     pubs = {"r1": publisher(), "r2": publisher()}
     router, replicas = make_router(pubs)
     try:
-        router._watch_kv_events(replicas)
-        assert router._policy.block_size == BS  # the engines' block size wins
         prompt = list(range(100, 112))  # three blocks
-        # r2's engine caches the prompt's first two blocks, as vLLM reports them.
+        # r2's engine caches the prompt's first two blocks, as vLLM reports them (before the
+        # router subscribes: the replay brings them, see `subscribed`).
         pubs["r2"].publish(
             kv.BlockStored(block_hashes=[b"a", b"b"], parent_block_hash=None,
                            token_ids=prompt[:8], block_size=BS, lora_id=None, medium="GPU",
                            lora_name=None)
         )  # fmt: skip
+        pubs["r2"].flush()
+        router._watch_kv_events(replicas)
+        assert router._policy.block_size == BS  # the engines' block size wins
         wait_for(lambda: router.kv_counts().events == 1)
+        time.sleep(0.2)  # the live subscription settles
         routed = router.route(RequestView(model="m", token_ids=prompt), candidates=replicas)
         assert routed is not None and routed.replica_id == "r2"
         assert routed.decision.reason.startswith("kv-match=")
