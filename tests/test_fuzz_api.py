@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -171,10 +172,14 @@ def test_every_served_path_and_method_is_fuzzed():
         assert ("POST" if alias != "/models" else "GET", alias) in fuzzed
 
 
+# Examples per operation: 75 in the suite; a longer run by hand, e.g. VRSTACK_FUZZ_EXAMPLES=1000.
+EXAMPLES = int(os.environ.get("VRSTACK_FUZZ_EXAMPLES", "75"))
+
+
 @schema.parametrize()
 @schema.given(headers=HEADERS)
 @settings(
-    max_examples=150,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
