@@ -48,6 +48,34 @@ def deploy(cluster: Cluster, config_file: Path) -> Stack:
     return Stack(cluster, app.name)
 
 
+def deploy_two_replicas(cluster: Cluster, name: str, policy: str) -> Stack:
+    """Deploy the embedded model on 2 engine replicas routed by `policy`, as app `name`, and
+    wait until both run."""
+    import copy
+
+    from ray import serve
+
+    from app.builder import build_app
+    from app.serve_config import read_serve_config
+
+    (app,) = read_serve_config(SERVE_CONFIGS / "smollm2-cpu.yaml").apps
+    args = copy.deepcopy(app.config.model_dump(mode="json"))
+    args["models"][0]["replicas"] = 2
+    args["router"] = {"policy": policy}
+    serve.run(build_app(args), name=name, route_prefix="/")
+    wait_healthy(cluster.base_url)
+    deadline = time.monotonic() + 300
+    while (
+        httpx.get(f"{cluster.base_url}/health", timeout=5).json()["models"]["smollm2"][
+            "running_replicas"
+        ]
+        < 2
+    ):
+        assert time.monotonic() < deadline, "the second replica did not start"
+        time.sleep(1)
+    return Stack(cluster, name)
+
+
 def undeploy(stack: Stack) -> None:
     from ray import serve
 

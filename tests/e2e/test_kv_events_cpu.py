@@ -8,7 +8,6 @@ own count) tell whether the match was real.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import time
@@ -17,12 +16,8 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from ray import serve
 
-from app.builder import build_app
-from app.serve_config import read_serve_config
-from tests.conftest import SERVE_CONFIGS
-from tests.e2e.conftest import wait_healthy
+from tests.e2e.conftest import deploy_two_replicas, undeploy
 
 pytestmark = pytest.mark.e2e
 
@@ -36,20 +31,9 @@ SYSTEM = "You answer questions about a railway timetable. " + DOC[:1500]
 
 @pytest.fixture(scope="module")
 def stack(cluster):
-    (app,) = read_serve_config(SERVE_CONFIGS / "smollm2-cpu.yaml").apps
-    args = copy.deepcopy(app.config.model_dump(mode="json"))
-    args["models"][0]["replicas"] = 2
-    args["router"] = {"policy": "kv"}
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    wait_healthy(cluster.base_url)
-    deadline = time.monotonic() + 300
-    while (
-        httpx.get(f"{cluster.base_url}/health").json()["models"]["smollm2"]["running_replicas"] < 2
-    ):
-        assert time.monotonic() < deadline, "the second replica did not start"
-        time.sleep(1)
-    yield cluster.base_url
-    serve.delete(APP)
+    deployed = deploy_two_replicas(cluster, APP, "kv")
+    yield deployed.base_url
+    undeploy(deployed)
 
 
 @pytest.fixture(scope="module")

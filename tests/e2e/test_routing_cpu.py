@@ -6,18 +6,13 @@ the replica that cached it, and that unrelated concurrent requests spread over b
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from ray import serve
 
-from app.builder import build_app
-from app.serve_config import read_serve_config
 from benchmarks.processes import engine_core
-from tests.conftest import SERVE_CONFIGS
-from tests.e2e.conftest import wait_healthy
+from tests.e2e.conftest import deploy_two_replicas, undeploy
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +21,9 @@ SYSTEM = "You are a meticulous assistant for a railway company. " * 12
 
 @pytest.fixture(scope="module")
 def two_replicas(cluster):
-    (app,) = read_serve_config(SERVE_CONFIGS / "smollm2-cpu.yaml").apps
-    args = copy.deepcopy(app.config.model_dump(mode="json"))
-    args["models"][0]["replicas"] = 2
-    args["router"] = {"policy": "scored"}
-    serve.run(build_app(args), name="routing", route_prefix="/")
-    wait_healthy(cluster.base_url)
-    yield cluster.base_url
-    serve.delete("routing")
+    stack = deploy_two_replicas(cluster, "routing", "scored")
+    yield stack.base_url
+    undeploy(stack)
 
 
 def _complete(base: str, prompt: str) -> httpx.Response:
