@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -41,6 +42,7 @@ async def traced_stack(
     cpu_model: dict, receiver: OtlpReceiver, **tracing: object
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
     extra = tracing.pop("extra", {})
+    usage = tracing.pop("usage", None)  # the engine doubles' answers' usage
     config = load_config(
         {
             "models": [cpu_model],
@@ -49,6 +51,8 @@ async def traced_stack(
         }
     )
     engines = {m.name: EngineDouble(m.name) for m in config.models}
+    for engine in engines.values():
+        engine.usage = usage  # type: ignore[assignment]
     stack = await Stack(engines).start()
     gateway = Gateway(config, {}, token=TOKEN, routes=stack.get)
     transport = httpx.ASGITransport(app=create_app(gateway), raise_app_exceptions=False)
@@ -97,6 +101,27 @@ async def test_a_request_continues_the_clients_trace_with_its_routing_and_engine
     assert engine.attributes["vrstack.route.replica"] == r.headers["x-route-replica"]
     assert engine.attributes["vrstack.route.reason"] == r.headers["x-route-reason"]
     assert "first_token" in engine.events
+
+
+async def test_a_receipt_and_the_cached_tokens_are_span_attributes(cpu_model, receiver):
+    usage = {"prompt_tokens": 100, "completion_tokens": 2,
+             "prompt_tokens_details": {"cached_tokens": 64}}  # fmt: skip
+    async with traced_stack(cpu_model, receiver, usage=usage) as (client, gateway):
+        r = await client.post(
+            "/v1/completions",
+            json={"model": cpu_model["name"], "prompt": "x" * 400, "max_tokens": 2},
+            headers={"x-route-receipt": "1"},
+        )
+        assert r.status_code == 200
+        gateway.tracing.force_flush()
+    spans = {s.name: s for s in receiver.wait_for(2)}
+    attributes = spans["engine"].attributes
+    assert attributes["vrstack.route.receipt"] == r.headers["x-route-receipt"]
+    predicted = json.loads(r.headers["x-route-receipt"])["predicted_cached_tokens"]
+    assert attributes["vrstack.route.predicted_cached_tokens"] == predicted
+    server = spans["POST /v1/completions"].attributes
+    assert server["gen_ai.usage.input_tokens"] == 100
+    assert server["vrstack.usage.cached_tokens"] == 64
 
 
 async def test_a_request_without_traceparent_starts_a_trace_and_errors_are_marked(

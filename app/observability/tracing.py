@@ -16,6 +16,7 @@ slow or absent receiver never holds a request; `Tracing.shutdown` flushes what i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from app.config.tracing import TracingSettings
+from app.engines.http_server import Usage
 from app.observability.metrics import CLIENT_LEFT
 from app.routing import Decision
 
@@ -130,6 +132,14 @@ class RequestTrace:
             attributes["vrstack.route.replica"] = decision.replica_id
             attributes["vrstack.route.reason"] = decision.reason
             attributes["server.address"] = url
+            receipt = decision.receipt
+            if receipt is not None:  # asked for (app.routing.receipts), as compact JSON
+                attributes["vrstack.route.receipt"] = json.dumps(
+                    receipt.to_json(), separators=(",", ":")
+                )
+                attributes["vrstack.route.predicted_cached_tokens"] = (
+                    receipt.predicted_cached_tokens
+                )
         return self.child("engine", SpanKind.CLIENT, **attributes)
 
     @staticmethod
@@ -139,14 +149,16 @@ class RequestTrace:
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(span, otel_context.Context()))
         return carrier.get("traceparent", "")
 
-    def end(self, status: int, usage: tuple[int, int] | None = None) -> None:
+    def end(self, status: int, usage: Usage | None = None) -> None:
         """End the request's span with its HTTP status (`CLIENT_LEFT`: the client left) and
-        the answer's usage (prompt, completion tokens)."""
+        the answer's usage (prompt, completion and, when the engine said, cached tokens)."""
         span = self.span
         span.set_attribute("http.response.status_code", status)
         if usage is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", usage[0])
-            span.set_attribute("gen_ai.usage.output_tokens", usage[1])
+            span.set_attribute("gen_ai.usage.input_tokens", usage.prompt)
+            span.set_attribute("gen_ai.usage.output_tokens", usage.completion)
+            if usage.cached is not None:
+                span.set_attribute("vrstack.usage.cached_tokens", usage.cached)
         if status >= 500 or status == CLIENT_LEFT:
             left = status == CLIENT_LEFT
             span.set_status(Status(StatusCode.ERROR, "the client left" if left else None))
