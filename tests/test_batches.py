@@ -180,7 +180,9 @@ async def batch_api(cpu_model, **batches) -> AsyncIterator[tuple[dict, object, o
         try:
             yield clients, engines["smollm2"], store
         finally:
-            task.cancel()
+            task.cancel()  # and wait: the worker lets go of the relay before it is closed
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def finished(client, batch_id: str) -> object:
