@@ -171,3 +171,46 @@ def use_token_auth_if_available() -> bool:
     )
 
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+async def load_lora(engine: Any, name: str, path: str) -> None:
+    """Load a LoRA adapter into Ray Serve LLM's vLLM engine under `name` (`path`: a local
+    folder or a Hugging Face id, which vLLM downloads); ValueError with vLLM's reason when it
+    cannot. An adapter unloaded before (`unload_lora`) loads again from its first path.
+
+    Why: Ray Serve LLM loads adapters only through Serve's model multiplexing (a multiplexed
+    model id on handle calls, downloads from one `dynamic_lora_loading_path`); its engine's
+    `resolve_lora` takes the private `DiskMultiplexConfig`, and skips a name vLLM's model
+    table knows, whose weights the engine client's `add_lora` loads again."""
+    from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+    known = engine._oai_models.lora_requests.get(name)
+    if known is not None:
+        await engine._engine_client.add_lora(known)
+        return
+    config = DiskMultiplexConfig(
+        model_id=name, max_total_tokens=None, local_path=path, lora_assigned_int_id=0
+    )
+    await engine.resolve_lora(config)
+
+
+async def unload_lora(engine: Any, name: str) -> None:
+    """Unload a LoRA adapter's weights from Ray Serve LLM's vLLM engine. Its name stays in
+    vLLM's model table: a request already past the replica's adapter check still finds it, and
+    the engine loads the weights again for it.
+
+    Why: Ray Serve LLM never unloads (vLLM's own cache evicts in its place); the model table
+    and the engine client are private attributes of its engine wrapper."""
+    known = engine._oai_models.lora_requests.get(name)
+    if known is not None:
+        await engine._engine_client.remove_lora(known.lora_int_id)
+
+
+def download_folder(uri: str, folder: str) -> None:
+    """Download an object-store folder (s3://, gs://, abfss://, azure://) into `folder`.
+
+    Why: Ray Serve LLM's cloud file systems (boto3 for S3, pyarrow for the others) download
+    models and adapters, but are exported from a private module only."""
+    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+
+    CloudFileSystem.download_files(folder, uri)

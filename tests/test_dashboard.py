@@ -23,6 +23,7 @@ PANEL_TITLES = {
     "Prefix-cache hit rate",
     "Routing decisions",
     "Routing prediction error",
+    "LoRA adapters",
 }
 
 

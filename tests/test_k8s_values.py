@@ -587,3 +587,93 @@ def test_applications_reading_one_variable_from_two_secrets_are_refused(cpu_mode
     path.write_text(yaml.safe_dump({"applications": apps}))
     with pytest.raises(ValueError, match="VRSTACK_API_KEYS from different Secrets"):
         render_documents(read_serve_config(path), RenderOptions(name="two"))
+
+
+LORA_VALUES = """
+servingEngineSpec:
+  modelSpec:
+  - name: "llama3"
+    modelURL: "meta-llama/Llama-3.1-8B-Instruct"
+    requestGPU: 1
+    enableLoRA: true
+    vllmConfig:
+      maxLoras: 2
+      extraArgs: ["--max-lora-rank", "32"]
+loraController:
+  enableLoraController: true
+loraAdapters:
+- name: sql
+  baseModel: llama3
+  adapterSource:
+    type: huggingface
+    adapterName: llama-sql
+    repository: org/llama-sql-lora
+  loraAdapterDeploymentConfig:
+    algorithm: default
+    replicas: 1
+- name: finance
+  baseModel: meta-llama/Llama-3.1-8B-Instruct
+  adapterSource:
+    type: s3
+    adapterName: finance
+    repository: my-bucket
+    adapterPath: adapters/finance
+    credentials: my-s3-secret
+- name: local
+  baseModel: llama3
+  adapterSource:
+    type: local
+    adapterName: local-lora
+    adapterPath: {local}
+- name: web
+  baseModel: llama3
+  adapterSource:
+    type: http
+    adapterName: web-lora
+- name: elsewhere
+  baseModel: mistral
+  adapterSource:
+    type: huggingface
+    adapterName: m-lora
+    repository: org/m-lora
+"""
+
+
+def test_lora_adapters_become_their_base_models_lora_settings(tmp_path):
+    local = tmp_path / "local-lora"
+    local.mkdir()
+    (local / "adapter_config.json").write_text('{"r": 16}')
+    imported = import_values(yaml.safe_load(LORA_VALUES.format(local=local)))
+    (model,) = imported.serve_config["applications"][0]["args"]["models"]
+    assert model["lora"] == {
+        "adapters": [
+            {"name": "llama-sql", "source": "org/llama-sql-lora"},
+            {"name": "finance", "source": "s3://my-bucket/adapters/finance"},
+            {"name": "local-lora", "source": str(local)},
+        ],
+        "max_active": 2,
+        "max_rank": 32,
+        "max_adapters_per_replica": 4,
+    }
+    assert "enable_lora" not in model.get("engine_args", {})
+    text = "\n".join(imported.warnings)
+    for field in ("loraController", "loraAdapters[0].loraAdapterDeploymentConfig",
+                  "loraAdapters[1].adapterSource.credentials", "loraAdapters[3].adapterSource",
+                  "loraAdapters[4]: baseModel 'mistral'"):  # fmt: skip
+        assert field in text, field
+    manifest = tmp_path / "k8s.yaml"
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(dump_serve_config(imported, "values.yaml"))
+    loaded = read_serve_config(serve)
+    manifest.write_text(dump_documents(render_documents(loaded, RenderOptions(name="vllm")), "x"))
+    assert file_errors(manifest, CRDS if CRDS.is_dir() else None) == []
+
+
+def test_a_local_adapter_not_on_this_machine_is_said_and_left_out():
+    values = yaml.safe_load(LORA_VALUES.format(local="/nowhere/adapter"))
+    imported = import_values(values)
+    (model,) = imported.serve_config["applications"][0]["args"]["models"]
+    assert "local-lora" not in [a["name"] for a in model["lora"]["adapters"]]
+    assert any(
+        "'/nowhere/adapter' holds no adapter on this machine" in w for w in imported.warnings
+    )

@@ -235,7 +235,8 @@ def test_engine_stats_follow_the_scheduler():
     }
     # every engine series /metrics exports has a source: the engine's stats or the replica's count
     exported = {key for key, *_ in EngineCollector.GAUGES + EngineCollector.COUNTERS}
-    assert exported == set(engine.as_dict()) | {"in_flight"}
+    lora = {"lora_loads", "lora_unloads"}  # a LoRA model's replicas (`AdapterSlots.stats`)
+    assert exported == set(engine.as_dict()) | {"in_flight"} | lora
 
 
 def test_snapshot_reads_the_registered_routers_replicas():

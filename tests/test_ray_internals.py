@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import ray
@@ -18,11 +19,14 @@ from app.ray_internals import (
     NoTelemetryStart,
     SkipNoOpDownload,
     add_stat_logger,
+    download_folder,
     engine_tokenizer,
     forget_started_cluster,
+    load_lora,
     openai_request_models,
     scoring_service,
     started_cluster_address,
+    unload_lora,
     usage_stats_enabled,
 )
 
@@ -141,3 +145,68 @@ def test_the_address_ray_start_writes_is_read_and_forgotten(tmp_path, monkeypatc
     assert started_cluster_address() == "10.1.2.3:6379"
     forget_started_cluster()
     assert started_cluster_address() is None
+
+
+def test_lora_adapters_load_through_the_engines_resolve_lora_then_its_engine_client() -> None:
+    """A new adapter: `load_lora` hands Ray Serve LLM's engine the `DiskMultiplexConfig` its
+    `resolve_lora` reads (name and path), which puts it in vLLM's model table; one the table
+    knows (unloaded before) goes back to the engine client's `add_lora`."""
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    source = inspect.getsource(VLLMEngine.resolve_lora)
+    assert "disk_lora_model.model_id" in source and "disk_lora_model.local_path" in source
+    assert "_oai_models.lora_requests" in source
+    assert {"add_lora", "remove_lora"} <= set(dir(AsyncLLM))
+    seen: list[Any] = []
+
+    async def resolve_lora(config: Any) -> None:
+        seen.append((config.model_id, config.local_path))
+
+    async def add_lora(lora: Any) -> bool:
+        seen.append(lora)
+        return True
+
+    known = LoRARequest("poet", 3, "/adapters/poet")
+    engine = SimpleNamespace(
+        resolve_lora=resolve_lora,
+        _oai_models=SimpleNamespace(lora_requests={"poet": known}),
+        _engine_client=SimpleNamespace(add_lora=add_lora),
+    )
+    asyncio.run(load_lora(engine, "sql", "/adapters/sql"))
+    asyncio.run(load_lora(engine, "poet", "/adapters/poet"))
+    assert seen == [("sql", "/adapters/sql"), known]
+
+
+def test_lora_adapters_unload_from_the_engine_keeping_their_name() -> None:
+    """`unload_lora` asks the engine client's `remove_lora` for the id vLLM's model table gave
+    the adapter; the table keeps the name (a request past the check still finds it)."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.lora.request import LoRARequest
+
+    assert "self.lora_requests: dict[str, LoRARequest]" in inspect.getsource(OpenAIServingModels)
+    models = SimpleNamespace(lora_requests={"sql": LoRARequest("sql", 7, "/adapters/sql")})
+    removed = []
+
+    async def remove_lora(lora_id: int) -> bool:
+        removed.append(lora_id)
+        return True
+
+    engine = SimpleNamespace(
+        _oai_models=models, _engine_client=SimpleNamespace(remove_lora=remove_lora)
+    )
+    asyncio.run(unload_lora(engine, "sql"))
+    asyncio.run(unload_lora(engine, "poet"))  # never loaded: nothing to do
+    assert removed == [7] and list(models.lora_requests) == ["sql"]
+
+
+def test_object_store_folders_download_through_rays_cloud_file_system() -> None:
+    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+
+    assert list(inspect.signature(CloudFileSystem.download_files).parameters)[:2] == [
+        "path",
+        "bucket_uri",
+    ]
+    with pytest.raises(ValueError, match="Unsupported URI scheme"):
+        download_folder("ftp://host/adapter", "/tmp/unused")

@@ -2,6 +2,7 @@
 
 from app.config.batches import BatchSettings
 from app.config.capture import CaptureSettings
+from app.config.lora import LoraAdapter, LoraSettings
 from app.config.models import Autoscaling, KVOffload, ModelSpec, Resources, SecretRef
 from app.config.quantity import parse_quantity
 from app.config.responses import ResponsesSettings
@@ -33,6 +34,8 @@ __all__ = [
     "KeyLimits",
     "KeySources",
     "Limits",
+    "LoraAdapter",
+    "LoraSettings",
     "ModelSpec",
     "Resources",
     "ResponsesSettings",

@@ -10,9 +10,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.config.embedded import EMBEDDED_MODELS, EMBEDDED_SCHEME, embedded_name
+from app.config.lora import LORA_ENGINE_ARGS, LoraSettings
+from app.config.names import checked_name
 from app.config.quantity import parse_quantity
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 # Resources Ray manages itself (num_cpus, num_gpus, memory options; `ray start` flags), which
 # therefore cannot be requested or advertised as custom resources.
 RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
@@ -176,15 +177,15 @@ class ModelSpec(StrictModel):
     kv_offload: KVOffload | None = Field(
         None, description="KV-cache offload (LMCache) to CPU memory, disk or a remote cache."
     )
+    lora: LoraSettings | None = Field(
+        None, description="LoRA adapters served on this model's engines, loaded at run time."
+    )
 
     @field_validator("name", "aliases")
     @classmethod
     def _names(cls, value: str | list[str]) -> str | list[str]:
         for name in [value] if isinstance(value, str) else value:
-            if not MODEL_NAME.match(name):
-                raise ValueError(
-                    f"{name!r} is not a valid model name: use 1-128 letters, digits and ._:/@-"
-                )
+            checked_name(name)
         return value
 
     @field_validator("source")
@@ -237,6 +238,15 @@ class ModelSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _lora(self) -> ModelSpec:
+        if self.lora is None:
+            return self
+        for key, field in LORA_ENGINE_ARGS.items():
+            if key in self.engine_args:
+                raise ValueError(f"engine_args.{key} and lora both set it: set `{field}` instead")
+        return self
+
+    @model_validator(mode="after")
     def _gpus_per_worker(self) -> ModelSpec:
         gpu, workers = self.resources.gpu, self.gpu_workers
         if gpu and math.ceil(gpu) < workers:
@@ -255,6 +265,16 @@ class ModelSpec(StrictModel):
     def names(self) -> list[str]:
         """The name followed by its aliases."""
         return [self.name, *self.aliases]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Its LoRA adapters' names."""
+        return [a.name for a in self.lora.adapters] if self.lora is not None else []
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name a request may give for this model: its names and its adapters'."""
+        return [*self.names, *self.adapter_names]
 
     @property
     def embedded_model(self) -> str | None:

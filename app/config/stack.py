@@ -175,9 +175,10 @@ class StackConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> StackConfig:
+        """Model names, aliases and adapter names: each names one thing."""
         owner: dict[str, str] = {}
         for model in self.models:
-            for name in model.names:
+            for name in model.served_names:
                 if name in owner:
                     raise ValueError(
                         f"model name {name!r} is used twice (by {owner[name]!r} and {model.name!r})"
@@ -201,7 +202,7 @@ class StackConfig(StrictModel):
                         f"{owner}: {shown} is also read by {owners[kind, source]}; a key "
                         "belongs to one tenant (or to auth)"
                     )
-        served = [n for m in models for n in m.names]
+        served = [n for m in models for n in m.served_names]
         limits: Limits | None = info.data.get("limits")
         top = limits.max_tokens if limits is not None else None
         for tenant in tenants:
@@ -228,8 +229,8 @@ class StackConfig(StrictModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def model(self, name: str) -> ModelSpec | None:
-        """The model a name or alias refers to."""
-        return next((m for m in self.models if name in m.names), None)
+        """The model a name, alias or adapter name refers to (an adapter's: its base)."""
+        return next((m for m in self.models if name in m.served_names), None)
 
 
 def _with_priority_scheduling(model: Any) -> Any:

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from app.config.models import MODEL_NAME, SecretRef, StrictModel
+from app.config.models import SecretRef, StrictModel
+from app.config.names import checked_name
 
 TENANT_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 RESERVED_TENANT_NAMES = frozenset({"anonymous"})  # the metrics label of callers without a tenant
@@ -128,8 +129,7 @@ class Tenant(KeySources):
         if value is not None and not value:
             raise ValueError("models: list at least one model, or leave it out for all models")
         for name in value or []:
-            if not MODEL_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid model name")
+            checked_name(name)
         return value
 
     @model_validator(mode="after")

@@ -93,6 +93,7 @@ class Answer:
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
     usage: Usage | None = None
+    ours: bool = False  # an error the replica says itself: answered as it is, even a 5xx
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, usage: Usage | None = None) -> Answer:
@@ -100,9 +101,16 @@ class Answer:
 
     @classmethod
     def error(
-        cls, status: int, message: str, *, param: str | None = None, code: str | None = None
+        cls,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        ours: bool = False,
     ) -> Answer:
-        return cls.json(error_body(status, message, param=param, code=code), status)
+        body = error_body(status, message, param=param, code=code)
+        return cls(status, json.dumps(body, separators=(",", ":")).encode(), ours=ours)
 
 
 class Backend(Protocol):
@@ -235,7 +243,7 @@ class EngineApp:
             answer = await self.backend.answer(endpoint, data)
         except Exception as exc:
             return await self.failure(endpoint, request_id, exc)
-        if answer.status >= 500 and answer.stream is None:
+        if answer.status >= 500 and answer.stream is None and not answer.ours:
             return await self.failure(endpoint, request_id, answer.body)
         return answer
 

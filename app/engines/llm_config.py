@@ -35,6 +35,8 @@ def engine_kwargs(spec: ModelSpec) -> dict[str, Any]:
         kwargs["max_model_len"] = spec.max_model_len
     if spec.kv_offload is not None:
         kwargs["kv_transfer_config"] = dict(LMCACHE_CONNECTOR)
+    if spec.lora is not None:
+        kwargs.update(spec.lora.engine_kwargs())
     return kwargs
 
 
@@ -98,12 +100,12 @@ def kv_events(router: RouterSettings) -> bool:
 
 def router_config(spec: ModelSpec, router: RouterSettings) -> dict[str, Any]:
     """Serve's `request_router_config`: our router class with the configured policy."""
-    from app.engines.router import ROUTER_CLASS
+    from app.engines.router import ROUTER_CLASS, STATS_PERIOD_S
 
     return {
         "request_router_class": ROUTER_CLASS,
         "request_router_kwargs": {"policy": router.policy, "model": spec.name, **router.settings},
-        "request_routing_stats_period_s": 2,
+        "request_routing_stats_period_s": STATS_PERIOD_S,
     }
 
 
@@ -175,6 +177,10 @@ def build_engine(spec: ModelSpec, router: RouterSettings) -> Any:
     return build_llm_deployment(
         config,
         deployment_cls=EngineServer,
-        bind_kwargs={"embedded_model": spec.embedded_model, "kv_events": kv_events(router)},
+        bind_kwargs={
+            "embedded_model": spec.embedded_model,
+            "kv_events": kv_events(router),
+            "lora": spec.lora.model_dump(mode="json") if spec.lora is not None else None,
+        },
         override_serve_options={"name": deployment_name(spec)},
     )

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.llm import LLMServer
 
+from app.config.lora import LoraSettings
 from app.engines import embedded
 from app.engines.autoscaling import RELAYED
 from app.engines.http_server import (
@@ -36,6 +37,7 @@ from app.engines.http_server import (
 )
 from app.engines.items import Endpoint, EngineItem
 from app.engines.kv_publisher import METADATA_KEY, KvPublisher
+from app.engines.lora import AdapterLoadError, AdapterSlots
 from app.engines.request_meter import RequestMeter, wants_usage
 from app.engines.stat_logger import EngineStats
 from app.errors import error_body, validation_message
@@ -43,11 +45,14 @@ from app.internal_token import internal_token
 from app.ray_internals import (
     NoTelemetryStart,
     add_stat_logger,
+    download_folder,
     enable_tokenization,
     engine_block_size,
     engine_tokenizer,
+    load_lora,
     openai_request_models,
     scoring_service,
+    unload_lora,
 )
 
 logger = logging.getLogger("vrstack.engine")
@@ -85,16 +90,20 @@ class EngineServer(NoTelemetryStart, LLMServer):
     """An `LLMServer` replica that answers the ingress on its own HTTP port and Python callers
     through `serve_openai`."""
 
+    _adapters: AdapterSlots | None = None  # a model with LoRA adapters: the ones it holds
+
     async def __init__(
         self,
         llm_config: Any,
         *,
         embedded_model: str | None = None,
         kv_events: bool = False,
+        lora: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """`kv_events`: the engine publishes its KV cache events for the router
-        (`app.engines.kv_publisher`)."""
+        (`app.engines.kv_publisher`); `lora`: the model's `LoraSettings`, whose adapters the
+        replica loads when requests name them (`app.engines.lora`)."""
         self._engine_stats = EngineStats()
         self._meter = RequestMeter()
         token = await internal_token(serve.get_replica_context().app_name)
@@ -105,6 +114,13 @@ class EngineServer(NoTelemetryStart, LLMServer):
         self._kv = KvPublisher.on(engine_host()) if kv_events else None
         if self._kv is not None:
             llm_config.update_engine_kwargs(kv_events_config=self._kv.engine_config())
+        self._adapters = None if lora is None else AdapterSlots(
+            LoraSettings.model_validate(lora),
+            load=lambda name, path: load_lora(self.engine, name, path),
+            unload=lambda name: unload_lora(self.engine, name),
+            download=download_folder,
+            cache=embedded.cache_root() / "lora",
+        )  # fmt: skip
         await super().__init__(llm_config, **kwargs)
 
     async def start(self) -> None:
@@ -125,13 +141,14 @@ class EngineServer(NoTelemetryStart, LLMServer):
     async def record_routing_stats(self) -> dict[str, Any]:
         """Stats for the request router and the ingress's metrics: the replica's answers in
         progress and whether its engine lives (`EngineApp.stats`), its engine's running/queued
-        requests, KV-cache usage and prefix-cache hits (`app.engines.stat_logger`), and its
-        per-token figures (`app.engines.request_meter`)."""
+        requests, KV-cache usage and prefix-cache hits (`app.engines.stat_logger`), its
+        per-token figures (`app.engines.request_meter`), and the LoRA adapters it holds."""
         return {
             **await super().record_routing_stats(),
             **self._port.stats(),
             **self._engine_stats.as_dict(),
             "requests": self._meter.snapshot(),
+            **(self._adapters.stats() if self._adapters is not None else {}),
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -229,6 +246,13 @@ class EngineServer(NoTelemetryStart, LLMServer):
             return Answer.error(400, message, param=param), _nothing()
         except ValueError as exc:
             return Answer.error(400, str(exc)), _nothing()
+        if self._adapters is not None and (name := body.get("model")) in self._adapters:
+            try:
+                await self._adapters.use(name)
+            except AdapterLoadError as exc:
+                logger.warning("%s", exc)
+                failed = Answer.error(503, str(exc), code="adapter_unavailable", ours=True)
+                return failed, _nothing()
         return request, await getattr(self, endpoint)(request)
 
 

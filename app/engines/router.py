@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ from app.routing import (
 )
 
 ROUTER_CLASS = "app.engines.router:StackRequestRouter"
+STATS_PERIOD_S = 2  # how often Serve asks each replica for its routing stats
+# An adapter sent to a replica counts as held there until the replica's reports could say so.
+ADAPTER_SENT_S = 3 * STATS_PERIOD_S
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -56,11 +60,14 @@ def request_view(model: str, pending: PendingRequest | None) -> RequestView:
         return view_of_body({}, model=model)
     args = pending.args
     body = args[1] if len(args) >= 2 and isinstance(args[1], dict) else {}
+    named = body.get("model")
+    adapter = named if isinstance(named, str) and named != model else None  # (the ingress
+    # names the model by its canonical name, an adapter by its own)
     return view_of_body(
         body,
         model=model,
         session_key=pending.metadata.session_id,
-        lora_adapter=pending.metadata.multiplexed_model_id,
+        lora_adapter=pending.metadata.multiplexed_model_id or adapter,
     )
 
 
@@ -71,8 +78,9 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
        adapter.
     2. Describe each candidate replica: in-flight requests (this router's own count, or the
        replica's reported one if higher), queued requests, KV usage and health (a replica
-       whose engine is gone says so) from the replica's `record_routing_stats`, and its
-       concurrency limit.
+       whose engine is gone says so) from the replica's `record_routing_stats`, its
+       concurrency limit, and the LoRA adapters it holds (those it reports, and those this
+       router sent it since: it loads them on their first request).
     3. Ask the policy. A relayed request goes to the chosen replica's port; a handle call gets
        the chosen replica as the first rank and the others, by load, as fallbacks.
     4. Track in-flight requests; tell the policy when a relayed request has its first byte
@@ -90,6 +98,8 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         self._open: dict[Any, _Open] = {}  # request key -> where it went
         self.replicas_known = False  # Serve has told this router the running replicas
         self._kv_feed = KvFeed(self, f"kv-feed-{model}") if self._policy.kv_events else None
+        # replica id -> adapter -> when this router last sent it a request of that adapter
+        self._adapters_sent: dict[str, dict[str, float]] = {}
         router_registry.register(model, self)
 
     # -- relayed requests (the ingress's HTTP path) ------------------------------------------
@@ -210,6 +220,7 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         gone = replica_id.unique_id
         with self._lock:  # its requests will not complete there
+            self._adapters_sent.pop(gone, None)
             for key in [k for k, opened in self._open.items() if opened.replica_id == gone]:
                 self._release(key)
             self._policy.forget_replica(gone)
@@ -225,12 +236,29 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
             queued=int(reported.get("queued", 0)),
             kv_usage=float(reported.get("kv_usage", 0.0)),
             max_concurrency=max(1, replica.max_ongoing_requests),
+            lora_adapters=self._adapters(replica_id, reported.get("lora_adapters")),
         )
 
     def _track(self, key: Any, replica_id: str, view: RequestView, future: Any = None) -> None:
         self._release(key)  # routed again (the first choice was full)
         self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
         self._open[key] = _Open(replica_id, view, future)
+        if view.lora_adapter:
+            self._adapters_sent.setdefault(replica_id, {})[view.lora_adapter] = time.monotonic()
+
+    def _adapters(self, replica_id: str, reported: Any) -> frozenset[str]:
+        """The adapters a replica holds: those it reported, and those sent to it since its
+        report may have been made (`ADAPTER_SENT_S`)."""
+        held = set(reported) if isinstance(reported, list) else set()
+        sent = self._adapters_sent.get(replica_id)
+        if sent:
+            recent = time.monotonic() - ADAPTER_SENT_S
+            for adapter, at in list(sent.items()):
+                if at >= recent:
+                    held.add(adapter)
+                else:
+                    del sent[adapter]
+        return frozenset(held)
 
     def _track_pending(self, pending: PendingRequest, replica_id: str, view: RequestView) -> None:
         """Track a handle call Serve is routing; its routing future settles where it went (the

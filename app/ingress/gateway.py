@@ -183,8 +183,8 @@ class Gateway:
         return [m for m in self.config.models if allowed is None or m.name in allowed]
 
     def model_cards(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        """OpenAI model objects: every model and alias (`root` names the canonical model);
-        for a tenant, those of its models."""
+        """OpenAI model objects: every model, alias and LoRA adapter (`root` names the
+        canonical model an alias or adapter runs on); for a tenant, those of its models."""
         return [
             {
                 "id": name,
@@ -196,7 +196,7 @@ class Gateway:
                 "max_model_len": spec.max_model_len,
             }
             for spec in self._models(tenant)
-            for name in spec.names
+            for name in spec.served_names
         ]
 
     def state(self, spec: ModelSpec) -> ModelState:
@@ -247,7 +247,7 @@ class Gateway:
         priority: int | None = None,
     ) -> dict[str, Any]:
         check_task(spec, endpoint, request.model)
-        body = request.engine_body(spec.name)
+        body = request.engine_body(engine_model(spec, request.model))
         if spec.name in self._priority and endpoint in GATED:  # a client's own is replaced
             body["priority"] = self.priority_of(tenant) if priority is None else priority
         return body
@@ -408,8 +408,9 @@ class Gateway:
         if self.routes_by_tokens:
             await self._count_async(spec, request)
         view = exchange.view = view_of_body(
-            body, model=spec.name, session_key=session, token_ids=request._prompt_ids
-        )
+            body, model=spec.name, session_key=session, token_ids=request._prompt_ids,
+            lora_adapter=adapter_of(spec, body["model"]),
+        )  # fmt: skip
         view.receipt = receipt
         failed: set[str] = set()
         for attempt in range(self.config.server.retries + 1):
@@ -469,8 +470,11 @@ class Gateway:
             again = not stream.started  # nothing of it reached the client
             next_body = body if again else stream.continuation(body)
             await asyncio.sleep(backoff_s(attempt))
-            routed = routes.route(view_of_body(next_body, model=body["model"],
-                                               session_key=session), exclude=failed)  # fmt: skip
+            first = exchange.view  # the request's own (its model and adapter)
+            assert first is not None
+            routed = routes.route(view_of_body(next_body, model=first.model, session_key=session,
+                                               lora_adapter=first.lora_adapter),
+                                  exclude=failed)  # fmt: skip
             if routed is None:
                 break
             logger.warning("request %s: stream broke after %d tokens; going on at replica %s",
@@ -679,6 +683,17 @@ class Gateway:
             async for item in items:
                 yield item
             return
+
+
+def engine_model(spec: ModelSpec, name: str) -> str:
+    """The `model` an engine request names: the adapter a client named, else the model's
+    canonical name."""
+    return adapter_of(spec, name) or spec.name
+
+
+def adapter_of(spec: ModelSpec, name: str) -> str | None:
+    """The LoRA adapter `name` is, of `spec` (None: the base model)."""
+    return name if name in spec.adapter_names else None
 
 
 def check_task(spec: ModelSpec, endpoint: Endpoint, name: str) -> None:

@@ -7,7 +7,8 @@ replicaCount, requestCPU/Memory/GPU, pvcStorage, vllmConfig (types checked; with
 lmcacheConfig, hf_token and env (values; Secret references per model), enableLoRA, enableTool,
 toolCallParser, chatTemplate and modelRevision as vLLM arguments; servingEngineSpec.vllmApiKey
 and env; routerSpec (routingLogic, sessionKey, replicaCount) where our config has a place for
-them. Every other field set in the file gives a warning naming it.
+them; loraAdapters[] (local, huggingface and s3 sources) as their base model's `lora`, with
+its maxLoras. Every other field set in the file gives a warning naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import yaml
@@ -256,11 +258,6 @@ def _model(spec: dict[str, Any], where: str, imported: Imported, shared_env: Any
     if kv_offload is not None:
         model["kv_offload"] = kv_offload
     warn += lm_warnings
-    if engine_args.get("enable_lora"):
-        warn.append(
-            f"{where}.enableLoRA: carried as engine_args.enable_lora; loading adapters at run "
-            "time (production-stack's LoRA controller) is not carried"
-        )
     # Pod environment in the chart's order: HF_TOKEN, servingEngineSpec.env, modelSpec.env.
     secret_env: dict[str, dict[str, str]] = {}
     token = spec.get("hf_token")
@@ -309,6 +306,81 @@ def _model(spec: dict[str, Any], where: str, imported: Imported, shared_env: Any
                 value, f"{where}.{key}", "not carried (Ray images and scheduling)"
             )
     return model
+
+
+def _adapter_source(source: dict[str, Any], where: str) -> tuple[str | None, list[str]]:
+    """A LoraAdapter's adapterSource -> our adapter `source` (None: no place for it)."""
+    kind = str(source.get("type", ""))
+    path = str(source.get("adapterPath") or "")
+    repository = str(source.get("repository") or "")
+    warnings = [
+        f"{where}.{key}: not carried (each adapter is named in the config)"
+        for key in ("pattern", "maxAdapters")
+        if _set(source.get(key))
+    ]
+    if _set(source.get("credentials")) or _set(source.get("credentialsSecretRef")):
+        warnings.append(
+            f"{where}.credentials: not carried; give the engines the object store's "
+            "credentials in the model's env or secret_env (e.g. AWS_ACCESS_KEY_ID)"
+        )
+    if kind == "local" and path:
+        if not (Path(path).expanduser() / "adapter_config.json").is_file():
+            return None, [
+                *warnings,
+                f"{where}.adapterPath: {path!r} holds no adapter on this "
+                "machine (the config checks local adapters where it is made); put "
+                "the adapter there, or give a huggingface or s3 source",
+            ]
+        return path, warnings
+    if kind == "huggingface" and (repository or path):
+        return repository or path, warnings
+    if kind == "s3" and (repository or path):
+        if path.startswith("s3://"):
+            return path, warnings
+        return "s3://" + "/".join(p.strip("/") for p in (repository, path) if p), warnings
+    return None, [
+        *warnings,
+        f"{where}: type {kind!r}: only local (adapterPath), huggingface and s3 (repository "
+        "or adapterPath) sources are carried; not carried",
+    ]
+
+
+def _lora_adapters(entries: Any, models: list[dict[str, Any]], warn: list[str]) -> None:
+    """loraAdapters[] (production-stack's LoraAdapter resources) -> each base model's `lora`:
+    its adapters, and enableLoRA / maxLoras / --max-lora-rank moved from its engine_args."""
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        where = f"loraAdapters[{index}]"
+        if not isinstance(entry, dict) or entry.get("enabled") is False:
+            continue
+        base = str(entry.get("baseModel") or "")
+        model = next((m for m in models if base in (m["name"], *m.get("aliases", []))), None)
+        source = entry.get("adapterSource") or {}
+        name = str(source.get("adapterName") or entry.get("name") or "")
+        if model is None:
+            warn.append(f"{where}: baseModel {base!r} is not an imported model; not carried")
+            continue
+        path, problems = _adapter_source(source, f"{where}.adapterSource")
+        warn += problems
+        if path is None or not name:
+            continue
+        lora = model.setdefault("lora", {"adapters": []})
+        lora["adapters"].append({"name": name, "source": path})
+        args = model.setdefault("engine_args", {})
+        args.pop("enable_lora", None)
+        for arg, key in (("max_loras", "max_active"), ("max_lora_rank", "max_rank"),
+                         ("max_cpu_loras", "max_adapters_per_replica")):  # fmt: skip
+            if arg in args:
+                lora[key] = args.pop(arg)
+        if "max_active" in lora:
+            lora.setdefault("max_adapters_per_replica", max(lora["max_active"], 4))
+        if not args:
+            del model["engine_args"]
+        for key in ("loraAdapterDeploymentConfig", "vllmApiKey"):
+            if _set(entry.get(key)):
+                warn.append(
+                    f"{where}.{key}: not carried; replicas load the adapter when a request "
+                    "names it, and the router keeps its requests on the replicas holding it"
+                )
 
 
 def _plain(value: Any) -> Any:
@@ -395,9 +467,21 @@ def import_values(values: dict[str, Any], *, app_name: str = "vrstack") -> Impor
             imported.warnings += _leaf_warnings(
                 value, f"servingEngineSpec.{key}", "not carried (Ray images and scheduling)"
             )
+    _lora_adapters(values.get("loraAdapters") or [], models, imported.warnings)
+    for model in models:
+        if model.get("engine_args", {}).get("enable_lora") and "lora" not in model:
+            imported.warnings.append(
+                f"model {model['name']!r}: enableLoRA is carried as engine_args.enable_lora, "
+                "but no loraAdapters entry names this model, so it serves no adapter"
+            )
     router, server = _router(values.get("routerSpec") or {}, imported)
     for key, value in values.items():
-        if key not in ("servingEngineSpec", "routerSpec"):
+        if key == "loraController":
+            imported.warnings.append(
+                "loraController: not carried; each engine replica loads the adapters of its "
+                "model's `lora` settings when a request first names one"
+            )
+        elif key not in ("servingEngineSpec", "routerSpec", "loraAdapters"):
             imported.warnings += _leaf_warnings(value, key, "not carried")
     args: dict[str, Any] = {"models": models}
     if router:

@@ -176,6 +176,23 @@ PANELS: tuple[Panel, ...] = (
         "the part it predicted but the engine no longer held (a stale index), over the prompt "
         "tokens of the answers checked (docs/routing.md, route receipts).",
     ),
+    Panel(
+        "LoRA adapters",
+        (
+            (
+                f"count by (model, adapter) ({_sel('vrstack_lora_adapter_held')})",
+                "held {{model}} {{adapter}}",
+            ),
+            (f"sum by (model) ({_rate('vrstack_lora_adapter_loads_total')})", "loads/s {{model}}"),
+            (
+                f"sum by (model) ({_rate('vrstack_lora_adapter_unloads_total')})",
+                "unloads/s {{model}}",
+            ),
+        ),
+        description="Replicas holding each LoRA adapter, and adapter loads and unloads per "
+        "second (a steady unload rate: more adapters in use than replicas hold; raise "
+        "max_adapters_per_replica).",
+    ),
 )
 
 

@@ -318,6 +318,9 @@ class EngineCollector:
          "Prompt tokens looked up in the replica's prefix cache."),
         ("prefix_cache_hits", "engine_prefix_cache_hits_tokens",
          "Prompt tokens found in the replica's prefix cache."),
+        ("lora_loads", "lora_adapter_loads", "LoRA adapters the replica loaded."),
+        ("lora_unloads", "lora_adapter_unloads",
+         "LoRA adapters the replica unloaded (least recently used, over its limit)."),
     )  # fmt: skip
 
     def __init__(self, source: ReplicaStats, models: list[str]) -> None:
@@ -344,6 +347,15 @@ class EngineCollector:
                     counter.add_metric([model, replica], float(values[key]))
             yield counter
         yield from self.tokens.families(replicas, self.models)
+        held = GaugeMetricFamily(
+            PREFIX + "lora_adapter_held",
+            "1 for each LoRA adapter a replica holds.",
+            labels=["model", "replica", "adapter"],
+        )
+        for model, replica, values in _each(replicas):
+            for adapter in values.get("lora_adapters") or ():
+                held.add_metric([model, replica, str(adapter)], 1.0)
+        yield held
 
     def _gauges(self, replicas: dict[str, dict[str, dict[str, Any]]]) -> Iterator[Metric]:
         for key, name, compat, text in self.GAUGES:

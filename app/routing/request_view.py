@@ -54,13 +54,15 @@ def view_of_body(
 ) -> RequestView:
     """The routing view of an OpenAI completions or chat body.
 
-    The model is the body's `model`, else `model`; the session key is `session_key`, else the
-    body's `user`; the prompt is `token_ids` when given (the engine's tokens of it), else
-    token-id prompts keep their ids, and every other prompt is text.
+    The model is the body's `model`, else `model`; a LoRA adapter's request (`lora_adapter`,
+    which the body names) is `model`'s, its blocks hashed under the adapter. The session key
+    is `session_key`, else the body's `user`; the prompt is `token_ids` when given (the
+    engine's tokens of it), else token-id prompts keep their ids, and every other prompt is
+    text.
     """
     prompt = token_ids if token_ids is not None else prompt_of(body)
     return RequestView(
-        model=str(body.get("model", model)),
+        model=model if lora_adapter else str(body.get("model", model)),
         text=prompt if isinstance(prompt, str) else None,
         token_ids=prompt if isinstance(prompt, list | tuple) else None,
         session_key=session_key or body.get("user") or None,

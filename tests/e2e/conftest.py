@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -48,9 +49,11 @@ def deploy(cluster: Cluster, config_file: Path) -> Stack:
     return Stack(cluster, app.name)
 
 
-def deploy_two_replicas(cluster: Cluster, name: str, policy: str) -> Stack:
-    """Deploy the embedded model on 2 engine replicas routed by `policy`, as app `name`, and
-    wait until both run."""
+def deploy_two_replicas(
+    cluster: Cluster, name: str, policy: str, lora: dict[str, Any] | None = None
+) -> Stack:
+    """Deploy the embedded model on 2 engine replicas routed by `policy` (with `lora`
+    settings, when given), as app `name`, and wait until both run."""
     import copy
 
     from ray import serve
@@ -62,6 +65,8 @@ def deploy_two_replicas(cluster: Cluster, name: str, policy: str) -> Stack:
     args = copy.deepcopy(app.config.model_dump(mode="json"))
     args["models"][0]["replicas"] = 2
     args["router"] = {"policy": policy}
+    if lora is not None:
+        args["models"][0]["lora"] = lora
     serve.run(build_app(args), name=name, route_prefix="/")
     wait_healthy(cluster.base_url)
     deadline = time.monotonic() + 300

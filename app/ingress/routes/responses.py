@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from app.errors import OpenAIError, validation_message
-from app.ingress.gateway import Gateway
+from app.ingress.gateway import Gateway, engine_model
 from app.ingress.limits import Lease, QuotaError
 from app.ingress.middleware import json_object, read_body
 from app.ingress.protocol import ChatCompletionRequest
@@ -106,7 +106,7 @@ async def create_response(request: Request, gateway: GatewayDep) -> Response:
             lease = await gateway.admit_shared(key_id, chat, tenant)
         except OpenAIError as exc:
             raise _renamed(exc) from None
-        spec = gateway.resolve(chat.model, tenant).name
+        spec = engine_model(gateway.resolve(chat.model, tenant), chat.model)  # (an adapter's own)
         if asked.stream:
             events = ResponseEvents.of(asked, spec)
             answer = await _streamed(

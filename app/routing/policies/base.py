@@ -12,15 +12,22 @@ from app.routing.types import Decision, NoReplicaError, ReplicaStats, RequestVie
 
 
 def eligible(request: RequestView, candidates: Sequence[ReplicaStats]) -> list[ReplicaStats]:
-    """Healthy candidates; for a LoRA request, those holding the adapter when any do."""
+    """Healthy candidates; for a LoRA request, those holding its adapter with room for it
+    (`has_room`) when any do, else every healthy one (the chosen one loads the adapter)."""
     healthy = [c for c in candidates if c.healthy]
     if not healthy:
         raise NoReplicaError(f"no healthy replica for model {request.model!r}")
     if request.lora_adapter:
-        holding = [c for c in healthy if request.lora_adapter in c.lora_adapters]
+        holding = [c for c in healthy if request.lora_adapter in c.lora_adapters and has_room(c)]
         if holding:
             return holding
     return healthy
+
+
+def has_room(replica: ReplicaStats) -> bool:
+    """Whether a replica takes another request now: its engine queues none and it is under
+    its concurrency limit."""
+    return replica.queued == 0 and replica.in_flight < replica.max_concurrency
 
 
 def pending(replica: ReplicaStats) -> int:

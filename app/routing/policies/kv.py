@@ -17,7 +17,8 @@ from app.routing.types import ReplicaStats, RequestView
 class KvPolicy(ScoredPolicy):
     """The `scored` rule, with each replica's match read from its engine's KV cache events.
 
-    1. Keep the eligible replicas (healthy; LoRA holders first).
+    1. Keep the eligible replicas (healthy; for a LoRA request, its adapter's holders with
+       room, when any).
     2. Hotspot guard, as `scored` (step 2).
     3. Score each remaining replica as `scored` does (step 3), with `match` the longer of:
        a. the replica's cached prefix of the prompt as its engine reported it: the index built

@@ -12,7 +12,8 @@ from app.routing.types import Decision, ReplicaStats, RequestView
 class PowerOfTwoPolicy(PolicyBase):
     """Least in-flight of two random replicas.
 
-    1. Keep the eligible replicas (healthy; LoRA holders first).
+    1. Keep the eligible replicas (healthy; for a LoRA request, its adapter's holders with
+       room, when any).
     2. Sample two at random (seeded); pick the one with fewer in-flight plus queued requests.
     """
 

@@ -29,7 +29,8 @@ def best_match(
 class PrefixPolicy(IndexedPolicy):
     """Longest cached prefix, from an index of this policy's own past decisions.
 
-    1. Keep the eligible replicas (healthy; LoRA holders first).
+    1. Keep the eligible replicas (healthy; for a LoRA request, its adapter's holders with
+       room, when any).
     2. Hash the prompt's full blocks, chained like vLLM (`block_size` tokens a block).
     3. Look the chain up in the model's index (LRU, `max_blocks` per replica).
     4. If the best match covers at least `min_match` of the prompt, pick the best-matching

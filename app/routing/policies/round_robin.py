@@ -12,7 +12,8 @@ from app.routing.types import Decision, ReplicaStats, RequestView
 class RoundRobinPolicy(PolicyBase):
     """Rotate through the replicas.
 
-    1. Keep the eligible replicas (healthy; LoRA holders first).
+    1. Keep the eligible replicas (healthy; for a LoRA request, its adapter's holders with
+       room, when any).
     2. Pick the next one in turn (one counter per model).
     """
 

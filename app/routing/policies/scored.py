@@ -55,7 +55,8 @@ Row = tuple[ReplicaStats, int, ReplicaLoad, float, float]
 class ScoredPolicy(IndexedPolicy):
     """Best weighted score among replicas that are neither load nor cache hotspots.
 
-    1. Keep the eligible replicas (healthy; LoRA holders first).
+    1. Keep the eligible replicas (healthy; for a LoRA request, its adapter's holders with
+       room, when any).
     2. Hotspot guard (`HotspotGuard`), with means over the eligible replicas (never drops them
        all): drop
        a. replicas whose in-flight plus queued count exceeds both `mean * hotspot_rel` and

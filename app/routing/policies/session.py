@@ -20,7 +20,8 @@ def stable_hash(key: str) -> int:
 class SessionPolicy(PolicyBase):
     """Consistent hashing of a session key with bounded load.
 
-    1. Keep the eligible replicas (healthy; LoRA holders first).
+    1. Keep the eligible replicas (healthy; for a LoRA request, its adapter's holders with
+       room, when any).
     2. Without a session key, fall back to power of two (`no-session-key`).
     3. Hash the key onto a ring of `vnodes` points per replica (blake2b, stable).
     4. Walk the ring clockwise from the key; take the first replica whose in-flight count is
