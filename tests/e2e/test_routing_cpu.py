@@ -19,7 +19,7 @@ from prometheus_client.samples import Sample
 from app.client import StackClient
 from benchmarks.processes import engine_core
 from tests.e2e.conftest import deploy_two_replicas, undeploy
-from tests.lora_adapter import make_adapter
+from tests.lora_adapter import make_adapters
 
 pytestmark = pytest.mark.e2e
 
@@ -33,8 +33,8 @@ ADAPTERS = ("sql-lora", "poet-lora", "chef-lora")
 def two_replicas(cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
     adapters = [
-        {"name": name, "source": str(make_adapter(folder / name, seed))}
-        for seed, name in enumerate(ADAPTERS, start=1)
+        {"name": name, "source": str(path)}
+        for name, path in make_adapters(folder, ADAPTERS).items()
     ]
     broken = folder / "broken-lora"  # a PEFT config without weights: the engine refuses it
     broken.mkdir()
@@ -174,13 +174,17 @@ def test_a_replica_holds_at_most_its_limit_unloading_the_least_recently_used(two
 
 
 def test_an_adapter_the_engine_cannot_load_is_a_503_naming_it(two_replicas):
+    """The refusal is the replica's, its engine lives on, and the other adapters serve."""
     body = {"model": "broken-lora", "prompt": "Hello", "max_tokens": 2}
     response = httpx.post(f"{two_replicas}/v1/completions", json=body, timeout=120)
     assert response.status_code == 503, response.text
     error = response.json()["error"]
     assert error["code"] == "adapter_unavailable" and "'broken-lora'" in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert _greedy(two_replicas, "sql-lora").json()["model"] == "sql-lora"  # the others serve
+    core = engine_core("routing", "engine:smollm2", response.headers["x-route-replica"])
+    time.sleep(2)
+    assert core.is_running(), "the engine died of a failed adapter load"
+    assert _greedy(two_replicas, "sql-lora").json()["model"] == "sql-lora"
 
 
 # -- last: an engine killed mid-stream (its replica is replaced after the module) ---------------
