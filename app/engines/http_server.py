@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
 from app.engines.items import Endpoint
@@ -109,8 +109,8 @@ class Answer:
         code: str | None = None,
         ours: bool = False,
     ) -> Answer:
-        body = error_body(status, message, param=param, code=code)
-        return cls(status, json.dumps(body, separators=(",", ":")).encode(), ours=ours)
+        answer = cls.json(error_body(status, message, param=param, code=code), status)
+        return replace(answer, ours=True) if ours else answer
 
 
 class Backend(Protocol):

@@ -249,16 +249,15 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
     def _adapters(self, replica_id: str, reported: Any) -> frozenset[str]:
         """The adapters a replica holds: those it reported, and those sent to it since its
         report may have been made (`ADAPTER_SENT_S`)."""
-        held = set(reported) if isinstance(reported, list) else set()
+        held = frozenset(reported) if isinstance(reported, list) else frozenset()
         sent = self._adapters_sent.get(replica_id)
-        if sent:
-            recent = time.monotonic() - ADAPTER_SENT_S
-            for adapter, at in list(sent.items()):
-                if at >= recent:
-                    held.add(adapter)
-                else:
-                    del sent[adapter]
-        return frozenset(held)
+        if not sent:  # (every request of a model without adapters: nothing more to do)
+            return held
+        recent = time.monotonic() - ADAPTER_SENT_S
+        for adapter, at in list(sent.items()):
+            if at < recent:
+                del sent[adapter]
+        return held.union(sent)
 
     def _track_pending(self, pending: PendingRequest, replica_id: str, view: RequestView) -> None:
         """Track a handle call Serve is routing; its routing future settles where it went (the
