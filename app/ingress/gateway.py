@@ -571,8 +571,6 @@ class Gateway:
                 stream.replicas.append(routed.replica_id)
                 await send(stream_head(response, headers))
             await relay_events(response, send, stream, first_byte, exchange.told_usage)
-            if stream.done and not stream.continuing:  # it ended in its own shape
-                await send({"type": "http.response.body", "body": b""})
             return True
         finally:
             response.release()

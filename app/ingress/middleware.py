@@ -13,9 +13,10 @@ watcher (a receive task and a request task per request) would be a second one.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
-import uuid
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -31,6 +32,9 @@ RAY_CLIENT_HINTS = frozenset({b"x-request-timeout-seconds", b"x-request-disconne
 RAY_NO_WATCH = (b"x-request-disconnect-disabled", b"?1")
 # Ray Serve wraps its HTTP servers in the middlewares the function this variable names returns.
 RAY_EDGE_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{__name__}:edge_middlewares"}
+# New request ids: 16 random hex digits per process, then a count (uuid4's length, no syscall).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNT = itertools.count(1)
 MAX_JSON_DEPTH = 100  # nesting of arrays and objects a request body may have
 # A surrogate's escape, or its bytes: (rare) bodies that may hold one are checked whole.
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
@@ -38,10 +42,11 @@ _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 def request_id_of(scope: Scope) -> str:
     """The request's id: the client's `x-request-id` if valid (1 to 128 of `A-Za-z0-9._:-`),
-    else a new one. It replaces the header in `scope` for everything downstream."""
+    else a new one (32 hex digits, unique per process start). It replaces the header in `scope`
+    for everything downstream."""
     headers = scope.get("headers") or []
     given = dict(headers).get(_REQUEST_ID, b"").decode("latin-1")
-    request_id = given if _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if _VALID_ID.fullmatch(given) else _ID_PREFIX + f"{next(_ID_COUNT):016x}"
     kept = [h for h in headers if h[0] != _REQUEST_ID]
     scope["headers"] = [*kept, (_REQUEST_ID, request_id.encode())]
     return request_id

@@ -28,7 +28,6 @@ whose bytes span tokens) is not sent. Not migrated (they end with an error event
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -36,10 +35,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from app.engines.http_server import USAGE_COMMENT, Usage
 from app.engines.items import Endpoint
+from app.ingress.engine_http import EngineResponse
 from app.ingress.protocol import (
     DEFAULT_OUTPUT_TOKENS,
     ChatCompletionRequest,
@@ -299,7 +297,7 @@ class Stream:
 
 
 async def relay_events(
-    response: aiohttp.ClientResponse,
+    response: EngineResponse,
     send: Send,
     stream: Stream,
     on_first_byte: Callable[[], None],
@@ -307,11 +305,12 @@ async def relay_events(
 ) -> None:
     """Copy an engine's SSE answer to the client event by event through `stream.take` (the
     answer's head already sent), until it ends (`stream.done`) or fails (it breaks off, stalls,
-    or sends the engine's error event): the caller reads which from `stream`. The engine's usage
-    is given to `on_usage` before the last bytes are sent."""
+    or sends the engine's error event): the caller reads which from `stream`. A stream that
+    ends in its own shape (not a continuation's) ends the answer: its last bytes go with
+    `more_body` false. The engine's usage is given to `on_usage` before they are sent."""
     pending, first = b"", True
     try:
-        async for data in response.content.iter_any():
+        async for data in response.chunks():
             if first:
                 on_first_byte()
                 first = False
@@ -325,14 +324,15 @@ async def relay_events(
                 out.append(stream.take(event))
                 if stream.done or stream.broken:
                     break
-            if stream.done and stream.usage is not None and not stream.continuing:
+            last = stream.done and not stream.continuing
+            if last and stream.usage is not None:
                 on_usage(stream.usage)
             body = b"".join(out)
-            if body:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+            if body or last:
+                await send({"type": "http.response.body", "body": body, "more_body": not last})
             if stream.done or stream.broken:
                 return
-    except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:  # (TimeoutError is one)
         logger.warning("engine stream broke: %s: %s", type(exc).__name__, exc)
 
 

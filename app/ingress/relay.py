@@ -1,12 +1,13 @@
 """The HTTP path's one hop: a request relayed to an engine replica's port, its answer back.
 
-`Relay` holds one aiohttp session (keep-alive connections to every engine port this ingress
-replica uses). `send` posts the request with the stack's internal token and returns once the
-answer's head is in; connection failures and time-outs up to then are `RelayError`s the caller
-may retry on another replica (nothing was sent to the client yet), and so may an answer
-saying the replica's engine is gone (`engine_unavailable`). `pass_through` copies the answer
-to the client: a JSON body whole, a stream chunk by chunk as it arrives (no parsing), ending a
-stream that breaks or stalls with an OpenAI-shaped error event and `data: [DONE]`.
+`Relay` holds one `EnginePool` (`app.ingress.engine_http`: kept-alive connections to every
+engine port this ingress replica uses). `send` posts the request with the stack's internal
+token and returns once the answer's head is in; connection failures and time-outs up to then
+are `RelayError`s the caller may retry on another replica (nothing was sent to the client yet),
+and so may an answer saying the replica's engine is gone (`engine_unavailable`). `pass_through`
+copies the answer to the client: a JSON body whole, a stream chunk by chunk as it arrives (no
+parsing), ending a stream that breaks or stalls with an OpenAI-shaped error event and `data:
+[DONE]`.
 
 It also hands the caller the answer's token usage as the engine counted it
 (`app.engines.http_server`), with no look into the answer's JSON: a 200 JSON answer's
@@ -25,8 +26,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-
 from app.engines.http_server import (
     ENGINE_UNAVAILABLE,
     TOKEN_HEADER,
@@ -35,6 +34,7 @@ from app.engines.http_server import (
     Usage,
 )
 from app.errors import error_body
+from app.ingress.engine_http import EnginePool, EngineResponse
 
 logger = logging.getLogger("vrstack.ingress")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -53,56 +53,62 @@ class Relay:
     """Requests to engine replicas' ports over kept-alive connections."""
 
     def __init__(self, token: str, *, timeout_s: float) -> None:
-        self._headers = {TOKEN_HEADER: token, "content-type": "application/json"}
+        self._headers = _header_lines({TOKEN_HEADER: token, "content-type": "application/json"})
         self.timeout_s = timeout_s
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: EnginePool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()  # a session serves the event loop it was made on
-        if self._session is None or self._session.closed or self._loop is not loop:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False
-            )
+    def _client(self) -> EnginePool:
+        loop = asyncio.get_running_loop()  # connections serve the event loop they were made on
+        if self._pool is None or self._loop is not loop:
+            self._pool = EnginePool(timeout_s=self.timeout_s)
             self._loop = loop
-        return self._session
+        return self._pool
 
     async def send(
         self, url: str, path: str, body: bytes, request_id: str, traceparent: str | None = None
-    ) -> aiohttp.ClientResponse:
+    ) -> EngineResponse:
         """POST to `url + path` (with the trace's `traceparent` when traced); the response with
         its head read (the caller releases it)."""
-        headers = {**self._headers, "x-request-id": request_id}
+        extra = {"x-request-id": request_id}
         if traceparent:
-            headers["traceparent"] = traceparent
+            extra["traceparent"] = traceparent
         try:
-            return await self._client().post(url + path, data=body, headers=headers)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            return await self._client().post(url, path, self._headers + _header_lines(extra), body)
+        except TimeoutError as exc:
             raise RelayError(f"no answer within {self.timeout_s:g} s", timed_out=True) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:
             raise RelayError(f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
 
-async def engine_unavailable(response: aiohttp.ClientResponse) -> bool:
+def _header_lines(headers: dict[str, str]) -> bytes:
+    """`name: value\r\n` lines; a value that would break the request's head is refused."""
+    lines = []
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name} holds a line break")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+async def engine_unavailable(response: EngineResponse) -> bool:
     """Whether the answer says the replica's engine is gone (503 `engine_unavailable`): the
     request may go to another replica. Reads the body of a 503 only (kept for `pass_through`)."""
     if response.status != 503:
         return False
     try:
         error = json.loads(await response.read()).get("error")
-    except (ValueError, AttributeError, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+    except (ValueError, AttributeError, OSError):  # (TimeoutError is an OSError)
         return True  # a 503 that breaks off: the replica is going away
     return isinstance(error, dict) and error.get("code") == ENGINE_UNAVAILABLE
 
 
 async def pass_through(
-    response: aiohttp.ClientResponse,
+    response: EngineResponse,
     send: Send,
     headers: list[tuple[bytes, bytes]],
     on_first_byte: Callable[[], None],
@@ -127,7 +133,7 @@ async def pass_through(
     await send(stream_head(response, headers))
     first, tail, usage = True, b"", None
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response.chunks():
             if first:
                 on_first_byte()
                 first = False
@@ -141,9 +147,9 @@ async def pass_through(
             await send({"type": "http.response.body", "body": b""})
             return usage
         failure = error_body(502, "the engine ended the stream early", code="engine_error")
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+    except TimeoutError:
         failure = error_body(504, "the engine stopped answering mid-stream", code="timeout")
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         logger.warning("engine stream broke: %s: %s", type(exc).__name__, exc)
         failure = error_body(502, "the engine's stream broke off", code="engine_error")
     event = b"data: " + json.dumps(failure).encode() + b"\n\n"
@@ -151,9 +157,7 @@ async def pass_through(
     return None
 
 
-def stream_head(
-    response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
-) -> dict[str, Any]:
+def stream_head(response: EngineResponse, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     """The head of a stream's answer to the client: the engine's content type, `headers`."""
     kind = response.headers.get("content-type", "text/event-stream").encode()
     return {

@@ -251,22 +251,24 @@ def test_a_slow_reader_keeps_ingress_memory_bounded(base, cluster):
         while time.monotonic() - started < 2:
             read += len(fast.recv(65536))
     rate_mb = read / 2 / 2**20
+    # Held long enough that buffering would show (> 200 MiB unread), on a slow machine too.
+    hold_s = min(40.0, max(12.0, 240 / (4 * rate_mb)))
     until(lambda: running(base) == 0, 10, "the fast reader's engine request cancelled")
     before = ingress_rss_mb(APP)
     clients = [open_stream(cluster.http_port, endless, rcvbuf=4096) for _ in range(4)]
     try:
         assert all(sock.recv(1024).startswith(b"HTTP/1.1 200") for sock in clients)
-        time.sleep(12)
+        time.sleep(hold_s)
         after = ingress_rss_mb(APP)
         assert running(base) >= 4  # still open: held back, not failed
     finally:
         for sock in clients:
             sock.close()
     until(lambda: running(base) == 0, 10, "slow readers' engine requests cancelled")
-    unread_mb = 4 * 12 * rate_mb  # what buffering every unread byte would hold
+    unread_mb = 4 * hold_s * rate_mb  # what buffering every unread byte would hold
     assert unread_mb > 200 and after - before < 40, (rate_mb, before, after)
-    print(f"4 slow readers, 12 s: ingress RSS {before:.0f} -> {after:.0f} MiB (a stream read "
-          f"makes {rate_mb:.1f} MiB/s: {unread_mb:.0f} MiB unread)")  # fmt: skip
+    print(f"4 slow readers, {hold_s:.0f} s: ingress RSS {before:.0f} -> {after:.0f} MiB "
+          f"(a stream read makes {rate_mb:.1f} MiB/s: {unread_mb:.0f} MiB unread)")  # fmt: skip
 
 
 # -- redeploy (last: it replaces every replica) ------------------------------------------------
