@@ -14,8 +14,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from app.engines.http_server import Answer, EngineApp, EngineHttpServer, Usage, usage_pair
+from app.engines.http_server import (
+    TOKEN_HEADER,
+    Answer,
+    EngineApp,
+    EngineHttpServer,
+    Usage,
+    usage_pair,
+)
 from app.engines.request_meter import RequestMeter, wants_usage
+from app.ingress.engine_http import EnginePool
+from app.ingress.migration import Stream, relay_events
 from app.ingress.relay import Relay, parse_usage, pass_through
 
 pytestmark = pytest.mark.anyio
@@ -147,6 +156,35 @@ async def test_the_usage_is_told_before_the_last_bytes_are_sent(chosen_bytes, pa
     assert told == [Usage(12, 8) if path == "/json" else Usage(7, 3)]
 
 
+@pytest.mark.parametrize("path", ["/stream", "/stream-alone"])
+async def test_a_migratable_stream_ends_the_answer_with_its_last_bytes_after_the_usage(
+    chosen_bytes, path
+):
+    """The relay of a stream that can move to another replica (`relay_events`): the usage is
+    told before the last bytes, which end the answer (no empty message after them)."""
+    relay = Relay(TOKEN, timeout_s=30)
+    told: list[Usage] = []
+    messages: list[tuple[dict, int]] = []  # each message, with the usages told before it
+
+    async def send(message: dict) -> None:
+        messages.append((message, len(told)))
+
+    stream = Stream(chat=False)
+    try:
+        response = await relay.send(chosen_bytes, path, b'{"model":"m"}', "req-1")
+        try:
+            await relay_events(response, send, stream, lambda: None, told.append)
+        finally:
+            response.release()
+    finally:
+        await relay.close()
+    assert stream.done and told == [Usage(7, 3)]
+    *before, (last, told_then) = messages
+    assert last["more_body"] is False and last["body"].endswith(DONE) and told_then == 1
+    assert all(message["more_body"] for message, _ in before)
+    assert b"".join(m["body"] for m, _ in messages) == TEXT + TEXT + DONE
+
+
 @pytest.mark.parametrize("path", ["/json-garbled", "/json-none", "/json-400", "/json-500"])
 async def test_a_json_answer_without_a_valid_header_or_not_200_has_no_usage(chosen_bytes, path):
     usage, messages = await _relayed(chosen_bytes, path)
@@ -212,14 +250,14 @@ class _Backend:
         events = [TEXT.decode(), TEXT.decode(), USAGE_EVENT, DONE.decode()]
         if kind == "no-usage":
             events.remove(USAGE_EVENT)
-        return Answer(
-            stream=self.meter.sse(endpoint, _batches(events), keep_usage=wants_usage(body))
-        )
+        batches = _batches(events, linger_s=0.1 if kind == "lingers" else 0.0)
+        return Answer(stream=self.meter.sse(endpoint, batches, keep_usage=wants_usage(body)))
 
 
-async def _batches(events: list[str]) -> AsyncIterator[list[str]]:
+async def _batches(events: list[str], linger_s: float = 0.0) -> AsyncIterator[list[str]]:
     for event in events:
         yield [event]
+    await asyncio.sleep(linger_s)  # the engine's own work after its last event
 
 
 @pytest.fixture
@@ -253,6 +291,31 @@ async def test_the_engine_port_tells_a_streams_usage(engine_port, include_usage)
     assert (b'"prompt_tokens":7' in sent) is include_usage  # the client's chunk, if it asked
     figures = backend.meter.snapshot()["completions"]
     assert (figures["prompt_tokens"], figures["output_tokens"]) == (7, 3)
+
+
+async def test_a_streams_connection_to_the_engine_port_is_kept_for_the_next_request(engine_port):
+    """The engine port ends a stream's answer with its `[DONE]` chunk, even while the engine
+    is still busy after its last event: the relay, done at `[DONE]`, finds the answer complete
+    and keeps the connection (no new connection per streamed request)."""
+    url, _ = engine_port
+    pool = EnginePool(timeout_s=30)
+    headers = f"{TOKEN_HEADER}: {TOKEN}\r\ncontent-type: application/json\r\n".encode()
+    body = json.dumps({"model": "m", "stream": True, "kind": "lingers"}).encode()
+
+    async def send(message: dict) -> None:
+        pass
+
+    try:
+        for _ in range(3):
+            response = await pool.post(url, "/v1/completions", headers, body)
+            stream = Stream(chat=False)
+            try:
+                await relay_events(response, send, stream, lambda: None, lambda usage: None)
+            finally:
+                response.release()
+            assert stream.done and pool.idle == 1
+    finally:
+        await pool.close()
 
 
 @pytest.mark.parametrize("kind", ["refused", "fails", "no-usage"])

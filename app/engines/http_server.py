@@ -23,7 +23,9 @@ Each answer tells the ingress its token usage, as the engine counted it, so the 
 reads the answer's bytes for it: a JSON answer in the private header `x-vrstack-usage:
 <prompt_tokens> <completion_tokens>`, a stream in the SSE comment `: vrstack-usage <prompt>
 <completion>` sent in the same bytes as its final `data: [DONE]` (`usage_comment`). The ingress
-strips both (`app.ingress.relay.pass_through`).
+strips both (`app.ingress.relay.pass_through`). Those bytes also end the HTTP answer (one
+write), whatever the engine still does after its last event: the ingress, done reading at
+`[DONE]`, finds the answer complete and keeps the connection for its next request.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ DRAIN_S = 30.0  # how long a stopping replica lets its answers in progress finis
 # long enough for the drain and for the engine to stop after it.
 SHUTDOWN_S = DRAIN_S + 30.0
 _ERROR_EVENT = b'data: {"error"'
+_DONE = b"data: [DONE]\n\n"
 USAGE_HEADER = "x-vrstack-usage"  # a JSON answer's usage: "<prompt> <completion>[ <cached>]"
 USAGE_COMMENT = b": vrstack-usage "  # a stream's usage, just before its final `data: [DONE]`
 _USAGE_HEADER = USAGE_HEADER.encode()
@@ -216,17 +219,23 @@ class EngineApp:
                 await _send(send, self._refused())
                 return
             await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+            ended = False  # the answer's last bytes are sent (its `[DONE]`)
             try:
                 while chunk is not None:
                     if _ERROR_EVENT in chunk:
                         chunk = await self._error_event(endpoint, request_id, chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if not ended:  # (nothing follows `[DONE]`; the stream still runs to its end)
+                        ended = chunk.endswith(_DONE)
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": not ended})  # fmt: skip
                     chunk = await anext(chunks, None)
             except Exception as exc:  # the stream has started: say so in-band, then end it
                 failure = await self.failure(endpoint, request_id, exc)
-                event = _event(failure) + b"data: [DONE]\n\n"
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+                if not ended:
+                    event = _event(failure) + _DONE
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            if not ended:
+                await send({"type": "http.response.body", "body": b""})
         finally:
             closer = getattr(chunks, "aclose", None)
             if closer is not None:
