@@ -1,8 +1,8 @@
 """The fault matrix: one fault per test, under load, through HAProxy, our ingress replicas and
 request router, in front of simulated engine replicas (`benchmarks.simulated_engine`). Loopback
 only, bounded in count and time; no accepted request is lost (a stream whose engine dies goes on
-at the other replica; what a killed ingress replica carried fails with a connection error, which
-its client sends again). One deployment serves
+at the other replica; what a killed ingress replica carried fails with a connection error or
+HAProxy's own 500, which its client sends again). One deployment serves
 every row (2 ingress and 2 engine replicas); the redeploy row comes last, then the one row with
 a real vLLM engine (its engine core process killed, beside the others). An engine replica killed
 under load is `test_reliability.py`'s `test_killing_an_engine_replica_under_load_fails_no_...`.
@@ -181,8 +181,9 @@ def test_engine_death_mid_stream_goes_on_at_the_other_replica(base):
 
 # -- the ingress and the Serve controller -----------------------------------------------------
 def test_killing_an_ingress_replica_under_load_loses_no_request(base):
-    """What the killed replica carried fails with a connection error, which the client may
-    retry (OpenAI's clients do, twice by default); every other request is answered."""
+    """What the killed replica carried fails with a connection error or HAProxy's own 500,
+    which the client may retry (OpenAI's clients do, twice by default); every other request is
+    answered."""
     victims = _replica_actor_names(APP, "ingress")
     assert len(victims) == 2
     killer = later(1.5, lambda: ray.kill(ray.get_actor(victims[0], namespace="serve")))
