@@ -90,6 +90,14 @@ async def _answer(body: bytes, writer: asyncio.StreamWriter, *, close: bool = Fa
     return not close
 
 
+async def _soon(check: Callable[[], bool], timeout_s: float = 1.0) -> None:
+    """Until `check()` holds or `timeout_s` has passed (the caller asserts it)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+
+
 async def _post(pool: EnginePool, server: Server, body: bytes = b'{"n":1}') -> bytes:
     response = await pool.post(server.url, "/v1/completions", b"x-test: yes\r\n", body)
     try:
@@ -163,10 +171,7 @@ async def test_a_kept_connection_the_engine_closes_while_idle_is_let_go(serve):
     try:
         assert await _post(pool, server) == b"ok"
         assert pool.idle == 1
-        for _ in range(50):
-            if pool.idle == 0:
-                break
-            await asyncio.sleep(0.02)
+        await _soon(lambda: pool.idle == 0)
         assert pool.idle == 0  # not held until the port is used again
         assert await _post(pool, server) == b"ok"
     finally:
@@ -190,10 +195,7 @@ async def test_an_answer_asking_to_close_and_an_unfinished_read_are_not_kept(ser
         response = await pool.post(server.url, "/x", b"", b"{}")
         assert [await anext(response.chunks())] == [b"partial"]
         response.release()  # left before the end: the connection is closed
-        for _ in range(50):
-            if server.closed_by_client:
-                break
-            await asyncio.sleep(0.02)
+        await _soon(lambda: server.closed_by_client > 0)
         assert server.closed_by_client == 1
         assert server.connections == 2
     finally:

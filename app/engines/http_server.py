@@ -66,7 +66,7 @@ DRAIN_S = 30.0  # how long a stopping replica lets its answers in progress finis
 # long enough for the drain and for the engine to stop after it.
 SHUTDOWN_S = DRAIN_S + 30.0
 _ERROR_EVENT = b'data: {"error"'
-_DONE = b"data: [DONE]\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"  # what ends every stream
 USAGE_HEADER = "x-vrstack-usage"  # a JSON answer's usage: "<prompt> <completion>[ <cached>]"
 USAGE_COMMENT = b": vrstack-usage "  # a stream's usage, just before its final `data: [DONE]`
 _USAGE_HEADER = USAGE_HEADER.encode()
@@ -225,14 +225,14 @@ class EngineApp:
                     if _ERROR_EVENT in chunk:
                         chunk = await self._error_event(endpoint, request_id, chunk)
                     if not ended:  # (nothing follows `[DONE]`; the stream still runs to its end)
-                        ended = chunk.endswith(_DONE)
+                        ended = chunk.endswith(DONE_EVENT)
                         await send({"type": "http.response.body", "body": chunk,
                                     "more_body": not ended})  # fmt: skip
                     chunk = await anext(chunks, None)
             except Exception as exc:  # the stream has started: say so in-band, then end it
                 failure = await self.failure(endpoint, request_id, exc)
                 if not ended:
-                    event = _event(failure) + _DONE
+                    event = _event(failure) + DONE_EVENT
                     await send({"type": "http.response.body", "body": event, "more_body": True})
             if not ended:
                 await send({"type": "http.response.body", "body": b""})

@@ -148,7 +148,7 @@ class EngineResponse:
 
     def _check_stall(self) -> None:
         self._timer = None
-        if self._complete or self._error is not None or self._released:
+        if self._complete or self._error is not None:
             return
         now = self._loop.time()
         if self._paused:  # the reader is behind, not the engine

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from app.config import PRIORITY_CLASSES, ModelSpec, StackConfig, Tenant
 from app.config.stack import SCHEDULING_POLICY
 from app.engines import router_registry
-from app.engines.http_server import ENDPOINTS, ENGINE_UNAVAILABLE, Usage
+from app.engines.http_server import DONE_EVENT, ENDPOINTS, ENGINE_UNAVAILABLE, Usage
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError, error_body
@@ -507,7 +507,7 @@ class Gateway:
             stream.outcome = "failed"
             failure = stream.error_event or _event(error_body(
                 502, "the engine's stream broke off", code="engine_error"))  # fmt: skip
-            await send({"type": "http.response.body", "body": failure + b"data: [DONE]\n\n",
+            await send({"type": "http.response.body", "body": failure + DONE_EVENT,
                         "more_body": True})  # fmt: skip
         await send({"type": "http.response.body", "body": b""})
 

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.engines.http_server import (
+    DONE_EVENT,
     ENGINE_UNAVAILABLE,
     TOKEN_HEADER,
     USAGE_COMMENT,
@@ -38,7 +39,6 @@ from app.ingress.engine_http import EnginePool, EngineResponse
 
 logger = logging.getLogger("vrstack.ingress")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-_DONE = b"data: [DONE]\n\n"
 
 
 class RelayError(Exception):
@@ -137,13 +137,13 @@ async def pass_through(
             if first:
                 on_first_byte()
                 first = False
-            if chunk.endswith(_DONE):  # the final chunk: it may hold the usage's comment
+            if chunk.endswith(DONE_EVENT):  # the final chunk: it may hold the usage's comment
                 chunk, usage = _strip_usage(chunk)
                 if usage is not None:
                     on_usage(usage)
-            tail = (tail + chunk)[-len(_DONE) :]
+            tail = (tail + chunk)[-len(DONE_EVENT) :]
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if tail == _DONE:
+        if tail == DONE_EVENT:
             await send({"type": "http.response.body", "body": b""})
             return usage
         failure = error_body(502, "the engine ended the stream early", code="engine_error")
@@ -153,7 +153,7 @@ async def pass_through(
         logger.warning("engine stream broke: %s: %s", type(exc).__name__, exc)
         failure = error_body(502, "the engine's stream broke off", code="engine_error")
     event = b"data: " + json.dumps(failure).encode() + b"\n\n"
-    await send({"type": "http.response.body", "body": event + _DONE})
+    await send({"type": "http.response.body", "body": event + DONE_EVENT})
     return None
 
 
@@ -183,7 +183,7 @@ def parse_usage(text: str | bytes | None) -> Usage | None:
 def _strip_usage(chunk: bytes) -> tuple[bytes, Usage | None]:
     """A stream's final chunk (it ends with `data: [DONE]`) without the usage's comment just
     before that, and the usage; the chunk as it is and None when the comment is not all in it."""
-    end = len(chunk) - len(_DONE)
+    end = len(chunk) - len(DONE_EVENT)
     at = chunk.rfind(USAGE_COMMENT, 0, end)
     if at < 0 or (at > 0 and chunk[at - 1] != 0x0A):  # not at the start of a line
         return chunk, None
@@ -191,4 +191,4 @@ def _strip_usage(chunk: bytes) -> tuple[bytes, Usage | None]:
     if not line.endswith(b"\n\n") or b"\n" in line[:-2]:
         return chunk, None
     usage = parse_usage(line[:-2])
-    return (chunk, None) if usage is None else (chunk[:at] + _DONE, usage)
+    return (chunk, None) if usage is None else (chunk[:at] + DONE_EVENT, usage)
