@@ -75,13 +75,16 @@ def test_a_conversation_continues_on_both_ingress_replicas(stack):
     before = _ingress_requests()
 
     async def follow_ups() -> list:
-        aapi = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", timeout=300)
-        return await asyncio.gather(*(
-            aapi.responses.create(model="smollm2", input=f"What is my name? ({i})",
-                                  previous_response_id=first.id, max_output_tokens=8,
-                                  temperature=0)
-            for i in range(FOLLOW_UPS)
-        ))  # fmt: skip
+        # Closed here, in its own loop: an async client left to the garbage collector closes
+        # itself on whatever loop runs then (a later test's), over this closed loop's sockets.
+        base = f"{stack.base_url}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="unused", timeout=300) as aapi:
+            return await asyncio.gather(*(
+                aapi.responses.create(model="smollm2", input=f"What is my name? ({i})",
+                                      previous_response_id=first.id, max_output_tokens=8,
+                                      temperature=0)
+                for i in range(FOLLOW_UPS)
+            ))  # fmt: skip
 
     answers = asyncio.run(follow_ups())
     for i, answer in enumerate(answers):
