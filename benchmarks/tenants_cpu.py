@@ -9,7 +9,11 @@ interactive), `team-a` and `team-b` (class standard) send streamed chat completi
 `--rate` requests/s each); `noisy` (class standard) sends at `--noisy-multiple` times that. Each
 rule runs twice on the same engines: the others alone, then with `noisy`:
 
-- `fair`: the keys are tenants: fair admission in the ingress, priority in the engines;
+- `fair`: the keys are tenants: fair admission in the ingress (with its defaults: a tenant
+  with a deep backlog demoted a class, preemption of less important streams), priority in the
+  engines;
+- `fair-queue`: the same, with `admission: {demote_backlog: null, preempt: false}` (the queue's
+  order alone);
 - `fcfs`: the same keys as plain `auth` keys (no tenants): no queue in front of the engines,
   which schedule first come first served.
 
@@ -42,7 +46,7 @@ CONFIG = Path("serve_configs/smollm2-cpu.yaml")
 APP_NAME = "tenants-cpu"
 LIGHT = {"interactive": "interactive", "team-a": "standard", "team-b": "standard"}
 NOISY = "noisy"
-RULES = ("fair", "fcfs")
+RULES = ("fair", "fair-queue", "fcfs")
 
 
 @dataclass(slots=True)
@@ -76,7 +80,7 @@ def keys() -> dict[str, str]:
 
 def stack_args(rule: str, a: argparse.Namespace) -> dict[str, Any]:
     """The serve config's args with `--replicas` engines of `--max-num-seqs`, and the keys as
-    tenants (`fair`) or as plain keys (`fcfs`)."""
+    tenants (`fair`, `fair-queue`) or as plain keys (`fcfs`)."""
     (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
     args = app["args"]
     model = args["models"][0]
@@ -87,6 +91,8 @@ def stack_args(rule: str, a: argparse.Namespace) -> dict[str, Any]:
         args["auth"] = {"api_keys": list(names.values()), "api_keys_env": None}
         return args
     args["auth"] = {"api_keys_env": None}
+    if rule == "fair-queue":
+        args["admission"] = {"demote_backlog": None, "preempt": False}
     classes = {**LIGHT, NOISY: "standard"}
     args["tenants"] = [
         {"name": name, "api_keys": [key], "priority": classes[name]} for name, key in names.items()

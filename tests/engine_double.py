@@ -51,7 +51,14 @@ class EngineDouble:
     """One model's engine, answering every replica of it."""
 
     def __init__(
-        self, name: str, *, mode: str = "ok", tokens: int = 3, model: bool = False, fail_at: int = 1
+        self,
+        name: str,
+        *,
+        mode: str = "ok",
+        tokens: int = 3,
+        model: bool = False,
+        fail_at: int = 1,
+        token_delay: float = 0.0,
     ) -> None:
         assert mode in MODES, mode
         self.name = name
@@ -59,6 +66,7 @@ class EngineDouble:
         self.tokens = tokens
         self.model = model  # stream as vLLM with return_token_ids, from `next_token`
         self.fail_at = fail_at  # the chunk a failing stream (break, hang, engine dies) fails at
+        self.token_delay = token_delay  # seconds before each of a model stream's tokens
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
         self.engine_dead = mode == "engine_dead"
@@ -135,6 +143,8 @@ class EngineDouble:
                     for chunk in end:
                         yield chunk
                     return
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
                 token = next_token(sequence)
                 sequence.append(token)
                 reason = "length" if i == count - 1 else None

@@ -1,7 +1,9 @@
 """Fair admission at the ingress (in-process, in front of engine doubles): with tenants, each
 model's requests wait for an engine slot in priority then weighted-token order, a full tenant
 queue is a 429 with Retry-After, an expired wait a 503, the slot is settled with the answer's
-usage, and the engines get each tenant's `priority` (and are started to schedule by it)."""
+usage, the engines get each tenant's `priority` (and are started to schedule by it), a tenant
+with a deep backlog is demoted, and a more important waiter stops a less important stream,
+which goes on from its tokens."""
 
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ import pytest
 from app.config import load_config
 from app.engines.llm_config import llm_config
 from app.ingress.gateway import Gateway, slots_per_replica
+from benchmarks.toy_model import prompt_ids
+from tests.engine_double import events
 from tests.test_auth_limits import bearer
 from tests.test_ingress import assert_openai_error, eventually, make_client
+from tests.test_metrics import scrape, value
+from tests.test_migration import text_of
 
 pytestmark = pytest.mark.anyio
 BODY = {"model": "smollm2", "prompt": "hello", "max_tokens": 4}
@@ -248,6 +254,66 @@ async def test_engine_requests_carry_the_tenants_priority(cpu_model):
         assert (await post(client, "sk-chat", BODY)).status_code == 200
         assert "priority" not in engine.calls[-1][1]
         assert set(gateway.gates) == {"smollm2", "second"}  # fair admission still holds
+
+
+async def test_a_tenant_with_a_deep_backlog_is_demoted_in_the_queue_and_the_engine(cpu_model):
+    admission = {"demote_backlog": 1}
+    async with admission_client(cpu_model, mode="slow", admission=admission) as (client, e, gw):
+        gate = gw.gates["smollm2"]
+        first = asyncio.ensure_future(post(client, "sk-team", {**BODY, "prompt": "t0"}))
+        await eventually(lambda: gate.in_flight == 1)
+        tasks = []
+        for key, prompt in (("sk-team", "t1"), ("sk-team", "t2"), ("sk-plain", "s1")):
+            tasks.append(asyncio.ensure_future(post(client, key, {**BODY, "prompt": prompt})))
+            await queued(gate, len(tasks))
+        assert [a.status_code for a in await asyncio.gather(first, *tasks)] == [200] * 4
+    order = [(body["prompt"], body["priority"]) for _, body in e.calls]
+    assert order == [("t0", 10), ("t1", 10), ("s1", 10), ("t2", 11)]  # t2: team had 1 waiting
+
+
+STREAM = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 8, "stream": True}
+
+
+async def test_a_more_important_waiter_stops_a_stream_which_goes_on_exactly(cpu_model):
+    double = {"model": True, "tokens": 8, "token_delay": 0.05}
+    async with make_client(cpu_model, config=_config(cpu_model), double=double) as (c, e, _):
+        engine, gate = e["smollm2"], c._transport.app.gateway.gates["smollm2"]
+        expected = events((await post(c, "sk-team", STREAM)).text)  # uninterrupted
+        engine.calls.clear()
+        batch = asyncio.ensure_future(post(c, "sk-eval", STREAM))
+        await eventually(lambda: any(slot.stop is not None for slot in gate.holding))
+        await asyncio.sleep(0.12)  # a few of its tokens out
+        chat = await post(c, "sk-chat", {**BODY, "prompt": "hi"})  # one slot: batch's
+        assert chat.status_code == 200
+        answer = await batch
+        samples = await scrape(c)
+    got = events(answer.text)
+    assert answer.status_code == 200 and got[-1] == "[DONE]"
+    assert text_of(got) == text_of(expected) and len(text_of(got).split()) == 8
+    assert not [g for g in got if isinstance(g, dict) and "error" in g]
+    (_, started), (_, interactive), (endpoint, continued) = engine.calls
+    assert started["priority"] == 20 and interactive["prompt"] == "hi"
+    assert interactive["priority"] == 0
+    sent = 8 - continued["max_tokens"]  # the continuation: the prompt's ids and what was sent
+    assert endpoint == "completions" and 0 < sent < 8 and continued["priority"] == 20
+    assert len(continued["prompt"]) == len(prompt_ids(STREAM)) + sent
+    assert value(samples, "vrstack_tenant_preemptions_total", tenant="eval") == 1
+    assert value(samples, "vrstack_tenant_preemptions_total", tenant="team") == 0
+    assert value(samples, "vrstack_stream_migrations_total") == 0  # no replica failed
+    assert gate.in_flight == 0 and not gate.holding and gate.stopping == 0
+
+
+async def test_without_preemption_the_waiter_waits_for_the_stream(cpu_model):
+    double = {"model": True, "tokens": 8, "token_delay": 0.02}
+    config = _config(cpu_model, admission={"preempt": False})
+    async with make_client(cpu_model, config=config, double=double) as (c, e, _):
+        gate = c._transport.app.gateway.gates["smollm2"]
+        batch = asyncio.ensure_future(post(c, "sk-eval", STREAM))
+        await eventually(lambda: gate.in_flight == 1)
+        assert (await post(c, "sk-chat", BODY)).status_code == 200
+        assert (await batch).status_code == 200
+    assert [body.get("stream", False) for _, body in e["smollm2"].calls] == [True, False]
+    assert gate.preempted == 0
 
 
 async def test_without_tenants_nothing_changes(cpu_model):

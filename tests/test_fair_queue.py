@@ -7,7 +7,16 @@ from collections import Counter
 
 import pytest
 
-from app.tenants import AdmissionGate, FairQueue, QueueFull, Rejected, Ticket, WaitExpired
+from app.tenants import (
+    AdmissionGate,
+    FairQueue,
+    Holder,
+    QueueFull,
+    Rejected,
+    Ticket,
+    WaitExpired,
+    victim,
+)
 
 
 def _drain(q: FairQueue, now: float = 0.0) -> list:
@@ -217,3 +226,120 @@ def test_gate_cancelled_waiter_leaves_the_queue():
 async def _enter(gate: AdmissionGate, tenant: str) -> None:
     async with gate.admit(tenant, 10, 1):
         pass
+
+
+# --- demotion, resuming waiters, preemption
+
+
+def test_a_tenant_with_a_deep_backlog_is_queued_one_class_lower():
+    q: FairQueue[str] = FairQueue(demote_backlog=2)
+    tickets = [q.push(f"n{i}", "noisy", 10, 1, now=0) for i in range(4)]
+    assert [t.priority for t in tickets] == [10, 10, 11, 11]  # from its third waiter on
+    q.push("a1", "a", 10, 1, now=0)
+    assert _drain(q) == ["n0", "a1", "n1", "n2", "n3"]  # n0: noisy's counter was level
+    assert q.push("n4", "noisy", 10, 1, now=0).priority == 10  # its backlog is gone
+    with pytest.raises(ValueError):
+        FairQueue(demote_backlog=0)
+
+
+def test_a_resuming_waiter_goes_first_past_the_bound_and_never_expires():
+    q: FairQueue[str] = FairQueue(max_queue_per_tenant=1, max_wait_s=1.0)
+    q.push("old", "t", 10, 1, now=0)
+    assert isinstance(q.push("more", "t", 10, 1, now=0), Rejected)
+    resumed = q.push("resumed", "t", 10, 0, now=0, first=True)
+    assert isinstance(resumed, Ticket) and resumed.deadline == float("inf")
+    assert q.peek(now=0) is resumed and len(q) == 2  # peek takes nothing
+    assert q.expire(now=5) == 1  # "old" expires behind the resuming one
+    assert [d.item for d in q.take_dropped()] == ["old"]
+    assert _drain(q, now=5) == ["resumed"]
+
+
+def test_peek_names_what_pop_takes():
+    q: FairQueue[str] = FairQueue()
+    assert q.peek(now=0) is None
+    q.push("b", "b", 20, 1, now=0)
+    std = q.push("s", "s", 10, 1, now=0)
+    assert q.peek(now=0) is std and q.pop(now=0) == "s"
+
+
+def test_the_victim_is_of_a_less_important_class_the_least_important_first():
+    holders = [Holder("std-old", 10, 1.0), Holder("batch-old", 20, 1.0),
+               Holder("batch-new", 20, 2.0), Holder("int", 0, 3.0)]  # fmt: skip
+    assert victim(0, holders).key == "batch-new"  # the least important, most recent
+    assert victim(10, holders).key == "batch-new"
+    assert victim(20, holders) is None  # a class never stops its own
+    assert victim(10, holders[:1]) is None
+    assert victim(0, holders, order=lambda h: h.granted).key == "batch-old"
+
+
+def test_gate_stops_a_less_important_holder_for_a_waiter_which_goes_on_after():
+    async def main() -> list[str]:
+        gate = AdmissionGate(1, FairQueue(), preempt=True)
+        order: list[str] = []
+        stopped = asyncio.Event()
+
+        async def batch() -> None:
+            async with gate.admit("batch", 20, 10) as slot:
+                order.append("batch starts")
+                slot.stoppable(lambda: (stopped.set(), True)[1])
+                await stopped.wait()
+                order.append("batch stopped")
+                await slot.resume()  # waits until the interactive request is done
+                order.append("batch goes on")
+                slot.settle(5, 5)
+
+        async def interactive() -> None:
+            async with gate.admit("chat", 0, 1):
+                order.append("chat runs")
+                await asyncio.sleep(0.01)
+
+        holder = asyncio.create_task(batch())
+        await asyncio.sleep(0.01)
+        await asyncio.gather(holder, interactive())
+        assert gate.in_flight == 0 and not gate.holding and gate.stopping == 0
+        assert gate.preempted == 1
+        assert gate.queue.counter("batch") == 5 + 5 * 2  # settled once, against the first grant
+        return order
+
+    assert asyncio.run(main()) == ["batch starts", "batch stopped", "chat runs", "batch goes on"]
+
+
+def test_gate_leaves_holders_of_the_same_class_and_those_that_cannot_stop():
+    async def main() -> None:
+        gate = AdmissionGate(2, FairQueue(), preempt=True)
+        refused = []
+        async with gate.admit("a", 10, 1) as same, gate.admit("b", 20, 1) as unable:
+            same.stoppable(lambda: refused.append("same") or True)
+            unable.stoppable(lambda: refused.append("unable") or False)  # e.g. it cannot go on
+            waiter = asyncio.create_task(_enter(gate, "c"))
+            await asyncio.sleep(0.01)
+            assert refused == ["unable"] and gate.stopping == 0 and len(gate.queue) == 1
+            assert unable.stop is None  # asked once
+        await waiter
+        assert gate.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_gate_a_stopped_holder_cancelled_while_waiting_gives_nothing_back_twice():
+    async def main() -> None:
+        gate = AdmissionGate(1, FairQueue(), preempt=True)
+
+        async def batch() -> None:
+            async with gate.admit("batch", 20, 1) as slot:
+                slot.stoppable(lambda: True)
+                await asyncio.sleep(0.01)
+                await slot.resume()
+
+        holder = asyncio.create_task(batch())
+        await asyncio.sleep(0)
+        async with gate.admit("chat", 0, 1):
+            await asyncio.sleep(0.02)
+            assert len(gate.queue) == 1  # the stopped one waits to go on
+            holder.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holder
+            assert len(gate.queue) == 0 and gate.in_flight == 1
+        assert gate.in_flight == 0 and gate.stopping == 0
+
+    asyncio.run(main())

@@ -133,3 +133,87 @@ def test_cli_prints_the_comparison():
     assert table.exit_code == 0 and "llmd-round-robin" in table.output
     bad = CliRunner().invoke(cli, ["lab", "--tenants", "-p", "nope=1"])
     assert bad.exit_code == 2 and "bad --param" in bad.output
+
+
+def test_demotion_and_preemption_are_what_keep_the_others_isolated(small_lab):
+    _, by_rule = small_lab
+    fair, queue_only = by_rule["fair"], by_rule["fair-queue"]
+    assert fair.worst_p99_ratio < queue_only.worst_p99_ratio
+    assert max(fair.others_p99_s.values()) < max(queue_only.others_p99_s.values())
+    assert fair.jain >= 0.95 and queue_only.jain >= 0.95
+
+
+# --- the simulator's priority scheduling and preemption
+
+
+def _two(first_priority: int, second_priority: int) -> list[TraceRequest]:
+    return [
+        TraceRequest(0.0, "m", tokens=list(range(1000)), max_tokens=10, priority=first_priority),
+        TraceRequest(0.01, "m", tokens=list(range(5000, 5010)), max_tokens=10,
+                     priority=second_priority),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("by_priority", [False, True])
+def test_a_more_important_prefill_pauses_a_less_important_one(by_priority):
+    s = SimSettings(max_concurrency=4, priority_scheduling=by_priority)
+    big, small = replay(_two(20, 0), lab_policy("scored", s), 1, s).jobs
+    big_alone = s.prefill_overhead + s.prefill_cost * 1000
+    small_alone = s.prefill_overhead + s.prefill_cost * 10
+    if by_priority:  # the small one goes at once; the big one's prefill resumes after it
+        assert small.ttft == pytest.approx(small_alone)
+        assert big.ttft == pytest.approx(big_alone + small_alone)
+    else:  # first come first served
+        assert big.ttft == pytest.approx(big_alone)
+        assert small.ttft == pytest.approx(big_alone - 0.01 + small_alone)
+
+
+class _Preempting:
+    """A gated rule over one slot: by priority, and a waiter stops a less important holder."""
+
+    gated = True
+
+    def __init__(self, requests: list[TraceRequest]) -> None:
+        self.requests, self.waiting, self.stopped = requests, [], []
+
+    def arrive(self, index, request, now):
+        self.waiting.append(index)
+        return True
+
+    def next(self, now, free_slots):
+        if free_slots <= 0 or not self.waiting:
+            return None
+        self.waiting.sort(key=lambda i: self.requests[i].priority)
+        return self.waiting.pop(0)
+
+    def preempt(self, now, running, backlog):
+        if not self.waiting or backlog(0, 100) != 0:
+            return []
+        head = min(self.requests[i].priority for i in self.waiting)
+        victims = [r.index for r in running if r.priority > head]
+        self.stopped += victims
+        self.waiting += victims
+        return victims
+
+    def complete(self, index, request, now):
+        pass
+
+
+def test_a_preempted_request_keeps_its_tokens_and_its_first_token_time():
+    s = SimSettings(max_concurrency=1, priority_scheduling=True)
+    reqs = [
+        TraceRequest(0.0, "m", tokens=list(range(100)), max_tokens=50, priority=20),
+        TraceRequest(0.3, "m", tokens=list(range(5000, 5100)), max_tokens=10, priority=0),
+    ]
+    rule = _Preempting(reqs)
+    low, high = replay(reqs, lab_policy("scored", s), 1, s, admission=rule).jobs
+    prefill = s.prefill_overhead + s.prefill_cost * 100
+    assert rule.stopped == [0]
+    assert high.ttft == pytest.approx(prefill)  # it got the slot at once
+    assert low.ttft == pytest.approx(prefill) and low.preemptions == 1
+    made = int((0.3 - prefill) / s.decode_cost)  # tokens made before it was stopped
+    assert low.generated == made
+    resumed_at = high.finish  # the slot came back when the high one was done
+    uncached = 100 % s.block_size + made  # its prompt's full blocks are cached
+    reprefill = s.prefill_overhead + s.prefill_cost * uncached
+    assert low.finish == pytest.approx(resumed_at + reprefill + s.decode_cost * (50 - made))

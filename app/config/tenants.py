@@ -79,6 +79,19 @@ class AdmissionSettings(StrictModel):
     max_queue_per_tenant: int = Field(
         64, ge=1, le=100_000, description="Waiters per tenant and model; one more: 429."
     )
+    demote_backlog: int | None = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="A tenant with this many requests waiting for a model queues its next "
+        "ones one priority step lower (their engine requests carry it); null: never.",
+    )
+    preempt: bool = Field(
+        True,
+        description="With every engine slot held, a waiter stops a stream of a less important "
+        "class, which goes on from its tokens when a slot is free (needs "
+        "server.migrate_streams).",
+    )
 
 
 class Tenant(KeySources):

@@ -206,12 +206,15 @@ class StackApp:
                 self.metrics.tenant_queued(label, time.perf_counter() - started)
                 if waiting is not None:
                     waiting.end()
+                exchange.slot, exchange.priority = slot, slot.ticket.priority
                 try:
                     await relay
                 except OpenAIError:
                     slot.settle(0, 0)  # failed before answering: no service
                     raise
                 finally:
+                    if exchange.preemptions:
+                        self.metrics.tenant_preempted(label, exchange.preemptions)
                     if exchange.usage is not None:
                         slot.settle(exchange.usage.prompt, exchange.usage.completion)
                     elif answer.status is not None and answer.status >= 400:

@@ -27,6 +27,10 @@ import httptools
 PAUSE_BYTES = 1 << 18
 
 
+class Stopped(ConnectionAbortedError):
+    """The ingress stopped reading an answer (`EngineResponse.abort`)."""
+
+
 class EngineResponse:
     """An engine's answer: its status and headers (names in lower case) once `post` returns,
     its body through `read` or `chunks`; `release` once done with it."""
@@ -84,6 +88,12 @@ class EngineResponse:
                     await self._waiter
                 finally:
                     self._waiter = None
+
+    def abort(self) -> None:
+        """Stop the answer: what is buffered is still read, then `chunks` raises `Stopped`; the
+        connection is closed (the engine drops the request)."""
+        self._fail(Stopped("the ingress stopped reading the answer"))
+        self._connection.close()
 
     def release(self) -> None:
         """Done with the answer: its connection is kept for the next request when the answer

@@ -33,6 +33,7 @@ from app.engines.http_server import DONE_EVENT, ENDPOINTS, ENGINE_UNAVAILABLE, U
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError, error_body
+from app.ingress.engine_http import EngineResponse
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.migration import Stream, migratable, relay_events
 from app.ingress.prompt_tokens import PromptCounter
@@ -48,7 +49,7 @@ from app.ingress.relay import (
 from app.observability.tracing import RequestTrace, Span, Tracing, end_attempt
 from app.routing import Decision, RequestView, uses_kv_events, view_of_body
 from app.routing.receipts import RouteReceipt
-from app.tenants import AdmissionGate, FairQueue
+from app.tenants import AdmissionGate, FairQueue, Slot
 
 logger = logging.getLogger("vrstack.ingress")
 ENGINE_PATHS: dict[str, str] = {endpoint: path for path, endpoint in ENDPOINTS.items()}
@@ -102,6 +103,10 @@ class Exchange:
     usage: Usage | None = None  # the answer's tokens, as the engine told them
     view: RequestView | None = None  # the request as the router read it (capture reuses it)
     stream: Stream | None = None  # a migratable stream's state (`app.ingress.migration`)
+    slot: Slot | None = None  # its fair admission slot (with tenants)
+    priority: int | None = None  # the class its slot was granted in (a demoted one's is lower)
+    preempted: bool = False  # stopped for a more important waiter; goes on once it has a slot
+    preemptions: int = 0
 
     def told_usage(self, usage: Usage) -> None:
         self.usage = usage
@@ -212,8 +217,9 @@ class Gateway:
             max_queue_per_tenant=admission.max_queue_per_tenant,
             max_wait_s=admission.max_wait_s,
             weights={t.name: t.weight for t in self.config.tenants},
+            demote_backlog=admission.demote_backlog,
         )
-        return AdmissionGate(lambda: self.capacity(spec), queue)
+        return AdmissionGate(lambda: self.capacity(spec), queue, preempt=admission.preempt)
 
     def capacity(self, spec: ModelSpec) -> int:
         """Requests of the model this ingress replica lets into its engines at once: the
@@ -400,7 +406,7 @@ class Gateway:
         exchange = exchange or Exchange()
         spec = self._checked(request)
         routes = await self._routes_of(spec)
-        body = self._engine_body(spec, endpoint, request, tenant)
+        body = self._engine_body(spec, endpoint, request, tenant, exchange.priority)
         stream = exchange.stream = self._migratable(spec, endpoint, request)
         if stream is not None:
             body["return_token_ids"] = True
@@ -432,7 +438,8 @@ class Gateway:
                     end_attempt(span, answered)
             if answered:
                 if stream is not None and not stream.done:  # it broke after its first byte
-                    failed.add(routed.replica_id)
+                    if not exchange.preempted:  # (a preempted one's replica did not fail)
+                        failed.add(routed.replica_id)
                     await self._migrate(routes, endpoint, body, send, request_id, exchange,
                                         failed, session, private)  # fmt: skip
                 return
@@ -461,15 +468,27 @@ class Gateway:
         """Go on with a stream that broke after its first byte on other replicas, at most
         `retries` times (`app.ingress.migration`): the continuation's chunks, then the ending
         (usage, the migration's comment, [DONE]); the stream's error event and [DONE] when no
-        replica can. A stream whose client got no chunk yet starts again on another replica."""
+        replica can. A stream whose client got no chunk yet starts again on another replica.
+        A preempted stream (its slot taken by a more important waiter) first waits for a slot
+        again, then goes on at any replica; that is no retry."""
         stream = exchange.stream
         assert stream is not None
-        for attempt in range(self.config.server.retries):
+        failures, broke = 0, not exchange.preempted  # (a preempted stream is no migration)
+        while True:
             if stream.done or (stream.started and (stream.complete or not stream.can_continue())):
+                break
+            preempted = exchange.preempted
+            if preempted:
+                exchange.preempted = False
+                assert exchange.slot is not None
+                await exchange.slot.resume()
+            elif failures < self.config.server.retries:
+                await asyncio.sleep(backoff_s(failures))
+                failures += 1
+            else:
                 break
             again = not stream.started  # nothing of it reached the client
             next_body = body if again else stream.continuation(body)
-            await asyncio.sleep(backoff_s(attempt))
             first = exchange.view  # the request's own (its model and adapter)
             assert first is not None
             routed = routes.route(view_of_body(next_body, model=first.model, session_key=session,
@@ -477,12 +496,15 @@ class Gateway:
                                   exclude=failed)  # fmt: skip
             if routed is None:
                 break
-            logger.warning("request %s: stream broke after %d tokens; going on at replica %s",
-                           request_id, len(stream.generated), routed.replica_id)  # fmt: skip
+            logger.log(logging.INFO if preempted else logging.WARNING,
+                       "request %s: stream %s after %d tokens; going on at replica %s",
+                       request_id, "preempted" if preempted else "broke",
+                       len(stream.generated), routed.replica_id)  # fmt: skip
             stream.resume(routed.replica_id, again=again)
             trace = exchange.trace
-            span = None if trace is None else trace.attempt(routed.decision, attempt + 1,
-                                                            routed.url, private)  # fmt: skip
+            number = failures + exchange.preemptions
+            span = None if trace is None else trace.attempt(routed.decision, number, routed.url,
+                                                            private)  # fmt: skip
             payload = json.dumps(next_body, separators=(",", ":")).encode()
             path = ENGINE_PATHS[endpoint if again else "completions"]
             answered = False
@@ -493,13 +515,14 @@ class Gateway:
                 routes.finish(routed)
                 if span is not None:
                     end_attempt(span, answered)
-            if not stream.done:
+            if not stream.done and not exchange.preempted:
                 failed.add(routed.replica_id)
+                broke = True
         if stream.done and not stream.continuing:  # started again: it ended as any stream
-            stream.outcome = "continued"
+            stream.outcome = "continued" if broke else None
             return
         if stream.started and (stream.done or stream.complete):
-            stream.outcome = "continued"
+            stream.outcome = "continued" if broke else None
             exchange.told_usage(stream.total_usage())
             ending = stream.ending(private)
             await send({"type": "http.response.body", "body": ending, "more_body": True})
@@ -570,7 +593,14 @@ class Gateway:
             if head:
                 stream.replicas.append(routed.replica_id)
                 await send(stream_head(response, headers))
-            await relay_events(response, send, stream, first_byte, exchange.told_usage)
+            slot = exchange.slot
+            if slot is not None:  # a more important waiter may stop it (it goes on later)
+                slot.stoppable(lambda: _stop(exchange, response))
+            try:
+                await relay_events(response, send, stream, first_byte, exchange.told_usage)
+            finally:
+                if slot is not None:
+                    slot.stoppable(None)
             return True
         finally:
             response.release()
@@ -794,6 +824,18 @@ def _not_ready(spec: ModelSpec) -> OpenAIError:
     return OpenAIError(
         503, f"model {spec.name!r} has no ready replica yet; retry shortly", code="model_not_ready"
     )
+
+
+def _stop(exchange: Exchange, response: EngineResponse) -> bool:
+    """Stop a stream for a more important waiter (its slot's `stop`): only one that can go on
+    from its tokens, or that sent none yet; whether it was stopped."""
+    stream = exchange.stream
+    if stream is None or stream.done or (stream.started and not stream.can_continue()):
+        return False
+    exchange.preempted = True
+    exchange.preemptions += 1
+    response.abort()
+    return True
 
 
 def _timed_out(timeout_s: float) -> OpenAIError:

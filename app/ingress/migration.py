@@ -37,7 +37,7 @@ from typing import Any
 
 from app.engines.http_server import USAGE_COMMENT, Usage
 from app.engines.items import Endpoint
-from app.ingress.engine_http import EngineResponse
+from app.ingress.engine_http import EngineResponse, Stopped
 from app.ingress.protocol import (
     DEFAULT_OUTPUT_TOKENS,
     ChatCompletionRequest,
@@ -332,6 +332,8 @@ async def relay_events(
                 await send({"type": "http.response.body", "body": body, "more_body": not last})
             if stream.done or stream.broken:
                 return
+    except Stopped:
+        pass  # the ingress stopped it (preempted): the caller knows
     except OSError as exc:  # (TimeoutError is one)
         logger.warning("engine stream broke: %s: %s", type(exc).__name__, exc)
 

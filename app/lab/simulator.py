@@ -11,6 +11,16 @@ Model of one simulated replica:
   answer's tokens when the trace has them, else `max_tokens`).
 TTFT is arrival to end of prefill. No real time passes: events are ordered on a heap.
 
+With `priority_scheduling` (vLLM's `scheduling_policy: priority`), prefills go in the order of
+the requests' `priority` (lower first, then arrival), and a more important request's prefill
+pauses a less important one's (vLLM schedules step by step, a long prompt's prefill in chunks).
+
+An admission rule may preempt a request (`Admission.preempt`, as a gateway that stops a stream
+and later continues it from its tokens): its slot is freed at once, the tokens it produced are
+kept, and when the rule dispatches it again its prompt and those tokens are prefilled anew (the
+prompt's blocks may still be cached) before it decodes the rest. Its TTFT stays that of its
+first dispatch.
+
 With a KV event feed (`replay(..., feed=...)`, `app.lab.kv_feed`), each replica publishes what
 its cache did at the end of every prefill as one batch of vLLM-shaped events, as a vLLM engine
 publishes one batch per step: `BlockStored` for the blocks that entered the cache (in the
@@ -41,6 +51,7 @@ class SimSettings:
     prefill_cost: float = 0.0002
     prefill_overhead: float = 0.005
     decode_cost: float = 0.01
+    priority_scheduling: bool = False
 
 
 @dataclass(slots=True)
@@ -55,6 +66,20 @@ class _Job:
     cached_tokens: int = 0
     ttft: float = 0.0
     finish: float = 0.0
+    priority: int = 0  # what it carries to the engine (its latest dispatch's)
+    generated: int = 0  # output tokens produced before preemptions
+    decode_start: float = -1.0  # when its current decode began (-1: not decoding)
+    # Its prefill's and its decode's scheduled ends (-1: none); an event for another time is
+    # stale (the prefill was paused, the request preempted).
+    prefill_due: float = -1.0
+    due: float = -1.0
+    prefill_left: float = -1.0  # what is left of a paused prefill (s)
+    preemptions: int = 0
+
+    @property
+    def remaining(self) -> int:
+        """Output tokens still to produce."""
+        return max(0, self.max_tokens - self.generated)
 
 
 class BlockCache(OrderedDict[int, None]):
@@ -155,26 +180,64 @@ class SimulatedReplica:
         self.running.append(job)
         self._held_blocks += len(job.hashes)
         self.prefill_queue.append(job)
-        return self._next_prefill(now) if self.prefilling is None else []
+        current = self.prefilling
+        if current is None:
+            return self._next_prefill(now)
+        if self.s.priority_scheduling and job.priority < current.priority:
+            current.prefill_left, current.prefill_due = current.prefill_due - now, -1.0
+            self.prefill_queue.appendleft(current)
+            return self._next_prefill(now)
+        return []
 
     def _next_prefill(self, now: float) -> list[tuple[float, str, _Job]]:
         if not self.prefill_queue:
             self.prefilling = None
             return []
-        job = self.prefill_queue.popleft()
+        if self.s.priority_scheduling:
+            job = min(self.prefill_queue, key=lambda j: j.priority)  # the first of the most
+            self.prefill_queue.remove(job)  # important ones
+        else:
+            job = self.prefill_queue.popleft()
         self.prefilling = job
+        if job.prefill_left >= 0:  # a paused one goes on
+            job.prefill_due, job.prefill_left = now + job.prefill_left, -1.0
+            return [(job.prefill_due, "prefilled", job)]
         cached = self.cached_prefix(job.hashes)
         job.cached_tokens = min(job.prompt_tokens, cached * self.s.block_size)
-        uncached = job.prompt_tokens - job.cached_tokens
-        return [(now + self.s.prefill_overhead + self.s.prefill_cost * uncached, "prefilled", job)]
+        uncached = job.prompt_tokens + job.generated - job.cached_tokens  # a resumed one's too
+        job.prefill_due = now + self.s.prefill_overhead + self.s.prefill_cost * uncached
+        return [(job.prefill_due, "prefilled", job)]
+
+    def backlog(self, priority: int) -> int:
+        """Prompt tokens waiting for or in their prefill among requests of `priority` or more
+        important ones."""
+        queued = [*self.prefill_queue, *([self.prefilling] if self.prefilling else [])]
+        return sum(j.prompt_tokens + j.generated for j in queued if j.priority <= priority)
 
     def prefilled(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
-        job.ttft = now - job.arrival
+        job.prefill_due = -1.0
+        if not job.ttft:  # its first prefill's end (a resumed one's first token came before)
+            job.ttft = now - job.arrival
         events = self.cache.store(job.hashes)
         if self.publish_events and events:
             self.outbox.append(events)
-        done = (now + self.s.decode_cost * job.max_tokens, "finished", job)
-        return [done, *self._next_prefill(now)]
+        job.decode_start, job.due = now, now + self.s.decode_cost * job.remaining
+        return [(job.due, "finished", job), *self._next_prefill(now)]
+
+    def preempt(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
+        """Stop a job that is decoding or waiting for its prefill (not in it): keep the tokens
+        it produced, free its slot (the next waiting job takes it); its pending event goes
+        stale. A paused prefill starts again when the job is dispatched again."""
+        self._account(now)
+        if job.decode_start >= 0:
+            job.generated += min(job.remaining, int((now - job.decode_start) / self.s.decode_cost))
+        else:
+            self.prefill_queue.remove(job)
+        job.preemptions += 1
+        job.decode_start = job.due = job.prefill_left = -1.0
+        self.running.remove(job)
+        self._held_blocks -= len(job.hashes)
+        return self._admit(self.waiting.popleft(), now) if self.waiting else []
 
     def finished(self, job: _Job, now: float) -> list[tuple[float, str, _Job]]:
         self._account(now)
@@ -202,6 +265,12 @@ class Admission(Protocol):
     their in-flight and queued requests), or None; `complete` hears of each dispatched
     request's end. A `gated` rule dispatches into free slots only, and its router is offered
     only the replicas with one; an ungated rule's router sees every replica.
+
+    A rule with an `engine_priority(index)` method sets the `priority` a request carries to
+    the engine (else the request's own). A rule with a `preempt(now, running, backlog)` method
+    is asked, when no slot is free, which requests (`Running`: those not in their prefill) to
+    stop; `backlog(replica, priority)` is a replica's prompt tokens waiting for or in their
+    prefill at `priority` or more important. Each one stopped is the rule's to dispatch again.
     """
 
     gated: bool
@@ -226,6 +295,16 @@ class EventFeed(Protocol):
 
 
 Observer = Callable[[Sequence[SimulatedReplica]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A dispatched request not in its prefill, as a preempting admission rule sees it."""
+
+    index: int
+    replica: int
+    priority: int  # what it carries to the engine
+    dispatched: float  # when it was dispatched (its latest dispatch)
 
 
 @dataclass(slots=True)
@@ -272,25 +351,51 @@ def replay(
     decisions: list[Decision] = []
     end = 0.0
 
+    dispatched_at: dict[int, float] = {}
+    preempt = getattr(admission, "preempt", None)
+    engine_priority = getattr(admission, "engine_priority", None)
+
+    def backlog(replica: int, priority: int) -> int:
+        return sims[replica].backlog(priority)
+
     def dispatch(job: _Job, now: float, pool: list[SimulatedReplica]) -> list:
         if observe is not None:
             observe(sims)
+        job.priority = (
+            engine_priority(job.index) if engine_priority else requests[job.index].priority
+        )
         decision = policy.choose(job.view, [sim.stats() for sim in pool])
         decisions.append(decision)
         job.replica = index_of[decision.replica_id]
+        dispatched_at[job.index] = now
         return sims[job.replica].submit(job, now)
 
     def admit(now: float) -> list[tuple[float, str, _Job]]:
-        """Dispatch what `admission` names (a gated rule's only to replicas with a free slot)."""
+        """Dispatch what `admission` names (a gated rule's only to replicas with a free slot);
+        with no slot free, stop what a preempting rule names and go on."""
         assert admission is not None
         out: list[tuple[float, str, _Job]] = []
         while True:
             free = [sim for sim in sims if len(sim.running) + len(sim.waiting) < s.max_concurrency]
             slots = sum(s.max_concurrency - len(sim.running) - len(sim.waiting) for sim in free)
             index = admission.next(now, slots)
-            if index is None:
+            if index is not None:
+                out += dispatch(jobs[index], now, free if admission.gated and free else sims)
+                continue
+            if slots or preempt is None:
                 return out
-            out += dispatch(jobs[index], now, free if admission.gated and free else sims)
+            running = [
+                Running(j.index, j.replica, j.priority, dispatched_at[j.index])
+                for sim in sims
+                for j in sim.running
+                if j is not sim.prefilling
+            ]
+            victims = preempt(now, running, backlog)
+            if not victims:
+                return out
+            for victim in victims:
+                policy.on_complete(jobs[victim].view, sims[jobs[victim].replica].replica_id)
+                out += sims[jobs[victim].replica].preempt(jobs[victim], now)
 
     def step(kind: str, job: _Job, now: float) -> list[tuple[float, str, Any]]:
         """One request's event: its arrival, the end of its prefill, or its completion."""
@@ -299,6 +404,8 @@ def replay(
                 return dispatch(job, now, sims)
             return admit(now) if admission.arrive(job.index, requests[job.index], now) else []
         sim = sims[job.replica]
+        if now != (job.due if kind == "finished" else job.prefill_due):
+            return []  # stale: its prefill paused, or it was preempted, since
         if kind == "prefilled":
             new: list[tuple[float, str, Any]] = list(sim.prefilled(job, now))
             policy.on_first_token(job.view, sim.replica_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,10 @@ import numpy as np
 from app.lab.figures import percentile
 from app.lab.peers import AibrixVtcBasic, VtcTokenTracker
 from app.lab.run import lab_policy
-from app.lab.simulator import Admission, ReplayResult, SimSettings, replay
+from app.lab.simulator import Admission, ReplayResult, Running, SimSettings, replay
 from app.lab.trace import TraceRequest
 from app.routing import approx_tokens
-from app.tenants import FairQueue, Rejected
+from app.tenants import FairQueue, Holder, Rejected, Ticket, victim
 
 PROMPT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0  # service units per prompt and output token (VTC)
 
@@ -53,7 +53,9 @@ DEFAULT_TENANTS = (
     TenantSpec("noisy", 1.0, 10, multiple=10.0),
 )
 NOISY = "noisy"
-SCENARIO_SETTINGS = SimSettings(max_concurrency=8)
+# The engines schedule by priority (with tenants the config starts them so).
+SCENARIO_SETTINGS = SimSettings(max_concurrency=8, priority_scheduling=True)
+DEMOTE_BACKLOG = 16  # the config's default `admission.demote_backlog`
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,21 +148,40 @@ def measure_capacity(sc: Scenario) -> float:
 
 
 class FairAdmission:
-    """Ours: `FairQueue` (priority classes, then VTC within a class), bounded per tenant."""
+    """Ours, as the ingress's admission gate runs it (`app.tenants`): `FairQueue` (priority
+    classes, then VTC within a class, bounded per tenant) with demotion (`demote_backlog`: a
+    tenant with that many waiters queues one class lower, and its engine requests carry that
+    priority) and preemption (`preempt`: with every slot held, the queue's next waiter stops a
+    request of a less important class, `app.tenants.preemption.victim`; the stopped one keeps
+    its tokens and waits first in its tenant's queue). The simulator's freed slot is on the
+    stopped request's replica, so among equals the one whose replica has the least prefill
+    work ahead of the waiter goes (the ingress's router places the waiter itself)."""
 
-    name = "fair"
     gated = True
 
-    def __init__(self, sc: Scenario) -> None:
+    def __init__(
+        self,
+        sc: Scenario,
+        requests: Sequence[TraceRequest],
+        *,
+        demote_backlog: int | None = DEMOTE_BACKLOG,
+        preempt: bool = True,
+    ) -> None:
+        self.name = "fair" if preempt and demote_backlog else "fair-queue"
         self.queue: FairQueue[int] = FairQueue(
             max_queue_per_tenant=sc.max_queue_per_tenant,
             max_wait_s=sc.max_wait_s,
             prompt_weight=PROMPT_WEIGHT,
             output_weight=OUTPUT_WEIGHT,
             weights={t.name: t.weight for t in sc.tenants},
+            demote_backlog=demote_backlog,
         )
+        self.requests = requests
+        self.preempts = preempt
+        self.tickets: dict[int, Ticket] = {}
         self.reserved: dict[int, float] = {}
         self.refused: dict[str, int] = {}
+        self.preempted: dict[str, int] = {}
 
     def arrive(self, index: int, request: TraceRequest, now: float) -> bool:
         tenant = request.tenant or ""
@@ -169,6 +190,7 @@ class FairAdmission:
         if isinstance(ticket, Rejected):
             self.refused[tenant] = self.refused.get(tenant, 0) + 1
             return False
+        self.tickets[index] = ticket
         self.reserved[index] = cost
         return True
 
@@ -177,6 +199,30 @@ class FairAdmission:
             self.queue.expire(now)
             return None
         return self.queue.pop(now)
+
+    def engine_priority(self, index: int) -> int:
+        return self.tickets[index].priority
+
+    def preempt(
+        self, now: float, running: Sequence[Running], backlog: Callable[[int, int], int]
+    ) -> list[int]:
+        head = self.queue.peek(now) if self.preempts else None
+        if head is None:
+            return []
+        holders = {r.index: r for r in running}
+        stopped = victim(
+            head.priority,
+            [Holder(r.index, r.priority, r.dispatched) for r in running],
+            lambda h: (backlog(holders[h.key].replica, head.priority), -h.granted),
+        )
+        if stopped is None:
+            return []
+        tenant = self.requests[stopped.key].tenant or ""
+        self.preempted[tenant] = self.preempted.get(tenant, 0) + 1
+        ticket = self.queue.push(stopped.key, tenant, stopped.priority, 0.0, now, first=True)
+        assert isinstance(ticket, Ticket)  # (a resuming push is never refused)
+        self.tickets[stopped.key] = ticket
+        return [stopped.key]
 
     def complete(self, index: int, request: TraceRequest, now: float) -> None:
         tenant, reserved = request.tenant or "", self.reserved.pop(index, 0.0)
@@ -317,7 +363,9 @@ class AibrixAdmission:
         self.tracker.add(request.tenant or "", 0, request.max_tokens, now)
 
 
-RULES = ("fcfs", "fair", "llmd-round-robin", "sglang-priority", "aibrix-vtc-basic")
+RULES = (
+    "fcfs", "fair", "fair-queue", "llmd-round-robin", "sglang-priority", "aibrix-vtc-basic"
+)  # fmt: skip
 
 
 def _run(rule: str, sc: Scenario, requests: list[TraceRequest]) -> tuple[ReplayResult, dict]:
@@ -327,7 +375,9 @@ def _run(rule: str, sc: Scenario, requests: list[TraceRequest]) -> tuple[ReplayR
     if rule == "fcfs":
         admission = None
     elif rule == "fair":
-        admission = FairAdmission(sc)
+        admission = FairAdmission(sc, requests)
+    elif rule == "fair-queue":
+        admission = FairAdmission(sc, requests, demote_backlog=None, preempt=False)
     elif rule == "llmd-round-robin":
         admission = LlmdRoundRobin(sc)
     elif rule == "sglang-priority":

@@ -6,8 +6,8 @@ vLLM fill too). Two sources, each measuring what it holds:
 - The ingress's HTTP path (`StackMetrics.finish`, called once per request with what the path
   already knows): requests by status, latency, time to the answer's first byte, routing
   decisions; requests in flight; with tenants configured, per tenant (`tenant_finish`):
-  requests, tokens and refusals by a quota; and fair admission's queue time and refusals
-  (`tenant_queued`, `tenant_queue_rejected`).
+  requests, tokens and refusals by a quota; and fair admission's queue time, refusals and
+  preemptions (`tenant_queued`, `tenant_queue_rejected`, `tenant_preempted`).
 - The engine replicas, through the routing stats Serve brings to the ingress's request routers
   (`EngineCollector`, read at scrape time): each replica's scheduler state (running, waiting,
   KV usage, prefix-cache hits; also under production-stack's `vllm:` names), and its per-token
@@ -244,7 +244,15 @@ class StackMetrics:
             ["tenant", "reason"],
             registry=r,
         )
+        self.tenant_preemptions = Counter(
+            PREFIX + "tenant_preemptions",
+            "Streams of each tenant stopped for a more important waiter (they went on from "
+            "their tokens when a slot was free).",
+            ["tenant"],
+            registry=r,
+        )
         for tenant in (*self.tenants, NO_TENANT):  # every series exists from the start
+            self.tenant_preemptions.labels(tenant)
             self.tenant_requests.labels(tenant, "200")
             for kind in TOKEN_KINDS:
                 self.tenant_tokens.labels(tenant, kind)
@@ -278,6 +286,10 @@ class StackMetrics:
     def tenant_queued(self, tenant: str, waited_s: float) -> None:
         """A request of `tenant` (a name from the config, or `anonymous`) got its slot."""
         self.tenant_queue_time.labels(tenant).observe(waited_s)
+
+    def tenant_preempted(self, tenant: str, times: int = 1) -> None:
+        """A stream of `tenant` gave its engine slot up to a more important waiter `times`."""
+        self.tenant_preemptions.labels(tenant).inc(times)
 
     def tenant_queue_rejected(self, tenant: str, reason: str) -> None:
         """Fair admission refused a request of `tenant`; `reason` is one of `QUEUE_REASONS`."""

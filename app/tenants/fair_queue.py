@@ -86,6 +86,11 @@ class FairQueue(Generic[T]):
     Bounds: at most `max_queue_per_tenant` waiters per tenant; a push beyond it returns
     `Rejected` with a Retry-After estimate: the time until the tenant's oldest waiter is
     served at its share of the measured dispatch rate, capped by that waiter's deadline.
+
+    Demotion: with `demote_backlog`, a request pushed while its tenant already has that many
+    waiters is queued one class lower (`priority + 1`; its ticket says so, and the engine
+    request carries it): a tenant sending far beyond what it is served waits behind the
+    others of its class instead of taking turns with them.
     """
 
     def __init__(
@@ -98,10 +103,14 @@ class FairQueue(Generic[T]):
         weights: Mapping[str, float] | None = None,
         default_weight: float = 1.0,
         rate_window_s: float = 10.0,
+        demote_backlog: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_queue_per_tenant < 1 or max_wait_s <= 0 or default_weight <= 0:
             raise ValueError("max_queue_per_tenant >= 1, max_wait_s > 0, default_weight > 0")
+        if demote_backlog is not None and demote_backlog < 1:
+            raise ValueError("demote_backlog >= 1 (or None)")
+        self.demote_backlog = demote_backlog
         self.max_queue_per_tenant = max_queue_per_tenant
         self.max_wait_s = max_wait_s
         self.prompt_weight = prompt_weight
@@ -160,21 +169,28 @@ class FairQueue(Generic[T]):
         priority: int = 0,
         cost_estimate: float = 0.0,
         now: float | None = None,
+        first: bool = False,
     ) -> Ticket | Rejected:
         """Queue `item` for `tenant` in class `priority` (lower first), or refuse it.
 
         `cost_estimate` is in service units (see `service_units`): the prompt and the output
-        the request may produce (its `max_tokens`)."""
+        the request may produce (its `max_tokens`). `first` puts it before the tenant's other
+        waiters of its class, past the bound and with no deadline (a preempted stream waiting
+        to resume)."""
         now = self.clock() if now is None else now
         state = self._tenants.setdefault(tenant, _Tenant())
-        if state.waiting >= self.max_queue_per_tenant:
+        if state.waiting >= self.max_queue_per_tenant and not first:
             return Rejected(tenant, "queue-full", self._retry_after(tenant, state, now))
+        if not first and self.demote_backlog is not None and state.waiting >= self.demote_backlog:
+            priority += 1
         if state.waiting == 0:
             backlogged = [s.counter for s in self._tenants.values() if s.waiting]
             state.counter = max(state.counter, min(backlogged) if backlogged else self._floor)
         self._seq += 1
-        ticket = Ticket(self._seq, tenant, priority, cost_estimate, now, now + self.max_wait_s)
-        state.classes.setdefault(priority, deque()).append(_Entry(item, ticket))
+        deadline = math.inf if first else now + self.max_wait_s
+        ticket = Ticket(self._seq, tenant, priority, cost_estimate, now, deadline)
+        entries = state.classes.setdefault(priority, deque())
+        (entries.appendleft if first else entries.append)(_Entry(item, ticket))
         state.waiting += 1
         self._len += 1
         return ticket
@@ -183,27 +199,25 @@ class FairQueue(Generic[T]):
         """The next request to dispatch (steps 1-4 above), or None when none waits."""
         now = self.clock() if now is None else now
         self.expire(now)
-        best: tuple[int, float, int] | None = None
-        chosen: _Tenant | None = None
-        for state in self._tenants.values():
-            if not state.waiting:
-                continue
-            for priority, entries in state.classes.items():
-                if entries:
-                    key = (priority, state.counter, entries[0].ticket.seq)
-                    if best is None or key < best:
-                        best, chosen = key, state
-        if best is None or chosen is None:
+        chosen = self._next()
+        if chosen is None:
             return None
         backlogged = [s.counter for s in self._tenants.values() if s.waiting]
         self._floor = max(self._floor, min(backlogged))
-        entry = chosen.classes[best[0]].popleft()
-        self._remove(chosen, entry.ticket.priority)
+        state, priority = chosen
+        entry = state.classes[priority].popleft()
+        self._remove(state, priority)
         ticket = entry.ticket
-        chosen.counter += ticket.cost / self.weight(ticket.tenant)
+        state.counter += ticket.cost / self.weight(ticket.tenant)
         self._dispatched.append((now, ticket.cost))
         self._trim_rate(now)
         return entry.item
+
+    def peek(self, now: float | None = None) -> Ticket | None:
+        """The ticket `pop` would take now (steps 1-3), left in the queue."""
+        self.expire(self.clock() if now is None else now)
+        chosen = self._next()
+        return chosen[0].classes[chosen[1]][0].ticket if chosen else None
 
     def charge(
         self, tenant: str, prompt_tokens: int, output_tokens: int, reserved: float = 0.0
@@ -232,15 +246,19 @@ class FairQueue(Generic[T]):
         """Drop waiters past their deadline (kept for `take_dropped`); how many were dropped.
 
         All waiters share `max_wait_s`, so each tenant's oldest waiter of a class expires
-        first."""
+        first (after the resuming ones, which do not expire)."""
         now = self.clock() if now is None else now
         n = 0
         for state in self._tenants.values():
             if not state.waiting:
                 continue
             for priority, entries in list(state.classes.items()):
-                while entries and entries[0].ticket.deadline <= now:
-                    entry = entries.popleft()
+                skip = 0
+                while skip < len(entries) and entries[skip].ticket.deadline == math.inf:
+                    skip += 1
+                while skip < len(entries) and entries[skip].ticket.deadline <= now:
+                    entry = entries[skip]
+                    del entries[skip]
                     self._remove(state, priority)
                     self._dropped.append(Dropped(entry.item, entry.ticket, "expired"))
                     n += 1
@@ -259,6 +277,20 @@ class FairQueue(Generic[T]):
                     yield entry.ticket
 
     # --- internals
+    def _next(self) -> tuple[_Tenant, int] | None:
+        """The tenant and class of the next request (steps 2-3), or None."""
+        best: tuple[int, float, int] | None = None
+        chosen: _Tenant | None = None
+        for state in self._tenants.values():
+            if not state.waiting:
+                continue
+            for priority, entries in state.classes.items():
+                if entries:
+                    key = (priority, state.counter, entries[0].ticket.seq)
+                    if best is None or key < best:
+                        best, chosen = key, state
+        return None if best is None or chosen is None else (chosen, best[0])
+
     def _remove(self, state: _Tenant, priority: int) -> None:
         state.waiting -= 1
         self._len -= 1

@@ -1,0 +1,55 @@
+"""Which running request to stop when every engine slot is held and a more important one waits.
+
+Pure Python: the admission gate (`app.tenants.gate`) and the lab's simulated gateway
+(`app.lab.tenants`) call it. A stopped request keeps the tokens it produced and waits first in
+its tenant's queue (`FairQueue.push(first=True)`) to go on when a slot is free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True, slots=True)
+class Holder(Generic[K]):
+    """A request holding a slot that may be stopped: `priority` is the class it was granted
+    in (a demoted tenant's one step lower), `granted` when (monotonic seconds)."""
+
+    key: K
+    priority: int
+    granted: float
+
+
+def most_recent(holder: Holder) -> float:
+    """The default order within a class: the most recently granted first (the least work
+    done is lost)."""
+    return -holder.granted
+
+
+def victim(
+    waiter_priority: int,
+    holders: Iterable[Holder[K]],
+    order: Callable[[Holder[K]], float | tuple] = most_recent,
+) -> Holder[K] | None:
+    """The request to stop so that a waiter of class `waiter_priority` gets its slot, or None:
+
+    1. Only requests of a less important class than the waiter's (a larger `priority`) may be
+       stopped: a class never stops its own, so requests of one class never churn.
+    2. The least important class loses first.
+    3. Within it, the first in `order` (by default the most recently granted).
+    """
+    best: Holder[K] | None = None
+    for holder in holders:
+        if holder.priority <= waiter_priority:
+            continue
+        if (
+            best is None
+            or holder.priority > best.priority
+            or (holder.priority == best.priority and order(holder) < order(best))
+        ):
+            best = holder
+    return best
