@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.bench.load import words
 from app.bench.summary import percentile
@@ -173,6 +175,7 @@ def run_rule(rule: str, base: str, a: argparse.Namespace) -> dict[str, Any]:
     asyncio.run(phase(base, model, list(LIGHT), _warm(a), a.seed))  # warm-up, not measured
     alone = asyncio.run(phase(base, model, list(LIGHT), a, a.seed))
     noisy = asyncio.run(phase(base, model, [*LIGHT, NOISY], a, a.seed))
+    preempted = preemptions(base)
     serve.delete(APP_NAME)
     with_noisy, by_itself = noisy.figures(), alone.figures()
     ratios = {
@@ -188,6 +191,19 @@ def run_rule(rule: str, base: str, a: argparse.Namespace) -> dict[str, Any]:
         "worst_tenant": worst,
         "worst_p99_ratio": _r(ratios[worst]) if worst else None,
         "noisy_rps": round(with_noisy.get(NOISY, {}).get("answered", 0) / noisy.duration_s, 3),
+        "preempted": preempted,
+    }
+
+
+def preemptions(base: str) -> dict[str, int]:
+    """Streams stopped for a more important waiter, per tenant (both phases), from the
+    ingress's `/metrics` (one ingress replica)."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return {
+        sample.labels["tenant"]: int(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vrstack_tenant_preemptions_total" and sample.value
     }
 
 
@@ -220,7 +236,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *(
             f"`{r['rule']}`: others' worst TTFT p99 ratio {r['worst_p99_ratio']}x "
-            f"({r['worst_tenant']}); `noisy` answered {r['noisy_rps']} requests/s."
+            f"({r['worst_tenant']}); `noisy` answered {r['noisy_rps']} requests/s; streams "
+            f"preempted: {r['preempted'] or 'none'}."
             for r in report["rules"]
         ),
         "",
@@ -247,7 +264,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     p.add_argument("--replicas", type=int, default=2, help="Real CPU engines.")
     p.add_argument("--max-num-seqs", type=int, default=4, help="Sequences per engine.")
-    p.add_argument("--rate", type=float, default=0.4, help="Requests/s of each other tenant.")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.25,
+        help="Requests/s of each other tenant (together about 60%% of 2 CPU engines here).",
+    )
     p.add_argument("--noisy-multiple", type=float, default=10.0)
     p.add_argument("--duration-s", type=float, default=120.0, help="Length of each phase.")
     p.add_argument("--prompt-words", type=int, default=48)
