@@ -67,6 +67,7 @@ class _Job:
     ttft: float = 0.0
     finish: float = 0.0
     priority: int = 0  # what it carries to the engine (its latest dispatch's)
+    dispatched: float = -1.0  # when it was dispatched (its latest dispatch)
     generated: int = 0  # output tokens produced before preemptions
     decode_start: float = -1.0  # when its current decode began (-1: not decoding)
     # Its prefill's and its decode's scheduled ends (-1: none); an event for another time is
@@ -351,7 +352,6 @@ def replay(
     decisions: list[Decision] = []
     end = 0.0
 
-    dispatched_at: dict[int, float] = {}
     preempt = getattr(admission, "preempt", None)
     engine_priority = getattr(admission, "engine_priority", None)
 
@@ -367,7 +367,7 @@ def replay(
         decision = policy.choose(job.view, [sim.stats() for sim in pool])
         decisions.append(decision)
         job.replica = index_of[decision.replica_id]
-        dispatched_at[job.index] = now
+        job.dispatched = now
         return sims[job.replica].submit(job, now)
 
     def admit(now: float) -> list[tuple[float, str, _Job]]:
@@ -385,7 +385,7 @@ def replay(
             if slots or preempt is None:
                 return out
             running = [
-                Running(j.index, j.replica, j.priority, dispatched_at[j.index])
+                Running(j.index, j.replica, j.priority, j.dispatched)
                 for sim in sims
                 for j in sim.running
                 if j is not sim.prefilling

@@ -209,20 +209,18 @@ class FairAdmission:
         head = self.queue.peek(now) if self.preempts else None
         if head is None:
             return []
-        holders = {r.index: r for r in running}
         stopped = victim(
             head.priority,
-            [Holder(r.index, r.priority, r.dispatched) for r in running],
-            lambda h: (backlog(holders[h.key].replica, head.priority), -h.granted),
+            [Holder(r, r.priority, r.dispatched) for r in running],
+            lambda h: (backlog(h.key.replica, head.priority), -h.granted),
         )
         if stopped is None:
             return []
-        tenant = self.requests[stopped.key].tenant or ""
+        index = stopped.key.index
+        tenant = self.requests[index].tenant or ""
         self.preempted[tenant] = self.preempted.get(tenant, 0) + 1
-        ticket = self.queue.push(stopped.key, tenant, stopped.priority, 0.0, now, first=True)
-        assert isinstance(ticket, Ticket)  # (a resuming push is never refused)
-        self.tickets[stopped.key] = ticket
-        return [stopped.key]
+        self.queue.push(index, tenant, stopped.priority, 0.0, now, first=True)  # never refused
+        return [index]
 
     def complete(self, index: int, request: TraceRequest, now: float) -> None:
         tenant, reserved = request.tenant or "", self.reserved.pop(index, 0.0)

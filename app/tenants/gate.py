@@ -41,31 +41,28 @@ class Slot:
     held: bool = True
     granted_at: float = field(default_factory=time.monotonic)
     stop: Callable[[], bool] | None = None
-    reserved: float = -1.0  # the service units the first grant counted (`charge` settles them)
-
-    def __post_init__(self) -> None:
-        if self.reserved < 0:
-            self.reserved = self.ticket.cost
 
     def settle(self, prompt_tokens: int, output_tokens: int) -> None:
         if not self.settled:
             self.settled = True
-            self.gate.queue.charge(self.ticket.tenant, prompt_tokens, output_tokens, self.reserved)
+            self.gate.queue.charge(
+                self.ticket.tenant, prompt_tokens, output_tokens, self.ticket.cost
+            )
 
     def stoppable(self, stop: Callable[[], bool] | None) -> None:
         """Offer the slot to more important waiters (`stop`), or withdraw the offer (None)."""
         self.stop = stop if self.held else None
         if stop is not None and self.held:
-            self.gate.wake()
+            self.gate._dispatch()  # a waiter may take it now
 
     async def resume(self) -> None:
         """Give the slot up (a stopped request) and wait, first in its tenant's queue, in its
         class and without a deadline, for another; a cancellation while waiting leaves the slot
-        given up."""
+        given up. The slot keeps its first ticket (its class, and the estimate `settle`
+        settles)."""
         self.stop = None
         self.gate.release(self)
-        ticket = self.ticket
-        self.ticket = await self.gate.acquire(ticket.tenant, ticket.priority, 0.0, first=True)
+        await self.gate.acquire(self.ticket.tenant, self.ticket.priority, 0.0, first=True)
         self.held, self.granted_at = True, time.monotonic()
         self.gate.holding.add(self)
 
@@ -162,11 +159,8 @@ class AdmissionGate:
         self.in_flight -= 1
         self._dispatch()
 
-    def wake(self) -> None:
-        """Grant free slots and, with `preempt`, stop a holder for the next waiter if it may."""
-        self._dispatch()
-
     def _dispatch(self) -> None:
+        """Grant free slots and, with `preempt`, stop a holder for the next waiter if it may."""
         capacity = self.capacity
         while self.in_flight < capacity:
             granted = self.queue.pop()

@@ -43,13 +43,11 @@ def victim(
     3. Within it, the first in `order` (by default the most recently granted).
     """
     best: Holder[K] | None = None
+    best_key: tuple | None = None
     for holder in holders:
         if holder.priority <= waiter_priority:
             continue
-        if (
-            best is None
-            or holder.priority > best.priority
-            or (holder.priority == best.priority and order(holder) < order(best))
-        ):
-            best = holder
+        key = (-holder.priority, order(holder))  # each holder's order read once
+        if best_key is None or key < best_key:
+            best, best_key = holder, key
     return best
