@@ -18,9 +18,13 @@ rule runs twice on the same engines: the others alone, then with `noisy`:
   which schedule first come first served.
 
 Every request goes through the `openai` client; TTFT is the time to the first streamed chunk.
-The report: each tenant's TTFT p50/p90/p99 per phase, the others' worst p99 ratio (with `noisy` /
-alone; the target is <= 1.5), requests refused per tenant, and `noisy`'s answered requests/s. The
-run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM.
+Both phases send the others' requests at the same times with the same prompts (one seed), after
+a 20 s warm-up with every tenant. The report: each tenant's TTFT p50/p90/p99 per phase, and the
+others' together (`others`: about 75 requests a phase, where a tenant's p99 is its slowest one
+or two of about 25), the others' worst p99 ratio and their ratio together (with `noisy` / alone;
+the target is <= 1.5), requests refused per tenant, `noisy`'s answered requests/s, streams
+preempted per phase, and every request (tenant, when it was sent, TTFT or failure) in the JSON.
+The run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -48,28 +52,35 @@ CONFIG = Path("serve_configs/smollm2-cpu.yaml")
 APP_NAME = "tenants-cpu"
 LIGHT = {"interactive": "interactive", "team-a": "standard", "team-b": "standard"}
 NOISY = "noisy"
+OTHERS = "others"  # the light tenants' requests together
 RULES = ("fair", "fair-queue", "fcfs")
 
 
 @dataclass(slots=True)
 class Phase:
-    """One phase's requests per tenant: TTFTs of answered ones, and failures by status."""
+    """One phase's requests per tenant: TTFTs of answered ones, failures by status, and each
+    request as (tenant, seconds into the phase it was sent, TTFT or failure)."""
 
     ttfts: dict[str, list[float]] = field(default_factory=dict)
     refused: dict[str, dict[str, int]] = field(default_factory=dict)
+    requests: list[tuple[str, float, float | str]] = field(default_factory=list)
     duration_s: float = 0.0
 
     def figures(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for tenant, values in sorted(self.ttfts.items()):
-            out[tenant] = {
-                "answered": len(values),
-                "ttft_p50": _r(percentile(values, 50)),
-                "ttft_p90": _r(percentile(values, 90)),
-                "ttft_p99": _r(percentile(values, 99)),
-                "refused": self.refused.get(tenant, {}),
-            }
+        out = {tenant: _figures(values) for tenant, values in sorted(self.ttfts.items())}
+        for tenant, figures in out.items():
+            figures["refused"] = self.refused.get(tenant, {})
+        out[OTHERS] = _figures([x for t in LIGHT for x in self.ttfts.get(t, [])])
         return out
+
+
+def _figures(values: list[float]) -> dict[str, Any]:
+    return {
+        "answered": len(values),
+        "ttft_p50": _r(percentile(values, 50)),
+        "ttft_p90": _r(percentile(values, 90)),
+        "ttft_p99": _r(percentile(values, 99)),
+    }
 
 
 def _r(x: float | None) -> float | None:
@@ -135,14 +146,18 @@ async def phase(base: str, model: str, tenants: list[str], a: argparse.Namespace
 
     async def tenant_load(tenant: str, rng: random.Random) -> None:
         rate = a.rate * (a.noisy_multiple if tenant == NOISY else 1)
-        tasks, t = [], rng.expovariate(rate)
+        tasks, sent, t = [], [], rng.expovariate(rate)
         start = time.monotonic()
         while t < a.duration_s:
             await asyncio.sleep(max(0.0, start + t - time.monotonic()))
             prompt = words(rng, a.prompt_words)
             tasks.append(asyncio.create_task(one(clients[tenant], model, prompt, a)))
+            sent.append(round(t, 3))
             t += rng.expovariate(rate)
-        for outcome in await asyncio.gather(*tasks):
+        for at, outcome in zip(sent, await asyncio.gather(*tasks), strict=True):
+            result.requests.append(
+                (tenant, at, _r(outcome) if isinstance(outcome, float) else outcome)
+            )
             if isinstance(outcome, float):
                 result.ttfts.setdefault(tenant, []).append(outcome)
             else:
@@ -172,32 +187,42 @@ def run_rule(rule: str, base: str, a: argparse.Namespace) -> dict[str, Any]:
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     names = keys()
     wait_ready(base, names[NOISY], model=model, timeout_s=600)
-    asyncio.run(phase(base, model, list(LIGHT), _warm(a), a.seed))  # warm-up, not measured
+    # warm-up, not measured: every tenant, so the engines have run full batches once
+    asyncio.run(phase(base, model, [*LIGHT, NOISY], _warm(a), a.seed + 1))
+    before = preemptions(base)
     alone = asyncio.run(phase(base, model, list(LIGHT), a, a.seed))
+    between = preemptions(base)
     noisy = asyncio.run(phase(base, model, [*LIGHT, NOISY], a, a.seed))
-    preempted = preemptions(base)
+    after = preemptions(base)
     serve.delete(APP_NAME)
     with_noisy, by_itself = noisy.figures(), alone.figures()
     ratios = {
         t: (with_noisy[t]["ttft_p99"] or 0) / by_itself[t]["ttft_p99"]
-        for t in LIGHT
+        for t in (*LIGHT, OTHERS)
         if t in with_noisy and t in by_itself and by_itself[t]["ttft_p99"]
     }
-    worst = max(ratios, key=ratios.__getitem__) if ratios else None
+    worst = max((t for t in ratios if t != OTHERS), key=ratios.__getitem__, default=None)
     return {
         "rule": rule,
         "alone": by_itself,
         "with_noisy": with_noisy,
         "worst_tenant": worst,
         "worst_p99_ratio": _r(ratios[worst]) if worst else None,
+        "others_p99_ratio": _r(ratios.get(OTHERS)),
         "noisy_rps": round(with_noisy.get(NOISY, {}).get("answered", 0) / noisy.duration_s, 3),
-        "preempted": preempted,
+        "preempted": _less(after, between),
+        "preempted_alone": _less(between, before),
+        "requests": {"alone": alone.requests, "with_noisy": noisy.requests},
     }
 
 
+def _less(counts: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
+    return {k: v - earlier.get(k, 0) for k, v in counts.items() if v > earlier.get(k, 0)}
+
+
 def preemptions(base: str) -> dict[str, int]:
-    """Streams stopped for a more important waiter, per tenant (both phases), from the
-    ingress's `/metrics` (one ingress replica)."""
+    """Streams stopped for a more important waiter so far, per tenant, from the ingress's
+    `/metrics` (one ingress replica)."""
     text = httpx.get(f"{base}/metrics", timeout=30).text
     return {
         sample.labels["tenant"]: int(sample.value)
@@ -223,7 +248,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---|",
     ]
     for r in report["rules"]:
-        for tenant in (*LIGHT, NOISY):
+        for tenant in (*LIGHT, OTHERS, NOISY):
             alone = r["alone"].get(tenant, {})
             noisy = r["with_noisy"].get(tenant, {})
             p_alone, p_noisy = alone.get("ttft_p99"), noisy.get("ttft_p99")
@@ -236,8 +261,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *(
             f"`{r['rule']}`: others' worst TTFT p99 ratio {r['worst_p99_ratio']}x "
-            f"({r['worst_tenant']}); `noisy` answered {r['noisy_rps']} requests/s; streams "
-            f"preempted: {r['preempted'] or 'none'}."
+            f"({r['worst_tenant']}), together {r['others_p99_ratio']}x; `noisy` answered "
+            f"{r['noisy_rps']} requests/s; streams preempted with noisy: "
+            f"{r['preempted'] or 'none'}, alone: {r['preempted_alone'] or 'none'}."
             for r in report["rules"]
         ),
         "",

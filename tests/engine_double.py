@@ -59,6 +59,7 @@ class EngineDouble:
         model: bool = False,
         fail_at: int = 1,
         token_delay: float = 0.0,
+        first_delay: float = 0.0,
     ) -> None:
         assert mode in MODES, mode
         self.name = name
@@ -67,6 +68,7 @@ class EngineDouble:
         self.model = model  # stream as vLLM with return_token_ids, from `next_token`
         self.fail_at = fail_at  # the chunk a failing stream (break, hang, engine dies) fails at
         self.token_delay = token_delay  # seconds before each of a model stream's tokens
+        self.first_delay = first_delay  # seconds before a model stream's first chunk (prefill)
         self.calls: list[tuple[str, dict]] = []
         self.cancelled = 0
         self.engine_dead = mode == "engine_dead"
@@ -133,11 +135,13 @@ class EngineDouble:
         chat, sequence = endpoint == "chat", list(prompt)
         head = {"id": f"{endpoint}-double", "created": 7, "model": body["model"],
                 "object": "chat.completion.chunk" if chat else "text_completion"}  # fmt: skip
-        if chat:
-            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}  # fmt: skip
-            yield _data({**head, "choices": [role], "prompt_token_ids": prompt})
         try:
+            if self.first_delay:
+                await asyncio.sleep(self.first_delay)
+            if chat:
+                role = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}  # fmt: skip
+                yield _data({**head, "choices": [role], "prompt_token_ids": prompt})
             for i in range(count):
                 if (end := await self._failure(i)) is not None:
                     for chunk in end:
@@ -238,8 +242,10 @@ class LoopbackRoutes:
         self.finished: list[Routed] = []
         self.replicas_known = True
 
-    def route(self, view: RequestView, exclude: Collection[str] = ()) -> Routed | None:
-        routed = self.router.route(view, exclude, candidates=self.replicas)
+    def route(
+        self, view: RequestView, exclude: Collection[str] = (), *, slots: int | None = None
+    ) -> Routed | None:
+        routed = self.router.route(view, exclude, candidates=self.replicas, slots=slots)
         if routed is not None:
             self.routed.append(routed)
         return routed

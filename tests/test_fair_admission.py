@@ -15,8 +15,9 @@ import pytest
 from app.config import load_config
 from app.engines.llm_config import llm_config
 from app.ingress.gateway import Gateway, slots_per_replica
+from app.routing import RequestView
 from benchmarks.toy_model import prompt_ids
-from tests.engine_double import events
+from tests.engine_double import LoopbackRoutes, events
 from tests.test_auth_limits import bearer
 from tests.test_ingress import assert_openai_error, eventually, make_client
 from tests.test_metrics import scrape, value
@@ -274,15 +275,17 @@ async def test_a_tenant_with_a_deep_backlog_is_demoted_in_the_queue_and_the_engi
 STREAM = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 8, "stream": True}
 
 
-async def test_a_more_important_waiter_stops_a_stream_which_goes_on_exactly(cpu_model):
-    double = {"model": True, "tokens": 8, "token_delay": 0.05}
+async def _stopped_by_chat(cpu_model, double, *, after_s=0.0):
+    """An `eval` (batch class) stream that holds the one slot, stopped `after_s` after it was
+    sent by a `chat` (interactive) request: the uninterrupted stream's events (of `team`), the
+    stopped one's answer, its engine, the gate, and the metrics after."""
     async with make_client(cpu_model, config=_config(cpu_model), double=double) as (c, e, _):
         engine, gate = e["smollm2"], c._transport.app.gateway.gates["smollm2"]
         expected = events((await post(c, "sk-team", STREAM)).text)  # uninterrupted
         engine.calls.clear()
         batch = asyncio.ensure_future(post(c, "sk-eval", STREAM))
         await eventually(lambda: any(slot.stop is not None for slot in gate.holding))
-        await asyncio.sleep(0.12)  # a few of its tokens out
+        await asyncio.sleep(after_s)
         chat = await post(c, "sk-chat", {**BODY, "prompt": "hi"})  # one slot: batch's
         assert chat.status_code == 200
         answer = await batch
@@ -291,16 +294,56 @@ async def test_a_more_important_waiter_stops_a_stream_which_goes_on_exactly(cpu_
     assert answer.status_code == 200 and got[-1] == "[DONE]"
     assert text_of(got) == text_of(expected) and len(text_of(got).split()) == 8
     assert not [g for g in got if isinstance(g, dict) and "error" in g]
+    assert value(samples, "vrstack_tenant_preemptions_total", tenant="eval") == 1
+    assert value(samples, "vrstack_tenant_preemptions_total", tenant="team") == 0
+    assert value(samples, "vrstack_stream_migrations_total") == 0  # no replica failed
+    assert gate.in_flight == 0 and not gate.holding and gate.stopping == 0
+    return engine
+
+
+async def test_a_more_important_waiter_stops_a_stream_which_goes_on_exactly(cpu_model):
+    double = {"model": True, "tokens": 8, "token_delay": 0.05}
+    engine = await _stopped_by_chat(cpu_model, double, after_s=0.12)  # a few tokens out
     (_, started), (_, interactive), (endpoint, continued) = engine.calls
     assert started["priority"] == 20 and interactive["prompt"] == "hi"
     assert interactive["priority"] == 0
     sent = 8 - continued["max_tokens"]  # the continuation: the prompt's ids and what was sent
     assert endpoint == "completions" and 0 < sent < 8 and continued["priority"] == 20
     assert len(continued["prompt"]) == len(prompt_ids(STREAM)) + sent
-    assert value(samples, "vrstack_tenant_preemptions_total", tenant="eval") == 1
-    assert value(samples, "vrstack_tenant_preemptions_total", tenant="team") == 0
-    assert value(samples, "vrstack_stream_migrations_total") == 0  # no replica failed
-    assert gate.in_flight == 0 and not gate.holding and gate.stopping == 0
+
+
+async def test_a_stream_stopped_in_its_prefill_starts_again_from_the_start(cpu_model):
+    double = {"model": True, "tokens": 8, "first_delay": 0.4}  # no head before its prefill
+    engine = await _stopped_by_chat(cpu_model, double)
+    (_, started), (_, interactive), (endpoint, again) = engine.calls
+    assert interactive["prompt"] == "hi" and engine.cancelled == 1  # the first one's prefill
+    assert endpoint == "completions" and again == started  # the same request, from the start
+
+
+async def test_admitted_requests_go_to_replicas_with_a_free_slot(cpu_model):
+    shared = "You are a helpful assistant. " * 40  # a prefix the router would keep together
+    double = {"model": True, "tokens": 4, "first_delay": 0.2}
+    async with make_client(cpu_model, config=_config(cpu_model), double=double) as (c, _, stack):
+        url = stack.routes["smollm2"].replicas[0].replica_metadata["url"]
+        stack.routes["smollm2"] = routes = LoopbackRoutes("smollm2", [url, url])  # 1 slot each
+        answers = await asyncio.gather(
+            *(post(c, key, {**STREAM, "prompt": shared + key}) for key in ("sk-team", "sk-eval"))
+        )
+    assert [a.status_code for a in answers] == [200, 200]
+    assert sorted(r.replica_id for r in routes.routed) == ["smollm2-r1", "smollm2-r2"]
+
+
+def test_the_router_keeps_requests_off_replicas_without_a_free_slot():
+    shared = "You are a helpful assistant. " * 40
+
+    def placed(slots):
+        routes = LoopbackRoutes("m", ["http://127.0.0.1:1", "http://127.0.0.1:2"])
+        views = [RequestView("m", text=f"{shared}{i}") for i in range(5)]
+        return [routes.route(view, slots=slots).replica_id for view in views]
+
+    assert len(set(placed(None))) == 1  # by prefix alone: all on one replica
+    assert sorted(placed(2)[:4]) == ["m-r1", "m-r1", "m-r2", "m-r2"]  # then both are full
+    assert placed(2)[4] in {"m-r1", "m-r2"}
 
 
 async def test_without_preemption_the_waiter_waits_for_the_stream(cpu_model):

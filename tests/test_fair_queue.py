@@ -272,6 +272,58 @@ def test_the_victim_is_of_a_less_important_class_the_least_important_first():
     assert victim(0, holders, order=lambda h: h.granted).key == "batch-old"
 
 
+def test_a_granted_request_stands_one_class_lower_while_its_tenant_is_backlogged():
+    q: FairQueue[str] = FairQueue(demote_backlog=2)
+    granted = q.push("n0", "noisy", 10, 1, now=0)
+    assert q.pop(now=0) == "n0" and q.standing(granted) == 10  # nothing waits behind it
+    waiting = [q.push(f"n{i}", "noisy", 10, 1, now=0) for i in (1, 2, 3)]
+    assert q.backlogged("noisy") and not q.backlogged("other")
+    assert q.standing(granted) == 11  # granted before its tenant's backlog grew
+    assert waiting[2].demoted and q.standing(waiting[2]) == 11  # demoted once, not twice
+    assert q.standing(waiting[0]) == 11 and not waiting[0].demoted
+    _drain(q)
+    assert q.standing(granted) == 10 and q.standing(waiting[2]) == 11
+
+
+def test_the_victim_is_never_of_the_waiters_own_tenant():
+    holders = [Holder("mine", 11, 2.0, "noisy"), Holder("theirs", 11, 1.0, "team")]
+    assert victim(10, holders, waiter_tenant="noisy").key == "theirs"
+    assert victim(10, holders[:1], waiter_tenant="noisy") is None
+    assert victim(10, holders).key == "mine"  # (no tenant given: the most recent)
+
+
+def test_gate_stops_a_backlogged_tenants_request_of_the_waiters_class():
+    async def main() -> list[str]:
+        gate = AdmissionGate(1, FairQueue(demote_backlog=1), preempt=True)
+        order: list[str] = []
+        stopped = asyncio.Event()
+
+        async def noisy() -> None:
+            async with gate.admit("noisy", 10, 1) as slot:
+                slot.stoppable(lambda: (stopped.set(), True)[1])
+                await stopped.wait()
+                order.append("noisy stopped")
+                await slot.resume()  # in class 11 now: behind the waiter that stopped it
+                order.append("noisy goes on")
+
+        async def other(tenant: str) -> None:
+            async with gate.admit(tenant, 10, 1):
+                order.append(f"{tenant} runs")
+
+        holder = asyncio.create_task(noisy())
+        await asyncio.sleep(0.01)
+        team = asyncio.create_task(other("team"))
+        await asyncio.sleep(0.01)
+        assert gate.preempted == 0  # of its class, and noisy is not backlogged
+        backlog = asyncio.create_task(other("noisy"))  # now it is: its holder stands lower
+        await asyncio.gather(holder, team, backlog)
+        assert gate.preempted == 1 and gate.in_flight == 0
+        return order
+
+    # the stopped one waits in class 11, behind its tenant's own waiter of class 10
+    assert asyncio.run(main()) == ["noisy stopped", "team runs", "noisy runs", "noisy goes on"]
+
+
 def test_gate_stops_a_less_important_holder_for_a_waiter_which_goes_on_after():
     async def main() -> list[str]:
         gate = AdmissionGate(1, FairQueue(), preempt=True)

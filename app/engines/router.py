@@ -81,8 +81,10 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
        whose engine is gone says so) from the replica's `record_routing_stats`, its
        concurrency limit, and the LoRA adapters it holds (those it reports, and those this
        router sent it since: it loads them on their first request).
-    3. Ask the policy. A relayed request goes to the chosen replica's port; a handle call gets
-       the chosen replica as the first rank and the others, by load, as fallbacks.
+    3. Ask the policy. A relayed request goes to the chosen replica's port (with the ingress's
+       fair admission, chosen among the replicas with a free engine slot when any has one); a
+       handle call gets the chosen replica as the first rank and the others, by load, as
+       fallbacks.
     4. Track in-flight requests; tell the policy when a relayed request has its first byte
        (its prefill is done) and when any request completes. Each request is counted once,
        on the replica it went to, and released exactly once however it ends: answered, failed,
@@ -108,9 +110,14 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         view: RequestView,
         exclude: Collection[str] = (),
         candidates: Iterable[Any] | None = None,
+        *,
+        slots: int | None = None,
     ) -> Routed | None:
         """Choose a running replica with an HTTP port (none of `exclude`) for a relayed request;
-        None when there is none. `candidates` defaults to the replicas Serve reports."""
+        None when there is none. `candidates` defaults to the replicas Serve reports. `slots`
+        (the ingress admits requests by engine slots): only replicas with fewer requests in
+        flight than that are candidates, when any is (a request sent to a full engine waits
+        there, behind what runs, whatever its priority)."""
         found = {
             r.replica_id.unique_id: r
             for r in (self.curr_replicas.values() if candidates is None else candidates)
@@ -119,8 +126,11 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         if not found:
             return None
         with self._lock:
+            stats = [self._stats(r) for r in found.values()]
+            if slots is not None:
+                stats = [s for s in stats if s.in_flight < slots] or stats
             try:
-                decision = self._policy.choose(view, [self._stats(r) for r in found.values()])
+                decision = self._policy.choose(view, stats)
             except NoReplicaError:
                 return None
             key = next(self._keys)

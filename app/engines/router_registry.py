@@ -22,8 +22,9 @@ _routers: dict[str, weakref.WeakSet] = {}
 class EngineRoutes(Protocol):
     """What the ingress asks of a model's router (`app.engines.router.StackRequestRouter`)."""
 
-    def route(self, view: Any, exclude: Collection[str] = ()) -> Any:
-        """A `Routed` replica for the request (none of `exclude`), or None."""
+    def route(self, view: Any, exclude: Collection[str] = (), *, slots: int | None = None) -> Any:
+        """A `Routed` replica for the request (none of `exclude`; one with fewer than `slots`
+        requests in flight when any has), or None."""
         ...
 
     def first_token(self, routed: Any) -> None:

@@ -19,7 +19,7 @@ about twice its CPU per streamed answer on this path (the overhead benchmark's `
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -224,10 +224,19 @@ class EnginePool:
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
         self._closed = False
 
-    async def post(self, url: str, path: str, headers: bytes, body: bytes) -> EngineResponse:
+    async def post(
+        self,
+        url: str,
+        path: str,
+        headers: bytes,
+        body: bytes,
+        sent: Callable[[EngineResponse], None] | None = None,
+    ) -> EngineResponse:
         """POST `body` to `url + path` with `headers` (`name: value\\r\\n` lines, ours to keep
-        valid); the answer once its head is in. Raises `TimeoutError` when the port does not
-        answer in time, `OSError` when it cannot be reached or drops the connection first."""
+        valid); the answer once its head is in. `sent` gets the answer-to-be as soon as the
+        request is written (its `abort` then makes `post` raise `Stopped`). Raises
+        `TimeoutError` when the port does not answer in time, `OSError` when it cannot be
+        reached or drops the connection first."""
         host, port, authority = self._address(url)
         request = b"".join((
             b"POST ", path.encode("ascii"), b" HTTP/1.1\r\nhost: ", authority,
@@ -236,11 +245,13 @@ class EnginePool:
         kept = self._kept((host, port))
         if kept is not None:
             try:
-                return await self._exchange(kept, request)
+                return await self._exchange(kept, request, sent)
+            except Stopped:
+                raise
             except ConnectionError:  # closed by the engine while idle: once more, on a new one
                 pass
         connection = await self._connect(host, port)
-        return await self._exchange(connection, request)
+        return await self._exchange(connection, request, sent)
 
     @property
     def idle(self) -> int:
@@ -290,12 +301,19 @@ class EnginePool:
         _, connection = await asyncio.wait_for(connecting, self.connect_timeout_s)
         return connection
 
-    async def _exchange(self, connection: _Connection, request: bytes) -> EngineResponse:
+    async def _exchange(
+        self,
+        connection: _Connection,
+        request: bytes,
+        sent: Callable[[EngineResponse], None] | None,
+    ) -> EngineResponse:
         response = EngineResponse(connection, self.timeout_s)
         connection.response = response
         assert connection.transport is not None
         connection.transport.write(request)
         try:
+            if sent is not None:
+                sent(response)
             await response._head
         except BaseException:
             response.release()

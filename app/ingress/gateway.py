@@ -33,7 +33,7 @@ from app.engines.http_server import DONE_EVENT, ENDPOINTS, ENGINE_UNAVAILABLE, U
 from app.engines.items import Endpoint, EngineItem
 from app.engines.router_registry import EngineRoutes
 from app.errors import OpenAIError, error_body
-from app.ingress.engine_http import EngineResponse
+from app.ingress.engine_http import EngineResponse, Stopped
 from app.ingress.limits import KeyLimiter, Lease
 from app.ingress.migration import Stream, migratable, relay_events
 from app.ingress.prompt_tokens import PromptCounter
@@ -419,14 +419,15 @@ class Gateway:
         )  # fmt: skip
         view.receipt = receipt
         failed: set[str] = set()
-        for attempt in range(self.config.server.retries + 1):
-            if attempt:
-                await asyncio.sleep(backoff_s(attempt - 1))
-            routed = routes.route(view, exclude=failed)
+        slots = slots_per_replica(spec) if spec.name in self.gates else None
+        failures = 0
+        while True:
+            routed = routes.route(view, exclude=failed, slots=slots)
             if routed is None:
                 break
             trace = exchange.trace
-            span = trace.attempt(routed.decision, attempt, routed.url, private) if trace else None
+            number = failures + exchange.preemptions
+            span = trace.attempt(routed.decision, number, routed.url, private) if trace else None
             answered = False
             try:  # the router's count of the request is released however the attempt ends
                 path = ENGINE_PATHS[endpoint]
@@ -441,9 +442,18 @@ class Gateway:
                     if not exchange.preempted:  # (a preempted one's replica did not fail)
                         failed.add(routed.replica_id)
                     await self._migrate(routes, endpoint, body, send, request_id, exchange,
-                                        failed, session, private)  # fmt: skip
+                                        failed, session, private, slots)  # fmt: skip
                 return
+            if exchange.preempted:  # stopped before its answer: no failure, and no retry used
+                exchange.preempted = False
+                assert exchange.slot is not None
+                await exchange.slot.resume()
+                continue
             failed.add(routed.replica_id)
+            failures += 1
+            if failures > self.config.server.retries:
+                break
+            await asyncio.sleep(backoff_s(failures - 1))
         raise OpenAIError(503, "the model's replicas failed; retry", code=REPLICA_FAILED)
 
     def _migratable(
@@ -464,6 +474,7 @@ class Gateway:
         failed: set[str],
         session: str | None,
         private: bool,
+        slots: int | None = None,
     ) -> None:
         """Go on with a stream that broke after its first byte on other replicas, at most
         `retries` times (`app.ingress.migration`): the continuation's chunks, then the ending
@@ -493,7 +504,7 @@ class Gateway:
             assert first is not None
             routed = routes.route(view_of_body(next_body, model=first.model, session_key=session,
                                                lora_adapter=first.lora_adapter),
-                                  exclude=failed)  # fmt: skip
+                                  exclude=failed, slots=slots)  # fmt: skip
             if routed is None:
                 break
             logger.log(logging.INFO if preempted else logging.WARNING,
@@ -549,15 +560,23 @@ class Gateway:
         head: bool = True,
     ) -> bool:
         """Relay the request to the routed replica's `path`; False when it failed before
-        answering (not reachable, or its engine is gone: another replica may answer). `span`:
-        the attempt's trace span, whose `traceparent` the engine request carries. A migratable
-        stream (`exchange.stream`) goes event by event; `head`: the answer's head is still to
-        send (not for a continuation)."""
+        answering (not reachable, or its engine is gone: another replica may answer), or was
+        stopped before its answer began (`exchange.preempted`). `span`: the attempt's trace
+        span, whose `traceparent` the engine request carries. A migratable stream
+        (`exchange.stream`) goes event by event, and with a slot it offers the slot while the
+        attempt runs (`_Offer`); `head`: the answer's head is still to send (not for a
+        continuation)."""
         traceparent = RequestTrace.traceparent(span) if span is not None else None
+        stoppable = exchange.slot is not None and exchange.stream is not None
+        offer = _Offer(exchange) if stoppable else None
         try:
-            response = await self.relay.send(routed.url, path, payload, request_id,
-                                             traceparent)  # fmt: skip
+            response = await self.relay.send(routed.url, path, payload, request_id, traceparent,
+                                             offer.sent if offer else None)  # fmt: skip
+        except Stopped:  # preempted before its answer began (e.g. in its prefill)
+            return False
         except RelayError as exc:
+            if offer is not None:
+                offer.withdraw()
             if exc.timed_out and head:  # (a continuation's: the client has the answer's head)
                 raise _timed_out(self.relay.timeout_s) from None
             logger.warning(
@@ -588,21 +607,18 @@ class Gateway:
             if not head and not streamed:  # a continuation refused: the client has a head
                 return False
             if stream is None or not streamed:
+                if offer is not None:  # a whole answer is not stopped
+                    offer.withdraw()
                 await pass_through(response, send, headers, first_byte, exchange.told_usage)
                 return True
             if head:
                 stream.replicas.append(routed.replica_id)
                 await send(stream_head(response, headers))
-            slot = exchange.slot
-            if slot is not None:  # a more important waiter may stop it (it goes on later)
-                slot.stoppable(lambda: _stop(exchange, response))
-            try:
-                await relay_events(response, send, stream, first_byte, exchange.told_usage)
-            finally:
-                if slot is not None:
-                    slot.stoppable(None)
+            await relay_events(response, send, stream, first_byte, exchange.told_usage)
             return True
         finally:
+            if offer is not None:
+                offer.withdraw()
             response.release()
 
     async def wait_for_routers(self, timeout_s: float, models: list[str] | None = None) -> bool:
@@ -826,16 +842,40 @@ def _not_ready(spec: ModelSpec) -> OpenAIError:
     )
 
 
-def _stop(exchange: Exchange, response: EngineResponse) -> bool:
-    """Stop a stream for a more important waiter (its slot's `stop`): only one that can go on
-    from its tokens, or that sent none yet; whether it was stopped."""
-    stream = exchange.stream
-    if stream is None or stream.done or (stream.started and not stream.can_continue()):
-        return False
-    exchange.preempted = True
-    exchange.preemptions += 1
-    response.abort()
-    return True
+class _Offer:
+    """A stream's slot offered to more important waiters (`Slot.stoppable`) from the moment one
+    attempt's request is sent until the attempt ends: the engine drops a request whose
+    connection closes, in its prefill too, so it can be stopped before its answer begins."""
+
+    __slots__ = ("exchange", "response")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.response: EngineResponse | None = None
+
+    def sent(self, response: EngineResponse) -> None:
+        """The request is written (`EnginePool.post`): offer the slot."""
+        self.response = response
+        assert self.exchange.slot is not None
+        self.exchange.slot.stoppable(self.stop)
+
+    def withdraw(self) -> None:
+        if self.response is not None and self.exchange.slot is not None:
+            self.exchange.slot.stoppable(None)
+
+    def stop(self) -> bool:
+        """Stop the stream (the slot's `stop`): only one that can go on from its tokens, or that
+        sent none yet; whether it was stopped."""
+        exchange, response = self.exchange, self.response
+        stream = exchange.stream
+        if response is None or stream is None or stream.done:
+            return False
+        if stream.started and not stream.can_continue():
+            return False
+        exchange.preempted = True
+        exchange.preemptions += 1
+        response.abort()
+        return True
 
 
 def _timed_out(timeout_s: float) -> OpenAIError:

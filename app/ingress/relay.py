@@ -35,7 +35,7 @@ from app.engines.http_server import (
     Usage,
 )
 from app.errors import error_body
-from app.ingress.engine_http import EnginePool, EngineResponse
+from app.ingress.engine_http import EnginePool, EngineResponse, Stopped
 
 logger = logging.getLogger("vrstack.ingress")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -66,15 +66,25 @@ class Relay:
         return self._pool
 
     async def send(
-        self, url: str, path: str, body: bytes, request_id: str, traceparent: str | None = None
+        self,
+        url: str,
+        path: str,
+        body: bytes,
+        request_id: str,
+        traceparent: str | None = None,
+        sent: Callable[[EngineResponse], None] | None = None,
     ) -> EngineResponse:
         """POST to `url + path` (with the trace's `traceparent` when traced); the response with
-        its head read (the caller releases it)."""
+        its head read (the caller releases it). `sent`: see `EnginePool.post` (an answer
+        aborted before its head raises `Stopped`, not a `RelayError`)."""
         extra = {"x-request-id": request_id}
         if traceparent:
             extra["traceparent"] = traceparent
+        headers = self._headers + _header_lines(extra)
         try:
-            return await self._client().post(url, path, self._headers + _header_lines(extra), body)
+            return await self._client().post(url, path, headers, body, sent)
+        except Stopped:
+            raise
         except TimeoutError as exc:
             raise RelayError(f"no answer within {self.timeout_s:g} s", timed_out=True) from exc
         except OSError as exc:

@@ -209,17 +209,23 @@ class FairAdmission:
         head = self.queue.peek(now) if self.preempts else None
         if head is None:
             return []
-        stopped = victim(
-            head.priority,
-            [Holder(r, r.priority, r.dispatched) for r in running],
-            lambda h: (backlog(h.key.replica, head.priority), -h.granted),
-        )
+        tickets, standing = self.tickets, self.queue.standing
+        holders = [
+            Holder(r, standing(tickets[r.index]), r.dispatched, tickets[r.index].tenant)
+            for r in running
+        ]
+
+        def order(holder: Holder[Running]) -> tuple[int, float]:
+            return backlog(holder.key.replica, head.priority), -holder.granted
+
+        stopped = victim(head.priority, holders, order, head.tenant)
         if stopped is None:
             return []
         index = stopped.key.index
-        tenant = self.requests[index].tenant or ""
-        self.preempted[tenant] = self.preempted.get(tenant, 0) + 1
-        self.queue.push(index, tenant, stopped.priority, 0.0, now, first=True)  # never refused
+        ticket = self.tickets[index]
+        self.preempted[ticket.tenant] = self.preempted.get(ticket.tenant, 0) + 1
+        # it waits in the class it was stopped in (so not before the waiter), never refused
+        self.queue.push(index, ticket.tenant, stopped.priority, 0.0, now, first=True)
         return [index]
 
     def complete(self, index: int, request: TraceRequest, now: float) -> None:

@@ -19,7 +19,8 @@ T = TypeVar("T")
 
 @dataclass(slots=True, eq=False)
 class Ticket:
-    """A queued request: its tenant, class, estimated cost (service units) and deadline."""
+    """A queued request: its tenant, class (`demoted`: one step below its tenant's), estimated
+    cost (service units) and deadline."""
 
     seq: int
     tenant: str
@@ -27,6 +28,7 @@ class Ticket:
     cost: float
     enqueued_at: float
     deadline: float
+    demoted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,19 +183,34 @@ class FairQueue(Generic[T]):
         state = self._tenants.setdefault(tenant, _Tenant())
         if state.waiting >= self.max_queue_per_tenant and not first:
             return Rejected(tenant, "queue-full", self._retry_after(tenant, state, now))
-        if not first and self.demote_backlog is not None and state.waiting >= self.demote_backlog:
+        demoted = not first and self.backlogged(tenant)
+        if demoted:
             priority += 1
         if state.waiting == 0:
             backlogged = [s.counter for s in self._tenants.values() if s.waiting]
             state.counter = max(state.counter, min(backlogged) if backlogged else self._floor)
         self._seq += 1
         deadline = math.inf if first else now + self.max_wait_s
-        ticket = Ticket(self._seq, tenant, priority, cost_estimate, now, deadline)
+        ticket = Ticket(self._seq, tenant, priority, cost_estimate, now, deadline, demoted)
         entries = state.classes.setdefault(priority, deque())
         (entries.appendleft if first else entries.append)(_Entry(item, ticket))
         state.waiting += 1
         self._len += 1
         return ticket
+
+    def backlogged(self, tenant: str) -> bool:
+        """Whether the tenant has `demote_backlog` waiters (its next request is demoted)."""
+        state = self._tenants.get(tenant)
+        backlog = self.demote_backlog
+        return backlog is not None and state is not None and state.waiting >= backlog
+
+    def standing(self, ticket: Ticket) -> int:
+        """The class a granted request stands in when a waiter looks for one to stop
+        (`preemption.victim`): its ticket's, one step lower while its tenant is backlogged
+        (a request granted before its tenant's backlog grew is not spared by its age)."""
+        if not ticket.demoted and self.backlogged(ticket.tenant):
+            return ticket.priority + 1
+        return ticket.priority
 
     def pop(self, now: float | None = None) -> T | None:
         """The next request to dispatch (steps 1-4 above), or None when none waits."""

@@ -41,6 +41,7 @@ class Slot:
     held: bool = True
     granted_at: float = field(default_factory=time.monotonic)
     stop: Callable[[], bool] | None = None
+    stopped_in: int | None = None  # the class it stood in when it was stopped
 
     def settle(self, prompt_tokens: int, output_tokens: int) -> None:
         if not self.settled:
@@ -56,13 +57,14 @@ class Slot:
             self.gate._dispatch()  # a waiter may take it now
 
     async def resume(self) -> None:
-        """Give the slot up (a stopped request) and wait, first in its tenant's queue, in its
-        class and without a deadline, for another; a cancellation while waiting leaves the slot
-        given up. The slot keeps its first ticket (its class, and the estimate `settle`
-        settles)."""
+        """Give the slot up (a stopped request) and wait, first in its tenant's queue, in the
+        class it was stopped in (so never before the waiter that stopped it) and without a
+        deadline, for another; a cancellation while waiting leaves the slot given up. The slot
+        keeps its first ticket (its class, and the estimate `settle` settles)."""
         self.stop = None
         self.gate.release(self)
-        await self.gate.acquire(self.ticket.tenant, self.ticket.priority, 0.0, first=True)
+        priority = self.ticket.priority if self.stopped_in is None else self.stopped_in
+        await self.gate.acquire(self.ticket.tenant, priority, 0.0, first=True)
         self.held, self.granted_at = True, time.monotonic()
         self.gate.holding.add(self)
 
@@ -73,9 +75,10 @@ class AdmissionGate:
     1. Every request is pushed onto the fair queue (a full tenant queue raises `QueueFull`).
     2. While fewer than `capacity` requests hold a slot, the queue's next request gets one.
     3. With `preempt`, when every slot is held, the queue's next waiter stops a holder of a
-       less important class that can be stopped (`Slot.stop`; `preemption.victim` chooses),
-       one at a time; the stopped request gives its slot up (`Slot.resume`) and waits first
-       in its tenant's queue to go on.
+       less important class (as it stands now: `FairQueue.standing`) and of another tenant
+       that can be stopped (`Slot.stop`; `preemption.victim` chooses), one at a time; the
+       stopped request gives its slot up (`Slot.resume`) and waits first in its tenant's
+       queue to go on.
     4. A request still waiting after the queue's `max_wait_s` raises `WaitExpired`; one whose
        caller goes away is taken out of the queue (or gives its slot back).
     5. Leaving the `async with` block frees the slot, and the next waiter gets it.
@@ -180,16 +183,18 @@ class AdmissionGate:
         self._fail_dropped()
         if head is None:
             return
-        candidates = {s: Holder(s, s.ticket.priority, s.granted_at) for s in self.holding
-                      if s.stop is not None}  # fmt: skip
+        standing = self.queue.standing
+        candidates = {s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant)
+                      for s in self.holding if s.stop is not None}  # fmt: skip
         while candidates:
-            chosen = victim(head.priority, candidates.values())
+            chosen = victim(head.priority, candidates.values(), waiter_tenant=head.tenant)
             if chosen is None:
                 return
             slot = chosen.key
             stop, slot.stop = slot.stop, None
             del candidates[slot]
             if stop is not None and stop():
+                slot.stopped_in = chosen.priority
                 self._told.add(slot)
                 self.preempted += 1
                 return

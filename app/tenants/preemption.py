@@ -16,12 +16,14 @@ K = TypeVar("K")
 
 @dataclass(frozen=True, slots=True)
 class Holder(Generic[K]):
-    """A request holding a slot that may be stopped: `priority` is the class it was granted
-    in (a demoted tenant's one step lower), `granted` when (monotonic seconds)."""
+    """A request holding a slot that may be stopped: `priority` is the class it stands in
+    (`FairQueue.standing`: a backlogged tenant's one step lower), `granted` when (monotonic
+    seconds), `tenant` whose."""
 
     key: K
     priority: int
     granted: float
+    tenant: str = ""
 
 
 def most_recent(holder: Holder) -> float:
@@ -34,18 +36,22 @@ def victim(
     waiter_priority: int,
     holders: Iterable[Holder[K]],
     order: Callable[[Holder[K]], float | tuple] = most_recent,
+    waiter_tenant: str | None = None,
 ) -> Holder[K] | None:
-    """The request to stop so that a waiter of class `waiter_priority` gets its slot, or None:
+    """The request to stop so that a waiter of class `waiter_priority` (of `waiter_tenant`)
+    gets its slot, or None:
 
     1. Only requests of a less important class than the waiter's (a larger `priority`) may be
        stopped: a class never stops its own, so requests of one class never churn.
-    2. The least important class loses first.
-    3. Within it, the first in `order` (by default the most recently granted).
+    2. Never a request of the waiter's own tenant (it would only trade one of its requests
+       for another, and lose the stopped one's work).
+    3. The least important class loses first.
+    4. Within it, the first in `order` (by default the most recently granted).
     """
     best: Holder[K] | None = None
     best_key: tuple | None = None
     for holder in holders:
-        if holder.priority <= waiter_priority:
+        if holder.priority <= waiter_priority or holder.tenant == waiter_tenant:
             continue
         key = (-holder.priority, order(holder))  # each holder's order read once
         if best_key is None or key < best_key:

@@ -4,7 +4,7 @@ long command beside the benchmarks: docs/tenants.md)."""
 from __future__ import annotations
 
 from app.config import load_config
-from benchmarks.tenants_cpu import NOISY, RULES, keys, parser, stack_args
+from benchmarks.tenants_cpu import NOISY, OTHERS, RULES, Phase, keys, parser, stack_args
 
 
 def test_each_rule_is_a_valid_stack_of_the_rules_kind():
@@ -19,3 +19,11 @@ def test_each_rule_is_a_valid_stack_of_the_rules_kind():
         (model,) = config.models
         assert model.replicas == a.replicas
         assert model.engine_args["max_num_seqs"] == a.max_num_seqs
+
+
+def test_the_others_are_also_reported_together():
+    phase = Phase(ttfts={"interactive": [1.0] * 9 + [5.0], "team-a": [1.0] * 10})
+    figures = phase.figures()
+    assert figures["team-a"]["ttft_p99"] == 1.0 and figures["interactive"]["ttft_p99"] > 4.0
+    assert figures[OTHERS]["answered"] == 20 and figures[OTHERS]["ttft_p50"] == 1.0
+    assert 1.0 < figures[OTHERS]["ttft_p99"] < figures["interactive"]["ttft_p99"]
