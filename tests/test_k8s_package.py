@@ -22,6 +22,7 @@ from app.k8s.options import RenderOptions
 from app.k8s.package import (
     MAX_BASE64_BYTES,
     NOT_SERVED,
+    NOT_SERVED_MODULES,
     SERVED_ANYWAY,
     SOURCE_EPOCH,
     archive_name,
@@ -88,14 +89,17 @@ def test_the_sdist_is_the_same_bytes_on_every_build_and_machine(tmp_path):
         for p in (ROOT / "app").rglob("*.py")
         if "__pycache__" not in p.parts
     }
-    left_out = {
+    folders = {
         f for f in expected
         if f.startswith("app/") and f.split("/")[1] in NOT_SERVED
         and f.removeprefix("app/") not in SERVED_ANYWAY
     }  # fmt: skip
-    assert files == expected - left_out and "app/ingress/asgi.py" in files
+    modules = {f"app/{m}" for m in NOT_SERVED_MODULES}
+    assert modules <= expected  # (each still exists)
+    assert files == expected - folders - modules and "app/ingress/asgi.py" in files
     assert "app/lab/trace.py" in files and "app/lab/simulator.py" not in files
-    assert {f.split("/")[1] for f in left_out} == set(NOT_SERVED)
+    assert "app/observability/metrics.py" in files and "app/launcher.py" not in files
+    assert {f.split("/")[1] for f in folders} == set(NOT_SERVED)
     assert all(
         (m.mtime, m.uid, m.gid, m.uname, m.gname) == (SOURCE_EPOCH, 0, 0, "", "") for m in members
     )

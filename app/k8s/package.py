@@ -23,9 +23,11 @@ MAX_BASE64_BYTES = 200 * 1024
 TOP_FILES = ("pyproject.toml", "README.md")
 PACKAGE_DIR = "app"
 # What the cluster's pods do not run, left out to keep the archive within a ConfigMap: the
-# `vrstack` command's own parts and the routing lab (the pods serve; `serve run` and Ray import
-# only the serving path). An image built with the package (--image) has all of it.
+# `vrstack` command's own parts (folders, and modules only it imports) and the routing lab (the
+# pods serve; `serve run` and Ray import only the serving path). An image built with the
+# package (--image) has all of it.
 NOT_SERVED = ("cli", "k8s", "bench", "lab")
+NOT_SERVED_MODULES = ("launcher.py", "stack_env.py", "observability/dashboard.py")
 SERVED_ANYWAY = ("lab/__init__.py", "lab/trace.py")  # the trace format capture writes
 # The label the package ConfigMaps carry (`vrstack k8s delete` finds earlier versions' by it)
 COMPONENT_LABEL, PACKAGE_COMPONENT = "app.kubernetes.io/component", "package"
@@ -71,6 +73,8 @@ def source_files(root: Path) -> list[str]:
 def _not_served(path: Path) -> bool:
     if path.as_posix() in SERVED_ANYWAY:
         return False
+    if path.as_posix() in NOT_SERVED_MODULES:
+        return True
     return len(path.parts) > 1 and path.parts[0] in NOT_SERVED
 
 
