@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -235,8 +236,9 @@ def test_a_tenant_with_a_deep_backlog_is_queued_one_class_lower():
     q: FairQueue[str] = FairQueue(demote_backlog=2)
     tickets = [q.push(f"n{i}", "noisy", 10, 1, now=0) for i in range(4)]
     assert [t.priority for t in tickets] == [10, 10, 11, 11]  # from its third waiter on
-    q.push("a1", "a", 10, 1, now=0)
-    assert _drain(q) == ["n0", "a1", "n1", "n2", "n3"]  # n0: noisy's counter was level
+    q.push("a1", "a", 10, 1, now=0)  # its counter is lifted to noisy's: level
+    # noisy's waiters queued before its backlog grew (n0, n1) stand one class lower too
+    assert _drain(q) == ["a1", "n0", "n1", "n2", "n3"]
     assert q.push("n4", "noisy", 10, 1, now=0).priority == 10  # its backlog is gone
     with pytest.raises(ValueError):
         FairQueue(demote_backlog=0)
@@ -285,6 +287,59 @@ def test_a_granted_request_stands_one_class_lower_while_its_tenant_is_backlogged
     assert q.standing(granted) == 10 and q.standing(waiting[2]) == 11
 
 
+def test_a_waiter_does_not_count_itself_in_its_tenants_backlog():
+    q: FairQueue[str] = FairQueue(demote_backlog=1)
+    first = q.push("a1", "a", 10, 1, now=0)
+    assert q.standing(first, waiting=True) == 10  # alone in its queue
+    assert q.standing(Ticket(0, "a", 10, 1, 0, 0)) == 11  # a granted one: its tenant waits
+    second = q.push("a2", "a", 10, 1, now=0)
+    assert second.demoted and q.standing(second, waiting=True) == 11
+    assert q.standing(first, waiting=True) == 11  # one other waiter now
+
+
+def _noisy_and_others(gate: AdmissionGate, order: list[str]) -> tuple[Callable, Callable]:
+    """A `noisy` request of class 10 that holds its slot and offers it (it goes on once
+    stopped and granted again), and other requests of class 10, each noting when it runs."""
+    stopped = asyncio.Event()
+
+    async def noisy() -> None:
+        async with gate.admit("noisy", 10, 1) as slot:
+            slot.stoppable(lambda: (stopped.set(), True)[1])
+            await stopped.wait()
+            order.append("noisy stopped")
+            await slot.resume()  # in the class it stood in: behind the waiter that stopped it
+            order.append("noisy goes on")
+
+    async def other(tenant: str) -> None:
+        async with gate.admit(tenant, 10, 1):
+            order.append(f"{tenant} runs")
+
+    return noisy, other
+
+
+def test_gate_a_waiter_level_with_a_backlogged_tenants_older_waiters_stops_its_stream():
+    """The other tenant's counter is lifted to the backlogged one's (level), and that one's
+    waiters are older: they stand one class lower, so the other's waiter is the queue's next
+    and stops one of its streams at once, instead of waiting for one to end."""
+
+    async def main() -> list[str]:
+        gate = AdmissionGate(1, FairQueue(demote_backlog=2, max_wait_s=2), preempt=True)
+        order: list[str] = []
+        noisy, other = _noisy_and_others(gate, order)
+        tasks = [asyncio.create_task(noisy())]
+        await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(other("noisy")) for _ in range(3)]  # backlogged at 2
+        await asyncio.sleep(0.01)
+        assert gate.preempted == 0  # its own waiters never stop it
+        assert gate.queue.counter("noisy") == 1  # the holder's cost
+        tasks.append(asyncio.create_task(other("team")))
+        await asyncio.gather(*tasks)
+        assert gate.queue.counter("team") == 2  # lifted to noisy's, plus its own cost
+        return order
+
+    assert asyncio.run(main())[:2] == ["noisy stopped", "team runs"]
+
+
 def test_the_victim_is_never_of_the_waiters_own_tenant():
     holders = [Holder("mine", 11, 2.0, "noisy"), Holder("theirs", 11, 1.0, "team")]
     assert victim(10, holders, waiter_tenant="noisy").key == "theirs"
@@ -296,20 +351,7 @@ def test_gate_stops_a_backlogged_tenants_request_of_the_waiters_class():
     async def main() -> list[str]:
         gate = AdmissionGate(1, FairQueue(demote_backlog=1), preempt=True)
         order: list[str] = []
-        stopped = asyncio.Event()
-
-        async def noisy() -> None:
-            async with gate.admit("noisy", 10, 1) as slot:
-                slot.stoppable(lambda: (stopped.set(), True)[1])
-                await stopped.wait()
-                order.append("noisy stopped")
-                await slot.resume()  # in class 11 now: behind the waiter that stopped it
-                order.append("noisy goes on")
-
-        async def other(tenant: str) -> None:
-            async with gate.admit(tenant, 10, 1):
-                order.append(f"{tenant} runs")
-
+        noisy, other = _noisy_and_others(gate, order)
         holder = asyncio.create_task(noisy())
         await asyncio.sleep(0.01)
         team = asyncio.create_task(other("team"))
@@ -320,7 +362,7 @@ def test_gate_stops_a_backlogged_tenants_request_of_the_waiters_class():
         assert gate.preempted == 1 and gate.in_flight == 0
         return order
 
-    # the stopped one waits in class 11, behind its tenant's own waiter of class 10
+    # the stopped one waits in class 11, behind its tenant's own waiter (older, also 11 now)
     assert asyncio.run(main()) == ["noisy stopped", "team runs", "noisy runs", "noisy goes on"]
 
 

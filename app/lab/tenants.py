@@ -214,11 +214,12 @@ class FairAdmission:
             Holder(r, standing(tickets[r.index]), r.dispatched, tickets[r.index].tenant)
             for r in running
         ]
+        waiter = standing(head, waiting=True)
 
         def order(holder: Holder[Running]) -> tuple[int, float]:
-            return backlog(holder.key.replica, head.priority), -holder.granted
+            return backlog(holder.key.replica, waiter), -holder.granted
 
-        stopped = victim(head.priority, holders, order, head.tenant)
+        stopped = victim(waiter, holders, order, head.tenant)
         if stopped is None:
             return []
         index = stopped.key.index

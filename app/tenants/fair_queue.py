@@ -19,8 +19,9 @@ T = TypeVar("T")
 
 @dataclass(slots=True, eq=False)
 class Ticket:
-    """A queued request: its tenant, class (`demoted`: one step below its tenant's), estimated
-    cost (service units) and deadline."""
+    """A queued request: its tenant, class (`demoted`: one step below its tenant's; `first`:
+    a stopped request going on, in the class it was stopped in), estimated cost (service units)
+    and deadline."""
 
     seq: int
     tenant: str
@@ -29,6 +30,7 @@ class Ticket:
     enqueued_at: float
     deadline: float
     demoted: bool = False
+    first: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +76,7 @@ class FairQueue(Generic[T]):
     1. Drop waiters whose deadline (`max_wait_s` after their push) has passed; `take_dropped`
        hands them over with the reason `expired`.
     2. Take the most important priority class that has waiters (lower number first, as vLLM's
-       `priority`).
+       `priority`), each waiter in the class it stands in (`standing`).
     3. Within it, take the tenant with the smallest virtual token counter (ties: the earliest
        waiting request); pop that tenant's oldest request of the class (FCFS per tenant).
     4. Add the request's estimated cost divided by the tenant's weight to its counter; `charge`
@@ -92,7 +94,8 @@ class FairQueue(Generic[T]):
     Demotion: with `demote_backlog`, a request pushed while its tenant already has that many
     waiters is queued one class lower (`priority + 1`; its ticket says so, and the engine
     request carries it): a tenant sending far beyond what it is served waits behind the
-    others of its class instead of taking turns with them.
+    others of its class instead of taking turns with them. Its waiters queued before the
+    backlog grew, and its granted requests, stand one class lower too while it lasts.
     """
 
     def __init__(
@@ -191,7 +194,7 @@ class FairQueue(Generic[T]):
             state.counter = max(state.counter, min(backlogged) if backlogged else self._floor)
         self._seq += 1
         deadline = math.inf if first else now + self.max_wait_s
-        ticket = Ticket(self._seq, tenant, priority, cost_estimate, now, deadline, demoted)
+        ticket = Ticket(self._seq, tenant, priority, cost_estimate, now, deadline, demoted, first)
         entries = state.classes.setdefault(priority, deque())
         (entries.appendleft if first else entries.append)(_Entry(item, ticket))
         state.waiting += 1
@@ -204,13 +207,18 @@ class FairQueue(Generic[T]):
         backlog = self.demote_backlog
         return backlog is not None and state is not None and state.waiting >= backlog
 
-    def standing(self, ticket: Ticket) -> int:
-        """The class a granted request stands in when a waiter looks for one to stop
-        (`preemption.victim`): its ticket's, one step lower while its tenant is backlogged
-        (a request granted before its tenant's backlog grew is not spared by its age)."""
-        if not ticket.demoted and self.backlogged(ticket.tenant):
-            return ticket.priority + 1
-        return ticket.priority
+    def standing(self, ticket: Ticket, waiting: bool = False) -> int:
+        """The class a request stands in, granted (when a waiter looks for one to stop,
+        `preemption.victim`) or `waiting` (step 2): its ticket's, one step lower while its
+        tenant is backlogged (a request granted or queued before its tenant's backlog grew is
+        not spared by its age; a waiter does not count itself), unless its class already says
+        so (`demoted`, `first`)."""
+        state = self._tenants.get(ticket.tenant)
+        backlog = self.demote_backlog
+        if ticket.demoted or ticket.first or backlog is None or state is None:
+            return ticket.priority
+        lower = state.waiting - waiting >= backlog  # (a waiter does not count itself)
+        return ticket.priority + 1 if lower else ticket.priority
 
     def pop(self, now: float | None = None) -> T | None:
         """The next request to dispatch (steps 1-4 above), or None when none waits."""
@@ -297,16 +305,17 @@ class FairQueue(Generic[T]):
     def _next(self) -> tuple[_Tenant, int] | None:
         """The tenant and class of the next request (steps 2-3), or None."""
         best: tuple[int, float, int] | None = None
-        chosen: _Tenant | None = None
+        chosen: tuple[_Tenant, int] | None = None
         for state in self._tenants.values():
             if not state.waiting:
                 continue
             for priority, entries in state.classes.items():
                 if entries:
-                    key = (priority, state.counter, entries[0].ticket.seq)
+                    ticket = entries[0].ticket
+                    key = (self.standing(ticket, waiting=True), state.counter, ticket.seq)
                     if best is None or key < best:
-                        best, chosen = key, state
-        return None if best is None or chosen is None else (chosen, best[0])
+                        best, chosen = key, (state, priority)
+        return chosen
 
     def _remove(self, state: _Tenant, priority: int) -> None:
         state.waiting -= 1

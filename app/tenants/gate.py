@@ -186,8 +186,9 @@ class AdmissionGate:
         standing = self.queue.standing
         candidates = {s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant)
                       for s in self.holding if s.stop is not None}  # fmt: skip
+        waiter = standing(head, waiting=True)
         while candidates:
-            chosen = victim(head.priority, candidates.values(), waiter_tenant=head.tenant)
+            chosen = victim(waiter, candidates.values(), waiter_tenant=head.tenant)
             if chosen is None:
                 return
             slot = chosen.key
