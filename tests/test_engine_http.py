@@ -228,6 +228,35 @@ async def test_a_refused_port_is_a_relay_error_that_is_not_a_timeout():
         await relay.close()
 
 
+class _LateConnect(EnginePool):
+    """A pool whose new connections are handed over only once the engine has closed them, as
+    when its replica is killed between the connect and the request's write."""
+
+    async def _connect(self, host: str, port: int):
+        connection = await super()._connect(host, port)
+        await _soon(lambda: connection.lost)
+        return connection
+
+
+async def test_a_connection_closed_before_the_request_is_written_is_a_connection_error():
+    """Not uvloop's RuntimeError for a write on a closed transport, nor asyncio's wait for a
+    head that never comes: the relay tries another replica at once (`Relay` makes it a
+    `RelayError`)."""
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    listening = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    pool = _LateConnect(timeout_s=5)
+    try:
+        with pytest.raises(ConnectionError):
+            await pool.post(url, "/v1/completions", b"", b"{}")
+    finally:
+        await pool.close()
+        listening.close()
+
+
 async def _stream_then(end: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> Handler:
     async def handler(conn: int, seen: int, request: bytes, writer) -> bool:
         writer.write(

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import logging
 import logging.handlers
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -308,6 +309,56 @@ async def test_an_engine_500_answers_without_the_engines_text(cpu_model, caplog)
                    for r in caplog.records)  # fmt: skip
         assert len(stack.routes["smollm2"].routed) == 1  # the engine lives: not retried
         assert not any(app.engine_dead for app in stack.apps)
+
+
+@contextlib.asynccontextmanager
+async def head_only_replica(then: str) -> AsyncIterator[str]:
+    """A replica port that answers any request with the head of a 200 JSON answer and part of
+    its body, then closes the connection (`then="close"`, as a replica killed mid-answer) or
+    sends nothing more (`"stall"`); its base URL."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"object\": \"text_")  # fmt: skip
+        await writer.drain()
+        if then == "stall":
+            await asyncio.sleep(3600)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.anyio
+async def test_a_json_answer_broken_off_after_its_head_is_retried_on_another_replica(cpu_model):
+    async with make_client(cpu_model) as (client, _, stack), head_only_replica("close") as url:
+        routes = stack.routes["smollm2"]
+        broken = SimpleNamespace(replica_id=SimpleNamespace(unique_id="smollm2-broken"),
+                                 replica_metadata={"url": url}, routing_stats={},
+                                 max_ongoing_requests=64)  # fmt: skip
+        routes.replicas[0].routing_stats = {"in_flight": 5}  # the broken one is chosen first
+        routes.replicas.insert(0, broken)
+        response = await client.post("/v1/completions", json=BODY)
+        assert response.status_code == 200, response.text
+        assert response.json()["object"] == "completions"
+        assert [r.replica_id for r in routes.routed] == ["smollm2-broken", "smollm2-r1"]
+        assert_nothing_in_flight(routes.router)
+
+
+@pytest.mark.anyio
+async def test_a_json_answer_stalling_after_its_head_is_a_504(cpu_model):
+    async with (
+        make_client(cpu_model, timeout=0.5) as (client, _, stack),
+        head_only_replica("stall") as url,
+    ):
+        stack.routes["smollm2"].replicas[0].replica_metadata = {"url": url}
+        response = await client.post("/v1/completions", json=BODY)
+        assert assert_openai_error(response, 504)["code"] == "timeout"
+        assert_nothing_in_flight(stack.routes["smollm2"].router)
 
 
 @pytest.mark.anyio

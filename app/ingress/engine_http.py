@@ -307,10 +307,14 @@ class EnginePool:
         request: bytes,
         sent: Callable[[EngineResponse], None] | None,
     ) -> EngineResponse:
+        transport = connection.transport
+        if connection.lost or transport is None or transport.is_closing():
+            # The engine closed it between its connect and this write (e.g. its replica was
+            # killed): uvloop raises on a closed transport, asyncio would wait for a head.
+            raise ConnectionResetError("the engine closed the connection before the request")
         response = EngineResponse(connection, self.timeout_s)
         connection.response = response
-        assert connection.transport is not None
-        connection.transport.write(request)
+        transport.write(request)
         try:
             if sent is not None:
                 sent(response)

@@ -609,6 +609,17 @@ class Gateway:
             if stream is None or not streamed:
                 if offer is not None:  # a whole answer is not stopped
                     offer.withdraw()
+                if response.content_type != "text/event-stream":  # read whole before any byte
+                    try:  # goes to the client: one that breaks off may go to another replica
+                        await response.read()
+                    except TimeoutError:
+                        raise _timed_out(self.relay.timeout_s) from None
+                    except OSError as exc:
+                        logger.warning(
+                            "request %s: replica %s broke off its answer: %s: %s",
+                            request_id, routed.replica_id, type(exc).__name__, exc,
+                        )  # fmt: skip
+                        return False
                 await pass_through(response, send, headers, first_byte, exchange.told_usage)
                 return True
             if head:

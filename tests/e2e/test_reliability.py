@@ -74,6 +74,8 @@ async def _fire(
             for attempt in range(2 if resent is not None else 1):
                 try:
                     answer = await client.post("/v1/completions", json=body)
+                    if answer.status_code != 200:  # shown with a failed test's output
+                        print(f"answer {answer.status_code}: {answer.text[:300]!r}")
                     if resent is None or attempt or answer.text != HAPROXY_ERROR:
                         return answer.status_code
                     resent.append(1)
