@@ -32,7 +32,7 @@ lint: venv
 	$(BIN)/ruff check app tests benchmarks
 	$(BIN)/ruff format --check app tests benchmarks
 
-# tests/e2e/test_metrics_prometheus.py scrapes the stack with a real Prometheus (Debian package).
+# tests/e2e/prometheus_panels.py scrapes the stack with a real Prometheus (Debian package).
 prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo -n"; \

@@ -4,7 +4,7 @@ Written to docs/grafana/vrstack-dashboard.json and, as a ConfigMap labelled
 `grafana_dashboard: "1"` (Grafana's dashboard sidecar picks those up), to
 kuberay/grafana-dashboard.yaml; `vrstack k8s render --all` writes both and `--check` compares.
 Every panel's PromQL is evaluated against a real Prometheus in
-tests/e2e/test_metrics_prometheus.py.
+tests/e2e/prometheus_panels.py.
 """
 
 from __future__ import annotations

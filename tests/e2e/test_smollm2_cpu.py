@@ -1,5 +1,6 @@
 """serve_configs/smollm2-cpu.yaml end to end: a real vLLM engine on the CPU under Ray Serve,
-called with the `openai` client, plain HTTP (production-stack's curl paths) and the handle client.
+called with the `openai` client, plain HTTP (production-stack's curl paths) and the handle client;
+and a real Prometheus scraping it (`tests/e2e/prometheus_panels.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import pytest
 
 from app.client import StackClient, StackError
 from app.engines.http_server import ENGINE_UNAVAILABLE
+from tests.e2e.prometheus_panels import (  # run on this module's stack, first
+    prometheus,  # noqa: F401
+    test_every_dashboard_panel_has_data_in_prometheus,  # noqa: F401
+)
 from tests.e2e.test_reliability import replica_processes
 from tests.engine_double import events
 

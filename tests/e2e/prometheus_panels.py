@@ -5,6 +5,9 @@ smollm2 stack every second on the loopback interface; after real traffic (plain,
 and without `stream_options.include_usage`, repeated prompts for prefix-cache hits), every
 expression of every dashboard panel is evaluated through Prometheus' HTTP API and must return a
 non-empty result.
+
+Its test runs on `tests/e2e/test_smollm2_cpu.py`'s stack (imported there: one engine start
+fewer in the suite).
 """
 
 from __future__ import annotations
@@ -25,12 +28,11 @@ from app.observability import dashboard
 from benchmarks.processes import free_port
 from tests.e2e.conftest import Stack
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 PROMETHEUS = shutil.which("prometheus")
 MODEL = "smollm2"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # stopped after its test (the module's other tests go on without it)
 def prometheus(smollm2: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if PROMETHEUS is None:
         pytest.skip("no `prometheus` binary (apt-get install -y prometheus; .ci/run does)")
