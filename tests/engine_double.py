@@ -243,7 +243,7 @@ class LoopbackRoutes:
         self.replicas_known = True
 
     def route(
-        self, view: RequestView, exclude: Collection[str] = (), *, slots: int | None = None
+        self, view: RequestView, exclude: Collection[str] = (), *, slots: float | None = None
     ) -> Routed | None:
         routed = self.router.route(view, exclude, candidates=self.replicas, slots=slots)
         if routed is not None:

@@ -347,6 +347,22 @@ def test_the_router_keeps_requests_off_replicas_without_a_free_slot():
     assert placed(2)[4] in {"m-r1", "m-r2"}
 
 
+def test_the_router_counts_free_slots_by_its_own_requests_not_stale_reports():
+    """Replicas report their in-flight answers every stats period; a report from when one was
+    full must not send the next request to queue in the other's engine."""
+    shared = "You are a helpful assistant. " * 40
+    routes = LoopbackRoutes("m", ["http://127.0.0.1:1", "http://127.0.0.1:2"])
+    for replica in routes.replicas:
+        replica.routing_stats = {"in_flight": 2}  # both full, a report ago; none of ours since
+    placed = [routes.route(RequestView("m", text=f"{shared}{i}"), slots=2) for i in range(4)]
+    assert sorted(r.replica_id for r in placed) == ["m-r1", "m-r1", "m-r2", "m-r2"]
+    for routed in placed:
+        if routed.replica_id == "m-r1":
+            routes.finish(routed)
+    again = routes.route(RequestView("m", text=f"{shared}5"), slots=1.5)  # 3 slots, 2 ingresses
+    assert again.replica_id == "m-r1"  # m-r2 holds 2 of ours: over this ingress's share
+
+
 async def test_without_preemption_the_waiter_waits_for_the_stream(cpu_model):
     double = {"model": True, "tokens": 8, "token_delay": 0.02}
     config = _config(cpu_model, admission={"preempt": False})

@@ -111,13 +111,16 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         exclude: Collection[str] = (),
         candidates: Iterable[Any] | None = None,
         *,
-        slots: int | None = None,
+        slots: float | None = None,
     ) -> Routed | None:
         """Choose a running replica with an HTTP port (none of `exclude`) for a relayed request;
         None when there is none. `candidates` defaults to the replicas Serve reports. `slots`
-        (the ingress admits requests by engine slots): only replicas with fewer requests in
-        flight than that are candidates, when any is (a request sent to a full engine waits
-        there, behind what runs, whatever its priority)."""
+        (the ingress admits requests by engine slots: this ingress replica's share of each
+        engine's): only replicas to which this router has fewer requests in flight than that
+        are candidates, when any is (a request sent to a full engine waits there, behind what
+        runs, whatever its priority). Its own count, not the replicas' reports: those are up
+        to a stats period old, and an engine that looked full there left a free slot unused
+        while the request queued in the other engine."""
         found = {
             r.replica_id.unique_id: r
             for r in (self.curr_replicas.values() if candidates is None else candidates)
@@ -128,7 +131,8 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
         with self._lock:
             stats = [self._stats(r) for r in found.values()]
             if slots is not None:
-                stats = [s for s in stats if s.in_flight < slots] or stats
+                own = self._in_flight
+                stats = [s for s in stats if own.get(s.replica_id, 0) < slots] or stats
             try:
                 decision = self._policy.choose(view, stats)
             except NoReplicaError:

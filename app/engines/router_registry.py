@@ -22,9 +22,9 @@ _routers: dict[str, weakref.WeakSet] = {}
 class EngineRoutes(Protocol):
     """What the ingress asks of a model's router (`app.engines.router.StackRequestRouter`)."""
 
-    def route(self, view: Any, exclude: Collection[str] = (), *, slots: int | None = None) -> Any:
-        """A `Routed` replica for the request (none of `exclude`; one with fewer than `slots`
-        requests in flight when any has), or None."""
+    def route(self, view: Any, exclude: Collection[str] = (), *, slots: float | None = None) -> Any:
+        """A `Routed` replica for the request (none of `exclude`; one to which this router has
+        fewer than `slots` requests in flight, when any is), or None."""
         ...
 
     def first_token(self, routed: Any) -> None:

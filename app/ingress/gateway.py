@@ -228,8 +228,12 @@ class Gateway:
         replicas."""
         routes = self._routes(spec.name)
         replicas = max(1, routes.replica_count() if routes is not None else 0)
-        share = replicas * slots_per_replica(spec) / self.config.server.ingress_replicas
-        return max(1, math.ceil(share))
+        return max(1, math.ceil(replicas * self._slot_share(spec)))
+
+    def _slot_share(self, spec: ModelSpec) -> float:
+        """This ingress replica's share of each engine replica's slots (the router keeps its
+        requests on a replica below it, `capacity`'s split per replica)."""
+        return slots_per_replica(spec) / self.config.server.ingress_replicas
 
     def gate_of(self, endpoint: Endpoint, request: OpenAIRequest) -> AdmissionGate | None:
         """The admission gate an HTTP request waits at: None without tenants, and for the
@@ -419,7 +423,7 @@ class Gateway:
         )  # fmt: skip
         view.receipt = receipt
         failed: set[str] = set()
-        slots = slots_per_replica(spec) if spec.name in self.gates else None
+        slots = self._slot_share(spec) if spec.name in self.gates else None
         failures = 0
         while True:
             routed = routes.route(view, exclude=failed, slots=slots)
@@ -474,7 +478,7 @@ class Gateway:
         failed: set[str],
         session: str | None,
         private: bool,
-        slots: int | None = None,
+        slots: float | None = None,
     ) -> None:
         """Go on with a stream that broke after its first byte on other replicas, at most
         `retries` times (`app.ingress.migration`): the continuation's chunks, then the ending
