@@ -294,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         default=0.25,
-        help="Requests/s of each other tenant (together about 60%% of 2 CPU engines here).",
+        help="Requests/s of each other tenant (together about half of what 2 CPU engines answer).",
     )
     p.add_argument("--noisy-multiple", type=float, default=10.0)
     p.add_argument("--duration-s", type=float, default=120.0, help="Length of each phase.")
