@@ -82,7 +82,8 @@ class StackRequestRouter(FIFOMixin, RequestRouter):
        concurrency limit, and the LoRA adapters it holds (those it reports, and those this
        router sent it since: it loads them on their first request).
     3. Ask the policy. A relayed request goes to the chosen replica's port (with the ingress's
-       fair admission, chosen among the replicas with a free engine slot when any has one); a
+       fair admission, chosen among the replicas with a free engine slot when any has one, by
+       this router's own count against the ingress replica's share of the slots); a
        handle call gets the chosen replica as the first rank and the others, by load, as
        fallbacks.
     4. Track in-flight requests; tell the policy when a relayed request has its first byte
