@@ -10,7 +10,6 @@ import contextlib
 import logging
 import logging.handlers
 from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -336,16 +335,13 @@ async def head_only_replica(then: str) -> AsyncIterator[str]:
 @pytest.mark.anyio
 async def test_a_json_answer_broken_off_after_its_head_is_retried_on_another_replica(cpu_model):
     async with make_client(cpu_model) as (client, _, stack), head_only_replica("close") as url:
-        routes = stack.routes["smollm2"]
-        broken = SimpleNamespace(replica_id=SimpleNamespace(unique_id="smollm2-broken"),
-                                 replica_metadata={"url": url}, routing_stats={},
-                                 max_ongoing_requests=64)  # fmt: skip
-        routes.replicas[0].routing_stats = {"in_flight": 5}  # the broken one is chosen first
-        routes.replicas.insert(0, broken)
+        good = stack.routes["smollm2"].replicas[0].replica_metadata["url"]
+        stack.routes["smollm2"] = routes = LoopbackRoutes("smollm2", [url, good])
+        routes.replicas[1].routing_stats = {"in_flight": 5}  # the broken one is chosen first
         response = await client.post("/v1/completions", json=BODY)
         assert response.status_code == 200, response.text
         assert response.json()["object"] == "completions"
-        assert [r.replica_id for r in routes.routed] == ["smollm2-broken", "smollm2-r1"]
+        assert [r.replica_id for r in routes.routed] == ["smollm2-r1", "smollm2-r2"]
         assert_nothing_in_flight(routes.router)
 
 

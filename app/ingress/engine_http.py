@@ -199,6 +199,11 @@ class _Connection(asyncio.Protocol):
         else:  # kept and idle (e.g. the engine's keep-alive ran out, or its replica is gone)
             self.pool.forget(self)
 
+    @property
+    def closed(self) -> bool:
+        """Lost, closed by us, or closing: no request may be written on it."""
+        return self.lost or self.transport is None or self.transport.is_closing()
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.pause_reading()
@@ -286,8 +291,7 @@ class EnginePool:
         connections = self._idle.get(key)
         while connections:
             connection = connections.pop()
-            transport = connection.transport
-            if connection.lost or transport is None or transport.is_closing():
+            if connection.closed:
                 continue
             if connection.loop.time() - connection.idle_since > self.idle_s:
                 connection.close()
@@ -307,14 +311,14 @@ class EnginePool:
         request: bytes,
         sent: Callable[[EngineResponse], None] | None,
     ) -> EngineResponse:
-        transport = connection.transport
-        if connection.lost or transport is None or transport.is_closing():
+        if connection.closed:
             # The engine closed it between its connect and this write (e.g. its replica was
             # killed): uvloop raises on a closed transport, asyncio would wait for a head.
             raise ConnectionResetError("the engine closed the connection before the request")
         response = EngineResponse(connection, self.timeout_s)
         connection.response = response
-        transport.write(request)
+        assert connection.transport is not None
+        connection.transport.write(request)
         try:
             if sent is not None:
                 sent(response)
