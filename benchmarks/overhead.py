@@ -202,10 +202,12 @@ class CpuMeter:
     Groups are fixed processes (`add`) or command-line patterns (`find`), looked up again at
     every read: a process that starts between two reads (HAProxy starts a new process on each
     reload of its config) counts with all its CPU time, one that ends counts up to the last
-    read that saw it."""
+    read that saw it. With `rest`, every other process counts too, in a group named after its
+    title (`other: <first word of its command line>`)."""
 
     groups: dict[str, list[psutil.Process]] = field(default_factory=dict)
     patterns: dict[str, str] = field(default_factory=dict)
+    rest: bool = False
 
     def add(self, name: str, pids: list[int]) -> None:
         self.groups.setdefault(name, []).extend(psutil.Process(p) for p in pids)
@@ -218,12 +220,17 @@ class CpuMeter:
         for name, procs in self.groups.items():
             for proc in procs:
                 yield name, proc
-        if self.patterns:
+        if self.patterns or self.rest:
+            fixed = {proc.pid for procs in self.groups.values() for proc in procs}
             for proc in psutil.process_iter(["cmdline"]):
                 line = " ".join(proc.info["cmdline"] or [])
+                found = False
                 for name, pattern in self.patterns.items():
                     if pattern in line:
+                        found = True
                         yield name, proc
+                if self.rest and not found and proc.pid not in fixed and line:
+                    yield f"other: {line.split()[0].rsplit('/', 1)[-1][:40]}", proc
 
     def read(self) -> dict[str, Any]:
         """The reading: CPU seconds per (group, pid, start time), and the machine's."""
@@ -246,9 +253,9 @@ def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]
     for key, seconds in after["procs"].items():
         name, _, started = key
         if key in before["procs"]:
-            out[name] += seconds - before["procs"][key]
+            out[name] = out.get(name, 0.0) + seconds - before["procs"][key]
         elif started >= before["at"] - 1.0:  # started in between (create_time: 10 ms steps)
-            out[name] += seconds
+            out[name] = out.get(name, 0.0) + seconds
     out["machine"] = after["machine"] - before["machine"]
     return out
 

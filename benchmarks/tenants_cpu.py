@@ -23,7 +23,10 @@ a 20 s warm-up with every tenant. The report: each tenant's TTFT p50/p90/p99 per
 others' together (`others`: about 75 requests a phase, where a tenant's p99 is its slowest one
 or two of about 25), the others' worst p99 ratio and their ratio together (with `noisy` / alone;
 the target is <= 1.5), requests refused per tenant, `noisy`'s answered requests/s, streams
-preempted per phase, and every request (tenant, when it was sent, TTFT or failure) in the JSON.
+preempted per phase, the CPU each part of the stack used per phase (cores: the ingress replica,
+the engine replicas, their vLLM engine cores, HAProxy, the rest of Ray, and this process: the
+clients and the Ray driver; and the ingress's CPU ms per request sent), and every request
+(tenant, when it was sent, TTFT or failure) in the JSON.
 The run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM.
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -46,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.bench.load import words
 from app.bench.summary import percentile
 from benchmarks.command import main, report_options, settings
-from benchmarks.overhead import serve_cluster
+from benchmarks.overhead import SHARED, CpuMeter, cpu_delta, serve_cluster
 
 CONFIG = Path("serve_configs/smollm2-cpu.yaml")
 APP_NAME = "tenants-cpu"
@@ -54,6 +58,8 @@ LIGHT = {"interactive": "interactive", "team-a": "standard", "team-b": "standard
 NOISY = "noisy"
 OTHERS = "others"  # the light tenants' requests together
 RULES = ("fair", "fair-queue", "fcfs")
+OTHER = "other: "
+CPU_GROUPS = ("ingress", "engine replicas", "engine cores", "haproxy", "ray", "gcs", "client")
 
 
 @dataclass(slots=True)
@@ -189,11 +195,12 @@ def run_rule(rule: str, base: str, a: argparse.Namespace) -> dict[str, Any]:
     wait_ready(base, names[NOISY], model=model, timeout_s=600)
     # warm-up, not measured: every tenant, so the engines have run full batches once
     asyncio.run(phase(base, model, [*LIGHT, NOISY], _warm(a), a.seed + 1))
-    before = preemptions(base)
+    meter = cpu_meter()
+    before, cpu0 = preemptions(base), meter.read()
     alone = asyncio.run(phase(base, model, list(LIGHT), a, a.seed))
-    between = preemptions(base)
+    between, cpu1 = preemptions(base), meter.read()
     noisy = asyncio.run(phase(base, model, [*LIGHT, NOISY], a, a.seed))
-    after = preemptions(base)
+    after, cpu2 = preemptions(base), meter.read()
     serve.delete(APP_NAME)
     with_noisy, by_itself = noisy.figures(), alone.figures()
     ratios = {
@@ -212,8 +219,43 @@ def run_rule(rule: str, base: str, a: argparse.Namespace) -> dict[str, Any]:
         "noisy_rps": round(with_noisy.get(NOISY, {}).get("answered", 0) / noisy.duration_s, 3),
         "preempted": _less(after, between),
         "preempted_alone": _less(between, before),
+        "cpu": {"alone": cpu_use(cpu0, cpu1, alone), "with_noisy": cpu_use(cpu1, cpu2, noisy)},
         "requests": {"alone": alone.requests, "with_noisy": noisy.requests},
     }
+
+
+def cpu_meter() -> CpuMeter:
+    """The stack's parts as process groups (`benchmarks.overhead.CpuMeter`)."""
+    from app.engines.llm_config import DEPLOYMENT_PREFIX
+
+    meter = CpuMeter(rest=True)
+    meter.add("client", [os.getpid()])  # the clients and the Ray driver
+    meter.find(
+        {
+            "ingress": f"ServeReplica:{APP_NAME}:ingress",
+            "engine replicas": f"ServeReplica:{APP_NAME}:{DEPLOYMENT_PREFIX}",
+            "engine cores": "EngineCore",
+            "haproxy": SHARED["haproxy"],
+            "ray": "raylet",
+            "gcs": "gcs_server",
+        }
+    )
+    return meter
+
+
+def cpu_use(before: dict[str, Any], after: dict[str, Any], phase: Phase) -> dict[str, Any]:
+    """Cores each group used over a phase, the machine's, and the ingress's CPU ms per request
+    sent."""
+    seconds = cpu_delta(before, after)
+    wall = max(1e-9, after["at"] - before["at"])
+    cores = {
+        name: round(cpu / wall, 3)
+        for name, cpu in sorted(seconds.items(), key=lambda item: -item[1])
+        if not name.startswith(OTHER) or cpu / wall >= 0.005  # not every idle process
+    }
+    sent = len(phase.requests)
+    per_request = seconds["ingress"] * 1000 / sent if sent else None
+    return {"cores": cores, "ingress_ms_per_request": _r(per_request), "sent": sent}
 
 
 def _less(counts: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
@@ -267,7 +309,23 @@ def markdown(report: dict[str, Any]) -> str:
             for r in report["rules"]
         ),
         "",
+        "| rule | phase | " + " | ".join(CPU_GROUPS) + " | other | machine | ingress ms/request |",
+        "|---|---|" + "---:|" * (len(CPU_GROUPS) + 3),
     ]
+    others = []
+    for r in report["rules"]:
+        for name, use in r.get("cpu", {}).items():
+            rest = {g: c for g, c in use["cores"].items() if g.startswith(OTHER)}
+            cores = [use["cores"].get(g, 0) for g in CPU_GROUPS]
+            cores += [sum(rest.values()), use["cores"]["machine"]]
+            per_request = use["ingress_ms_per_request"]
+            lines.append(
+                f"| {r['rule']} | {name} | {' | '.join(f'{c:.2f}' for c in cores)} | "
+                f"{'-' if per_request is None else f'{per_request:.1f}'} |"
+            )
+            top = ", ".join(f"{g[len(OTHER) :]} {c:.2f}" for g, c in list(rest.items())[:4])
+            others.append(f"`{r['rule']}`, {name}: other processes: {top or 'none'}.")
+    lines += ["", "(CPU in cores used over the phase; the machine has 2.)", "", *others, ""]
     return "\n".join(lines)
 
 
