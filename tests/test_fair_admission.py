@@ -321,6 +321,28 @@ async def test_a_stream_stopped_in_its_prefill_starts_again_from_the_start(cpu_m
     assert endpoint == "completions" and again == started  # the same request, from the start
 
 
+async def test_a_stream_already_answering_is_stopped_before_one_in_its_prefill(cpu_model):
+    double = {"model": True, "tokens": 8, "first_delay": 0.3, "token_delay": 0.05}
+    config = _config(cpu_model, seqs=2)
+    async with make_client(cpu_model, config=config, double=double) as (c, e, _):
+        engine, gate = e["smollm2"], c._transport.app.gateway.gates["smollm2"]
+        answering = {**STREAM, "prompt": "the first"}
+        first = asyncio.ensure_future(post(c, "sk-eval", answering))
+        await eventually(lambda: any(slot.answering for slot in gate.holding))
+        second = asyncio.ensure_future(post(c, "sk-eval", {**STREAM, "prompt": "the second"}))
+        await eventually(lambda: sum(slot.stop is not None for slot in gate.holding) == 2)
+        # the second, granted last, is in its prefill: stopping it would lose that prefill
+        chat = await post(c, "sk-chat", {**BODY, "prompt": "hi"})
+        answers = await asyncio.gather(first, second)
+    assert chat.status_code == 200 and [a.status_code for a in answers] == [200, 200]
+    (_, a), (_, b), (_, interactive), (endpoint, continued) = engine.calls
+    assert (a["prompt"], b["prompt"], interactive["prompt"]) == ("the first", "the second", "hi")
+    sent = 8 - continued["max_tokens"]  # the first goes on from its tokens
+    assert endpoint == "completions" and 0 < sent < 8
+    assert len(continued["prompt"]) == len(prompt_ids(answering)) + sent
+    assert engine.cancelled == 1  # the first's stream; the second's prefill went on
+
+
 async def test_admitted_requests_go_to_replicas_with_a_free_slot(cpu_model):
     shared = "You are a helpful assistant. " * 40  # a prefix the router would keep together
     double = {"model": True, "tokens": 4, "first_delay": 0.2}

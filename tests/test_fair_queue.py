@@ -274,6 +274,31 @@ def test_the_victim_is_of_a_less_important_class_the_least_important_first():
     assert victim(0, holders, order=lambda h: h.granted).key == "batch-old"
 
 
+def test_within_a_class_a_holder_already_answering_is_stopped_before_one_in_its_prefill():
+    holders = [Holder("answering", 20, 1.0, answering=True), Holder("prefill", 20, 2.0),
+               Holder("std-answering", 10, 3.0, answering=True)]  # fmt: skip
+    assert victim(0, holders).key == "answering"  # though granted before the other
+    assert victim(0, holders[1:]).key == "prefill"  # the less important class still first
+    assert victim(0, holders[:2], order=lambda h: -h.granted).key == "prefill"
+
+
+def test_gate_stops_a_holder_that_answers_before_a_later_one_in_its_prefill():
+    async def main() -> list[str]:
+        gate = AdmissionGate(2, FairQueue(), preempt=True)
+        stopped: list[str] = []
+        async with gate.admit("batch", 20, 1) as older, gate.admit("batch", 20, 1) as newer:
+            older.stoppable(lambda: stopped.append("older") or True, answering=True)
+            newer.stoppable(lambda: stopped.append("newer") or True)
+            waiter = asyncio.create_task(_enter(gate, "chat"))
+            await asyncio.sleep(0.01)
+            assert older.answering and not newer.answering and gate.stopping == 1
+            await older.resume()  # the chat takes its slot, then it has one again
+        await waiter
+        return stopped
+
+    assert asyncio.run(main()) == ["older"]
+
+
 def test_a_granted_request_stands_one_class_lower_while_its_tenant_is_backlogged():
     q: FairQueue[str] = FairQueue(demote_backlog=2)
     granted = q.push("n0", "noisy", 10, 1, now=0)

@@ -602,6 +602,8 @@ class Gateway:
                 if exchange.first_byte_at is None:  # a continuation's is not the answer's
                     exchange.first_byte_at = time.perf_counter()
                 routes.first_token(routed)
+                if offer is not None:
+                    offer.answering()
                 if span is not None:
                     span.add_event("first_token")
 
@@ -873,6 +875,11 @@ class _Offer:
         self.response = response
         assert self.exchange.slot is not None
         self.exchange.slot.stoppable(self.stop)
+
+    def answering(self) -> None:
+        """The engine's first bytes came: its prefill is done (stopped after the others)."""
+        if self.response is not None and self.exchange.slot is not None:
+            self.exchange.slot.stoppable(self.stop, answering=True)
 
     def withdraw(self) -> None:
         if self.response is not None and self.exchange.slot is not None:

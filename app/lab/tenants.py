@@ -210,8 +210,8 @@ class FairAdmission:
         if head is None:
             return []
         tickets, standing = self.tickets, self.queue.standing
-        holders = [
-            Holder(r, standing(tickets[r.index]), r.dispatched, tickets[r.index].tenant)
+        holders = [  # (the simulator offers none in its prefill: each one answers)
+            Holder(r, standing(tickets[r.index]), r.dispatched, tickets[r.index].tenant, True)
             for r in running
         ]
         waiter = standing(head, waiting=True)

@@ -41,6 +41,7 @@ class Slot:
     held: bool = True
     granted_at: float = field(default_factory=time.monotonic)
     stop: Callable[[], bool] | None = None
+    answering: bool = False  # its engine has begun to answer (see `stoppable`)
     stopped_in: int | None = None  # the class it stood in when it was stopped
 
     def settle(self, prompt_tokens: int, output_tokens: int) -> None:
@@ -50,9 +51,12 @@ class Slot:
                 self.ticket.tenant, prompt_tokens, output_tokens, self.ticket.cost
             )
 
-    def stoppable(self, stop: Callable[[], bool] | None) -> None:
-        """Offer the slot to more important waiters (`stop`), or withdraw the offer (None)."""
+    def stoppable(self, stop: Callable[[], bool] | None, *, answering: bool = False) -> None:
+        """Offer the slot to more important waiters (`stop`), saying whether its engine has
+        begun to answer (`answering`: such a holder is stopped first, `preemption.least_lost`),
+        or withdraw the offer (None)."""
         self.stop = stop if self.held else None
+        self.answering = answering and self.stop is not None
         if stop is not None and self.held:
             self.gate._dispatch()  # a waiter may take it now
 
@@ -184,8 +188,11 @@ class AdmissionGate:
         if head is None:
             return
         standing = self.queue.standing
-        candidates = {s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant)
-                      for s in self.holding if s.stop is not None}  # fmt: skip
+        candidates = {
+            s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant, s.answering)
+            for s in self.holding
+            if s.stop is not None
+        }
         waiter = standing(head, waiting=True)
         while candidates:
             chosen = victim(waiter, candidates.values(), waiter_tenant=head.tenant)

@@ -18,24 +18,28 @@ K = TypeVar("K")
 class Holder(Generic[K]):
     """A request holding a slot that may be stopped: `priority` is the class it stands in
     (`FairQueue.standing`: a backlogged tenant's one step lower), `granted` when (monotonic
-    seconds), `tenant` whose."""
+    seconds), `tenant` whose, `answering` whether its engine has begun to answer (its prefill
+    is done)."""
 
     key: K
     priority: int
     granted: float
     tenant: str = ""
+    answering: bool = False
 
 
-def most_recent(holder: Holder) -> float:
-    """The default order within a class: the most recently granted first (the least work
-    done is lost)."""
-    return -holder.granted
+def least_lost(holder: Holder) -> tuple[bool, float]:
+    """The default order within a class: one whose engine has begun to answer first, then the
+    most recently granted. Stopping a request in its prefill throws that prefill away (its
+    continuation prefills it anew), and delays its first token; one that answers keeps its
+    first token, and its prompt is in the engine's prefix cache for its continuation."""
+    return not holder.answering, -holder.granted
 
 
 def victim(
     waiter_priority: int,
     holders: Iterable[Holder[K]],
-    order: Callable[[Holder[K]], float | tuple] = most_recent,
+    order: Callable[[Holder[K]], float | tuple] = least_lost,
     waiter_tenant: str | None = None,
 ) -> Holder[K] | None:
     """The request to stop so that a waiter of class `waiter_priority` (of `waiter_tenant`)
@@ -46,7 +50,8 @@ def victim(
     2. Never a request of the waiter's own tenant (it would only trade one of its requests
        for another, and lose the stopped one's work).
     3. The least important class loses first.
-    4. Within it, the first in `order` (by default the most recently granted).
+    4. Within it, the first in `order` (by default `least_lost`: one already answering, then
+       the most recently granted).
     """
     best: Holder[K] | None = None
     best_key: tuple | None = None
