@@ -67,6 +67,16 @@ def test_llm_config_carries_engine_kwargs_and_runtime_env():
     assert config.runtime_env["env_vars"]["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "2"
 
 
+def test_a_cpu_engine_runs_its_cpus_threads_unbound_unless_its_env_says_otherwise():
+    cpu = {"name": "m", "source": "org/m", "resources": {"cpu": 2.5}}
+    spec = load_config({"models": [cpu]}).models[0]
+    assert engine_env(spec) == {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "2"}
+    small = load_config({"models": [{**cpu, "resources": {"cpu": 0.5}}]}).models[0]
+    assert engine_env(small)["OMP_NUM_THREADS"] == "1"
+    bound = load_config({"models": [{**cpu, "env": {"VLLM_CPU_OMP_THREADS_BIND": "auto"}}]})
+    assert engine_env(bound.models[0])["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+
+
 def test_no_offload_changes_nothing():
     spec = load_config({"models": [GPU_MODEL]}).models[0]
     assert "kv_transfer_config" not in engine_kwargs(spec)

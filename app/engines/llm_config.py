@@ -67,10 +67,23 @@ def kv_offload_env(offload: KVOffload) -> dict[str, str]:
     return env
 
 
+def cpu_threads_env(spec: ModelSpec) -> dict[str, str]:
+    """A CPU engine's threads: as many as its `resources.cpu`, placed by the OS.
+
+    vLLM's CPU backend binds its worker's threads by default (`VLLM_CPU_OMP_THREADS_BIND=auto`)
+    to the first NUMA node's cores but one, the same cores for every engine of the node: two
+    engines on one node then share a core while another idles. A GPU engine: nothing."""
+    if spec.on_gpu:
+        return {}
+    threads = max(1, math.floor(spec.resources.cpu))
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
+
+
 def engine_env(spec: ModelSpec) -> dict[str, str]:
-    """The engine process's environment: `kv_offload`'s LMCache settings, then `env` (wins)."""
+    """The engine process's environment: a CPU engine's threads (`cpu_threads_env`),
+    `kv_offload`'s LMCache settings, then `env` (wins)."""
     env = kv_offload_env(spec.kv_offload) if spec.kv_offload is not None else {}
-    return {**env, **spec.env}
+    return {**cpu_threads_env(spec), **env, **spec.env}
 
 
 def placement_bundles(spec: ModelSpec) -> list[dict[str, float]]:
