@@ -29,7 +29,9 @@ def test_cpu_engine_bundle_has_no_gpu(cluster):
     options, config = _options("smollm2-cpu.yaml")
     assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 0}]
     assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {
-        "VLLM_CPU_KVCACHE_SPACE": "1"
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # its one thread placed by the OS
+        "OMP_NUM_THREADS": "1",
     }
     assert config.engine_kwargs == {
         "dtype": "float32", "enforce_eager": True, "max_model_len": 2048,

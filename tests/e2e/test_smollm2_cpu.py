@@ -180,7 +180,6 @@ def test_a_batch_runs_on_the_engine_with_the_openai_clients_batch_api(client):
     assert answers["q0"]["body"]["usage"]["completion_tokens"] <= 24
 
 
-# -- last: vLLM's engine core process killed inside the live replica ---------------------------
 def test_the_engine_runs_its_cpus_threads_where_the_os_places_them(smollm2):
     """The vLLM worker runs `resources.cpu` threads (1 here), free to run on any core: vLLM's
     own binding pins every engine of a node to the same core (the first but one)."""
@@ -192,6 +191,7 @@ def test_the_engine_runs_its_cpus_threads_where_the_os_places_them(smollm2):
         assert worker.environ().get("OMP_NUM_THREADS") == "1"
 
 
+# -- last: vLLM's engine core process killed inside the live replica ---------------------------
 def test_a_real_engine_core_killed_mid_stream(smollm2):
     """The only replica's `VLLM::EngineCore` child killed mid-stream. The stream ends with
     `engine_unavailable` and [DONE], a new request is an OpenAI-shaped 503 (the only replica
