@@ -24,9 +24,10 @@ others' together (`others`: about 75 requests a phase, where a tenant's p99 is i
 or two of about 25), the others' worst p99 ratio and their ratio together (with `noisy` / alone;
 the target is <= 1.5), requests refused per tenant, `noisy`'s answered requests/s, streams
 preempted per phase, the CPU each part of the stack used per phase (cores: the ingress replica,
-the engine replicas, their vLLM engine cores, HAProxy, the rest of Ray, and this process: the
-clients and the Ray driver; and the ingress's CPU ms per request sent), and every request
-(tenant, when it was sent, TTFT or failure) in the JSON.
+the engine replicas, their vLLM engine cores, HAProxy, the raylet, the GCS, this process (the
+clients and the Ray driver), every other process by its title (vLLM's workers among them) and
+the machine; and the ingress's CPU ms per request sent), and every request (tenant, when it was
+sent, TTFT or failure) in the JSON.
 The run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM.
 """
 
