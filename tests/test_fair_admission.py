@@ -343,6 +343,25 @@ async def test_a_stream_already_answering_is_stopped_before_one_in_its_prefill(c
     assert engine.cancelled == 1  # the first's stream; the second's prefill went on
 
 
+async def test_a_slot_tells_the_gate_the_replica_of_its_request_and_when_it_answers(cpu_model):
+    """What the gate orders its victims by (`Slot.placed`): where each holder's request is,
+    and whether that engine is past its prefill."""
+    double = {"model": True, "tokens": 6, "first_delay": 0.3, "token_delay": 0.05}
+    async with make_client(cpu_model, config=_config(cpu_model, seqs=2), double=double) as (
+        c, _, stack,
+    ):  # fmt: skip
+        routes, gate = stack.routes["smollm2"], c._transport.app.gateway.gates["smollm2"]
+        streamed = asyncio.ensure_future(post(c, "sk-eval", STREAM))
+        await eventually(lambda: len(routes.routed) == 1)
+        (slot,) = gate.holding
+        assert slot.place == routes.routed[0].replica_id and not slot.answering  # its prefill
+        await eventually(lambda: slot.answering)
+        assert slot.place == routes.routed[0].replica_id
+        answer = await streamed
+    assert answer.status_code == 200 and not gate.holding
+    assert slot.place is None and not slot.answering  # its attempt ended
+
+
 async def test_admitted_requests_go_to_replicas_with_a_free_slot(cpu_model):
     shared = "You are a helpful assistant. " * 40  # a prefix the router would keep together
     double = {"model": True, "tokens": 4, "first_delay": 0.2}

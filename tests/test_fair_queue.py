@@ -18,6 +18,7 @@ from app.tenants import (
     WaitExpired,
     victim,
 )
+from app.tenants.preemption import least_lost
 
 
 def _drain(q: FairQueue, now: float = 0.0) -> list:
@@ -282,12 +283,23 @@ def test_within_a_class_a_holder_already_answering_is_stopped_before_one_in_its_
     assert victim(0, holders[:2], order=lambda h: -h.granted).key == "prefill"
 
 
+def test_within_a_class_the_holder_beside_the_fewest_prefills_is_stopped_first():
+    holders = [Holder("old-alone", 20, 1.0, answering=True, prefills_beside=0),
+               Holder("new-beside", 20, 2.0, answering=True, prefills_beside=1),
+               Holder("std-alone", 10, 3.0, answering=True)]  # fmt: skip
+    assert victim(0, holders).key == "old-alone"  # though granted before the other
+    assert victim(0, holders[1:]).key == "new-beside"  # the less important class still first
+    assert victim(0, holders[:2], order=least_lost).key == "new-beside"
+
+
 def test_gate_stops_a_holder_that_answers_before_a_later_one_in_its_prefill():
     async def main() -> list[str]:
         gate = AdmissionGate(2, FairQueue(), preempt=True)
         stopped: list[str] = []
         async with gate.admit("batch", 20, 1) as older, gate.admit("batch", 20, 1) as newer:
-            older.stoppable(lambda: stopped.append("older") or True, answering=True)
+            older.placed("r1", answering=True)
+            newer.placed("r1")
+            older.stoppable(lambda: stopped.append("older") or True)
             newer.stoppable(lambda: stopped.append("newer") or True)
             waiter = asyncio.create_task(_enter(gate, "chat"))
             await asyncio.sleep(0.01)
@@ -297,6 +309,35 @@ def test_gate_stops_a_holder_that_answers_before_a_later_one_in_its_prefill():
         return stopped
 
     assert asyncio.run(main()) == ["older"]
+
+
+def test_gate_stops_a_holder_on_an_engine_without_a_prefill_before_a_later_one_beside_one():
+    """Each holder says where its request is (`Slot.placed`): the waiter, placed where the
+    stopped one was, would wait there for the engine's prefill (here a request of a class that
+    cannot be stopped for the waiter)."""
+
+    async def main() -> list[str]:
+        gate = AdmissionGate(3, FairQueue(), preempt=True)
+        stopped: list[str] = []
+        async with (
+            gate.admit("batch", 20, 1) as old,
+            gate.admit("batch", 20, 1) as new,
+            gate.admit("chat", 0, 1) as prefilling,
+        ):
+            old.placed("r2", answering=True)
+            new.placed("r1", answering=True)
+            prefilling.placed("r1")
+            old.stoppable(lambda: stopped.append("old") or True)
+            new.stoppable(lambda: stopped.append("new") or True)
+            waiter = asyncio.create_task(_enter(gate, "team"))
+            await asyncio.sleep(0.01)
+            assert gate.stopping == 1
+            await old.resume()  # the waiter takes its slot, then it has one again
+            assert old.place is None and not old.answering  # on no engine until it goes on
+            await waiter
+        return stopped
+
+    assert asyncio.run(main()) == ["old"]  # not the most recent: that one is beside a prefill
 
 
 def test_a_granted_request_stands_one_class_lower_while_its_tenant_is_backlogged():

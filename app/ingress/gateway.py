@@ -571,14 +571,20 @@ class Gateway:
         attempt runs (`_Offer`); `head`: the answer's head is still to send (not for a
         continuation)."""
         traceparent = RequestTrace.traceparent(span) if span is not None else None
-        stoppable = exchange.slot is not None and exchange.stream is not None
-        offer = _Offer(exchange) if stoppable else None
+        slot = exchange.slot
+        if slot is not None:  # (the gate stops a holder beside the fewest prefills first)
+            slot.placed(routed.replica_id)
+        offer = _Offer(exchange) if slot is not None and exchange.stream is not None else None
         try:
             response = await self.relay.send(routed.url, path, payload, request_id, traceparent,
                                              offer.sent if offer else None)  # fmt: skip
         except Stopped:  # preempted before its answer began (e.g. in its prefill)
+            if slot is not None:
+                slot.placed(None)
             return False
         except RelayError as exc:
+            if slot is not None:
+                slot.placed(None)
             if offer is not None:
                 offer.withdraw()
             if exc.timed_out and head:  # (a continuation's: the client has the answer's head)
@@ -602,8 +608,8 @@ class Gateway:
                 if exchange.first_byte_at is None:  # a continuation's is not the answer's
                     exchange.first_byte_at = time.perf_counter()
                 routes.first_token(routed)
-                if offer is not None:
-                    offer.answering()
+                if slot is not None:
+                    slot.placed(routed.replica_id, answering=True)
                 if span is not None:
                     span.add_event("first_token")
 
@@ -634,6 +640,8 @@ class Gateway:
             await relay_events(response, send, stream, first_byte, exchange.told_usage)
             return True
         finally:
+            if slot is not None:
+                slot.placed(None)
             if offer is not None:
                 offer.withdraw()
             response.release()
@@ -875,11 +883,6 @@ class _Offer:
         self.response = response
         assert self.exchange.slot is not None
         self.exchange.slot.stoppable(self.stop)
-
-    def answering(self) -> None:
-        """The engine's first bytes came: its prefill is done (stopped after the others)."""
-        if self.response is not None and self.exchange.slot is not None:
-            self.exchange.slot.stoppable(self.stop, answering=True)
 
     def withdraw(self) -> None:
         if self.response is not None and self.exchange.slot is not None:

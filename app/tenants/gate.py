@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -41,7 +42,8 @@ class Slot:
     held: bool = True
     granted_at: float = field(default_factory=time.monotonic)
     stop: Callable[[], bool] | None = None
-    answering: bool = False  # its engine has begun to answer (see `stoppable`)
+    place: Hashable | None = None  # the engine its request is on (see `placed`)
+    answering: bool = False  # that engine has begun to answer
     stopped_in: int | None = None  # the class it stood in when it was stopped
 
     def settle(self, prompt_tokens: int, output_tokens: int) -> None:
@@ -51,14 +53,18 @@ class Slot:
                 self.ticket.tenant, prompt_tokens, output_tokens, self.ticket.cost
             )
 
-    def stoppable(self, stop: Callable[[], bool] | None, *, answering: bool = False) -> None:
-        """Offer the slot to more important waiters (`stop`), saying whether its engine has
-        begun to answer (`answering`: such a holder is stopped first, `preemption.least_lost`),
-        or withdraw the offer (None)."""
+    def stoppable(self, stop: Callable[[], bool] | None) -> None:
+        """Offer the slot to more important waiters (`stop`), or withdraw the offer (None)."""
         self.stop = stop if self.held else None
-        self.answering = answering and self.stop is not None
         if stop is not None and self.held:
             self.gate._dispatch()  # a waiter may take it now
+
+    def placed(self, place: Hashable | None, *, answering: bool = False) -> None:
+        """Where its request is now (`place`: the engine replica it was sent to; None: between
+        attempts) and whether that engine has begun to answer it. A waiter stops a holder on
+        the engine with the fewest requests in their prefill first, and among those one that
+        answers (`preemption.soonest_served`)."""
+        self.place, self.answering = place, answering and place is not None
 
     async def resume(self) -> None:
         """Give the slot up (a stopped request) and wait, first in its tenant's queue, in the
@@ -66,6 +72,7 @@ class Slot:
         deadline, for another; a cancellation while waiting leaves the slot given up. The slot
         keeps its first ticket (its class, and the estimate `settle` settles)."""
         self.stop = None
+        self.placed(None)
         self.gate.release(self)
         priority = self.ticket.priority if self.stopped_in is None else self.stopped_in
         await self.gate.acquire(self.ticket.tenant, priority, 0.0, first=True)
@@ -80,7 +87,8 @@ class AdmissionGate:
     2. While fewer than `capacity` requests hold a slot, the queue's next request gets one.
     3. With `preempt`, when every slot is held, the queue's next waiter stops a holder of a
        less important class (as it stands now: `FairQueue.standing`) and of another tenant
-       that can be stopped (`Slot.stop`; `preemption.victim` chooses), one at a time; the
+       that can be stopped (`Slot.stop`; `preemption.victim` chooses, told where each holder's
+       request is by `Slot.placed`), one at a time; the
        stopped request gives its slot up (`Slot.resume`) and waits first in its tenant's
        queue to go on.
     4. A request still waiting after the queue's `max_wait_s` raises `WaitExpired`; one whose
@@ -188,11 +196,13 @@ class AdmissionGate:
         if head is None:
             return
         standing = self.queue.standing
+        prefills = Counter(s.place for s in self.holding if s.place is not None and not s.answering)
         candidates = {
-            s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant, s.answering)
+            s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant, s.answering,
+                      prefills[s.place] if s.place is not None else 0)
             for s in self.holding
             if s.stop is not None
-        }
+        }  # fmt: skip
         waiter = standing(head, waiting=True)
         while candidates:
             chosen = victim(waiter, candidates.values(), waiter_tenant=head.tenant)

@@ -19,27 +19,37 @@ class Holder(Generic[K]):
     """A request holding a slot that may be stopped: `priority` is the class it stands in
     (`FairQueue.standing`: a backlogged tenant's one step lower), `granted` when (monotonic
     seconds), `tenant` whose, `answering` whether its engine has begun to answer (its prefill
-    is done)."""
+    is done), `prefills_beside` how many requests on its engine (itself included) are in their
+    prefill: the waiter, placed on the engine the stopped one frees, waits for them."""
 
     key: K
     priority: int
     granted: float
     tenant: str = ""
     answering: bool = False
+    prefills_beside: int = 0
 
 
 def least_lost(holder: Holder) -> tuple[bool, float]:
-    """The default order within a class: one whose engine has begun to answer first, then the
-    most recently granted. Stopping a request in its prefill throws that prefill away (its
-    continuation prefills it anew), and delays its first token; one that answers keeps its
-    first token, and its prompt is in the engine's prefix cache for its continuation."""
+    """One whose engine has begun to answer first, then the most recently granted. Stopping a
+    request in its prefill throws that prefill away (its continuation prefills it anew), and
+    delays its first token; one that answers keeps its first token, and its prompt is in the
+    engine's prefix cache for its continuation."""
     return not holder.answering, -holder.granted
+
+
+def soonest_served(holder: Holder) -> tuple[int, bool, float]:
+    """The default order within a class: the one on the engine with the fewest requests in
+    their prefill first, then `least_lost`. An engine computes a step's prefills whole before
+    it takes a new request, so a waiter placed beside a prefill waits for it (on a CPU, for
+    hundreds of ms)."""
+    return holder.prefills_beside, *least_lost(holder)
 
 
 def victim(
     waiter_priority: int,
     holders: Iterable[Holder[K]],
-    order: Callable[[Holder[K]], float | tuple] = least_lost,
+    order: Callable[[Holder[K]], float | tuple] = soonest_served,
     waiter_tenant: str | None = None,
 ) -> Holder[K] | None:
     """The request to stop so that a waiter of class `waiter_priority` (of `waiter_tenant`)
@@ -50,8 +60,9 @@ def victim(
     2. Never a request of the waiter's own tenant (it would only trade one of its requests
        for another, and lose the stopped one's work).
     3. The least important class loses first.
-    4. Within it, the first in `order` (by default `least_lost`: one already answering, then
-       the most recently granted).
+    4. Within it, the first in `order` (by default `soonest_served`: the one on the engine
+       with the fewest requests in their prefill, then one already answering, then the most
+       recently granted).
     """
     best: Holder[K] | None = None
     best_key: tuple | None = None
