@@ -568,8 +568,8 @@ class Gateway:
         stopped before its answer began (`exchange.preempted`). `span`: the attempt's trace
         span, whose `traceparent` the engine request carries. A migratable stream
         (`exchange.stream`) goes event by event, and with a slot it offers the slot while the
-        attempt runs (`_Offer`); `head`: the answer's head is still to send (not for a
-        continuation)."""
+        attempt runs (`_Offer`); a slot is told where its request is (`Slot.placed`); `head`:
+        the answer's head is still to send (not for a continuation)."""
         traceparent = RequestTrace.traceparent(span) if span is not None else None
         slot = exchange.slot
         if slot is not None:  # (the gate stops a holder beside the fewest prefills first)

@@ -87,10 +87,9 @@ class AdmissionGate:
     2. While fewer than `capacity` requests hold a slot, the queue's next request gets one.
     3. With `preempt`, when every slot is held, the queue's next waiter stops a holder of a
        less important class (as it stands now: `FairQueue.standing`) and of another tenant
-       that can be stopped (`Slot.stop`; `preemption.victim` chooses, told where each holder's
-       request is by `Slot.placed`), one at a time; the
-       stopped request gives its slot up (`Slot.resume`) and waits first in its tenant's
-       queue to go on.
+       that can be stopped (`Slot.stop`; `preemption.victim` chooses, from where each
+       holder's request is: `Slot.placed`), one at a time; the stopped request gives its slot
+       up (`Slot.resume`) and waits first in its tenant's queue to go on.
     4. A request still waiting after the queue's `max_wait_s` raises `WaitExpired`; one whose
        caller goes away is taken out of the queue (or gives its slot back).
     5. Leaving the `async with` block frees the slot, and the next waiter gets it.
