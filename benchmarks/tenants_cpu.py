@@ -20,8 +20,8 @@ rule runs twice on the same engines: the others alone, then with `noisy`:
 Every request goes through the `openai` client; TTFT is the time to the first streamed chunk.
 Both phases send the others' requests at the same times with the same prompts (one seed), after
 a 20 s warm-up with every tenant. The report: each tenant's TTFT p50/p90/p99 per phase, and the
-others' together (`others`: about 75 requests a phase, where a tenant's p99 is its slowest one
-or two of about 25), the others' worst p99 ratio and their ratio together (with `noisy` / alone;
+others' together (`others`: about 50 requests a phase at the defaults, where a tenant's p99 is
+its slowest of about 16; `--duration-s 300` gives about 50 a tenant), the others' worst p99 ratio and their ratio together (with `noisy` / alone;
 the target is <= 1.5), requests refused per tenant, `noisy`'s answered requests/s, streams
 preempted per phase, the CPU each part of the stack used per phase (cores: the ingress replica,
 the engine replicas, their vLLM engine cores, HAProxy, the raylet, the GCS, this process (the
@@ -354,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.18,
         help="Requests/s of each other tenant: together under half of what the engines answer "
-        "(2 SmolLM2 CPU engines answer about 1.2 requests/s on a 2-core AVX2 machine); on a "
+        "(2 SmolLM2 CPU engines answer about 1.3 requests/s on a 2-core AVX2 machine); on a "
         "slower machine the others' own bursts queue and fill both phases' tails.",
     )
     p.add_argument("--noisy-multiple", type=float, default=10.0)

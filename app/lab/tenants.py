@@ -153,9 +153,9 @@ class FairAdmission:
     tenant with that many waiters queues one class lower, and its engine requests carry that
     priority) and preemption (`preempt`: with every slot held, the queue's next waiter stops a
     request of a less important class, `app.tenants.preemption.victim`; the stopped one keeps
-    its tokens and waits first in its tenant's queue). The simulator's freed slot is on the
-    stopped request's replica, so among equals the one whose replica has the least prefill
-    work ahead of the waiter goes (the ingress's router places the waiter itself)."""
+    its tokens and waits first in its tenant's queue). The waiter takes the stopped request's
+    replica, so among equals the one whose replica has the least prefill work ahead of the
+    waiter goes (the ingress counts requests in their prefill: `preemption.soonest_served`)."""
 
     gated = True
 
