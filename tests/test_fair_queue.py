@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from app.tenants import (
     WaitExpired,
     victim,
 )
+from app.tenants.gate import Slot
 from app.tenants.preemption import least_lost
 
 
@@ -292,52 +294,45 @@ def test_within_a_class_the_holder_beside_the_fewest_prefills_is_stopped_first()
     assert victim(0, holders[:2], order=least_lost).key == "new-beside"
 
 
-def test_gate_stops_a_holder_that_answers_before_a_later_one_in_its_prefill():
-    async def main() -> list[str]:
-        gate = AdmissionGate(2, FairQueue(), preempt=True)
-        stopped: list[str] = []
-        async with gate.admit("batch", 20, 1) as older, gate.admit("batch", 20, 1) as newer:
-            older.placed("r1", answering=True)
-            newer.placed("r1")
-            older.stoppable(lambda: stopped.append("older") or True)
-            newer.stoppable(lambda: stopped.append("newer") or True)
-            waiter = asyncio.create_task(_enter(gate, "chat"))
-            await asyncio.sleep(0.01)
-            assert older.answering and not newer.answering and gate.stopping == 1
-            await older.resume()  # the chat takes its slot, then it has one again
-        await waiter
-        return stopped
+def _stopped_for(waiter: str, holders: list[tuple[str, int, str, bool, bool]]) -> list[int]:
+    """Holders `(tenant, priority, place, answering, stoppable)` take every slot of a gate, in
+    this order, and say where their request is (`Slot.placed`); a `waiter` (class 10) comes:
+    the indexes of the holders it stops (each one stopped gives its slot up and waits again)."""
 
-    assert asyncio.run(main()) == ["older"]
+    async def main() -> list[int]:
+        gate = AdmissionGate(len(holders), FairQueue(), preempt=True)
+        stopped: list[tuple[int, Slot]] = []
+        async with contextlib.AsyncExitStack() as held:
+            for i, (tenant, priority, place, answering, stoppable) in enumerate(holders):
+                slot = await held.enter_async_context(gate.admit(tenant, priority, 1))
+                slot.placed(place, answering=answering)
+                if stoppable:
+                    slot.stoppable(lambda i=i, slot=slot: stopped.append((i, slot)) or True)
+            waiter_task = asyncio.create_task(_enter(gate, waiter))
+            await asyncio.sleep(0.01)
+            assert gate.stopping == len(stopped) == 1
+            ((_, slot),) = stopped
+            assert slot.place is not None
+            await slot.resume()  # the waiter takes its slot, then it has one again
+            assert slot.place is None and not slot.answering  # on no engine until it goes on
+        await waiter_task
+        return [i for i, _ in stopped]
+
+    return asyncio.run(main())
+
+
+def test_gate_stops_a_holder_that_answers_before_a_later_one_in_its_prefill():
+    older, newer = ("batch", 20, "r1", True, True), ("batch", 20, "r1", False, True)
+    assert _stopped_for("chat", [older, newer]) == [0]
 
 
 def test_gate_stops_a_holder_on_an_engine_without_a_prefill_before_a_later_one_beside_one():
-    """Each holder says where its request is (`Slot.placed`): the waiter, placed where the
-    stopped one was, would wait there for the engine's prefill (here a request of a class that
-    cannot be stopped for the waiter)."""
-
-    async def main() -> list[str]:
-        gate = AdmissionGate(3, FairQueue(), preempt=True)
-        stopped: list[str] = []
-        async with (
-            gate.admit("batch", 20, 1) as old,
-            gate.admit("batch", 20, 1) as new,
-            gate.admit("chat", 0, 1) as prefilling,
-        ):
-            old.placed("r2", answering=True)
-            new.placed("r1", answering=True)
-            prefilling.placed("r1")
-            old.stoppable(lambda: stopped.append("old") or True)
-            new.stoppable(lambda: stopped.append("new") or True)
-            waiter = asyncio.create_task(_enter(gate, "team"))
-            await asyncio.sleep(0.01)
-            assert gate.stopping == 1
-            await old.resume()  # the waiter takes its slot, then it has one again
-            assert old.place is None and not old.answering  # on no engine until it goes on
-            await waiter
-        return stopped
-
-    assert asyncio.run(main()) == ["old"]  # not the most recent: that one is beside a prefill
+    """The waiter goes where the stopped one was, and would wait there for the engine's
+    prefill (here a request of a class that cannot be stopped for the waiter)."""
+    old, new = ("batch", 20, "r2", True, True), ("batch", 20, "r1", True, True)
+    prefilling = ("chat", 0, "r1", False, False)
+    assert _stopped_for("team", [old, new, prefilling]) == [0]  # not the most recent
+    assert _stopped_for("team", [old, new]) == [1]  # without that prefill: the most recent
 
 
 def test_a_granted_request_stands_one_class_lower_while_its_tenant_is_backlogged():
