@@ -17,17 +17,17 @@ rule runs twice on the same engines: the others alone, then with `noisy`:
 - `fcfs`: the same keys as plain `auth` keys (no tenants): no queue in front of the engines,
   which schedule first come first served.
 
-Every request goes through the `openai` client; TTFT is the time to the first streamed chunk.
-Both phases send the others' requests at the same times with the same prompts (one seed), after
-a 20 s warm-up with every tenant. The report: each tenant's TTFT p50/p90/p99 per phase, and the
-others' together (`others`: about 50 requests a phase at the defaults, where a tenant's p99 is
-its slowest of about 16; `--duration-s 300` gives about 50 a tenant), the others' worst p99 ratio and their ratio together (with `noisy` / alone;
-the target is <= 1.5), requests refused per tenant, `noisy`'s answered requests/s, streams
-preempted per phase, the CPU each part of the stack used per phase (cores: the ingress replica,
-the engine replicas, their vLLM engine cores, HAProxy, the raylet, the GCS, this process (the
-clients and the Ray driver), every other process by its title (vLLM's workers among them) and
-the machine; and the ingress's CPU ms per request sent), and every request (tenant, when it was
-sent, TTFT or failure) in the JSON.
+Every request goes through the `openai` client; TTFT is the time to the first streamed chunk. Both
+phases send the others' requests at the same times with the same prompts (one seed), after a 20 s
+warm-up with every tenant. The report: each tenant's TTFT p50/p90/p99 per phase, and the others'
+together (`others`: about 50 requests a phase at the defaults, where a tenant's p99 is its slowest
+of about 16; `--duration-s 300` gives about 50 a tenant), the others' worst p99 ratio and their
+ratio together (with `noisy` / alone; the target is <= 1.5), requests refused per tenant, `noisy`'s
+answered requests/s, streams preempted per phase, the CPU each part of the stack used per phase
+(cores: the ingress replica, the engine replicas, their vLLM engine cores, HAProxy, the raylet, the
+GCS, this process (the clients and the Ray driver), every other process by its title (vLLM's
+workers among them) and the machine; and the ingress's CPU ms per request sent), and every request
+(tenant, when it was sent, TTFT or failure) in the JSON.
 The run stops its Ray cluster and everything it started by itself, also on Ctrl-C or SIGTERM.
 """
 
