@@ -294,6 +294,15 @@ def test_within_a_class_the_holder_beside_the_fewest_prefills_is_stopped_first()
     assert victim(0, holders[:2], order=least_lost).key == "new-beside"
 
 
+def test_within_a_class_the_holder_stopped_the_fewest_times_is_stopped_first():
+    holders = [Holder("old", 20, 1.0, answering=True),
+               Holder("stopped-once", 20, 2.0, answering=True, stops=1)]  # fmt: skip
+    assert victim(0, holders).key == "old"  # though granted before the other
+    assert victim(0, holders, order=lambda h: -h.granted).key == "stopped-once"
+    beside = Holder("beside-a-prefill", 20, 0.5, answering=True, prefills_beside=1)
+    assert victim(0, [*holders[1:], beside]).key == "stopped-once"  # the engine comes first
+
+
 def _stopped_for(waiter: str, holders: list[tuple[str, int, str, bool, bool]]) -> list[int]:
     """Holders `(tenant, priority, place, answering, stoppable)` take every slot of a gate, in
     this order, and say where their request is (`Slot.placed`); a `waiter` (class 10) comes:
@@ -333,6 +342,36 @@ def test_gate_stops_a_holder_on_an_engine_without_a_prefill_before_a_later_one_b
     prefilling = ("chat", 0, "r1", False, False)
     assert _stopped_for("team", [old, new, prefilling]) == [0]  # not the most recent
     assert _stopped_for("team", [old, new]) == [1]  # without that prefill: the most recent
+
+
+def test_gate_stops_another_holder_before_one_it_stopped_and_granted_again():
+    """A stopped request goes on first in its tenant's queue, and is then the most recently
+    granted: the next waiter stops another one of that class, not it again."""
+
+    async def main() -> list[str]:
+        gate = AdmissionGate(2, FairQueue(), preempt=True)
+        stopped: list[str] = []
+
+        def offer(name: str, slot: Slot) -> None:
+            slot.placed("r1", answering=True)
+            slot.stoppable(lambda: stopped.append(name) or True)
+
+        async with gate.admit("batch", 20, 1) as old, gate.admit("batch", 20, 1) as new:
+            offer("old", old)
+            offer("new", new)
+            first = asyncio.create_task(_enter(gate, "chat"))
+            await asyncio.sleep(0.01)
+            assert stopped == ["new"]  # the most recently granted
+            await new.resume()  # the waiter's turn came and went: it has a slot again
+            await first
+            offer("new", new)
+            second = asyncio.create_task(_enter(gate, "team"))
+            await asyncio.sleep(0.01)
+            await {"old": old, "new": new}[stopped[-1]].resume()
+            await second
+        return stopped
+
+    assert asyncio.run(main()) == ["new", "old"]
 
 
 def test_a_granted_request_stands_one_class_lower_while_its_tenant_is_backlogged():

@@ -155,7 +155,8 @@ class FairAdmission:
     request of a less important class, `app.tenants.preemption.victim`; the stopped one keeps
     its tokens and waits first in its tenant's queue). The waiter takes the stopped request's
     replica, so among equals the one whose replica has the least prefill work ahead of the
-    waiter goes (the ingress counts requests in their prefill: `preemption.soonest_served`)."""
+    waiter goes (the ingress counts requests in their prefill: `preemption.soonest_served`),
+    then the one stopped the fewest times before, then the most recently dispatched."""
 
     gated = True
 
@@ -182,6 +183,7 @@ class FairAdmission:
         self.reserved: dict[int, float] = {}
         self.refused: dict[str, int] = {}
         self.preempted: dict[str, int] = {}
+        self.stops: dict[int, int] = {}  # request index -> times stopped
 
     def arrive(self, index: int, request: TraceRequest, now: float) -> bool:
         tenant = request.tenant or ""
@@ -210,14 +212,16 @@ class FairAdmission:
         if head is None:
             return []
         tickets, standing = self.tickets, self.queue.standing
+        stops = self.stops
         holders = [  # (the simulator offers none in its prefill: each one answers)
-            Holder(r, standing(tickets[r.index]), r.dispatched, tickets[r.index].tenant, True)
+            Holder(r, standing(tickets[r.index]), r.dispatched, tickets[r.index].tenant, True,
+                   stops=stops.get(r.index, 0))
             for r in running
-        ]
+        ]  # fmt: skip
         waiter = standing(head, waiting=True)
 
-        def order(holder: Holder[Running]) -> tuple[int, float]:
-            return backlog(holder.key.replica, waiter), -holder.granted
+        def order(holder: Holder[Running]) -> tuple[int, int, float]:
+            return backlog(holder.key.replica, waiter), holder.stops, -holder.granted
 
         stopped = victim(waiter, holders, order, head.tenant)
         if stopped is None:
@@ -225,12 +229,14 @@ class FairAdmission:
         index = stopped.key.index
         ticket = self.tickets[index]
         self.preempted[ticket.tenant] = self.preempted.get(ticket.tenant, 0) + 1
+        stops[index] = stops.get(index, 0) + 1
         # it waits in the class it was stopped in (so not before the waiter), never refused
         self.queue.push(index, ticket.tenant, stopped.priority, 0.0, now, first=True)
         return [index]
 
     def complete(self, index: int, request: TraceRequest, now: float) -> None:
         tenant, reserved = request.tenant or "", self.reserved.pop(index, 0.0)
+        self.stops.pop(index, None)
         self.queue.charge(tenant, prompt_tokens(request), request.max_tokens, reserved)
 
 

@@ -45,6 +45,7 @@ class Slot:
     place: Hashable | None = None  # the engine its request is on (see `placed`)
     answering: bool = False  # that engine has begun to answer
     stopped_in: int | None = None  # the class it stood in when it was stopped
+    stops: int = 0  # times it was stopped
 
     def settle(self, prompt_tokens: int, output_tokens: int) -> None:
         if not self.settled:
@@ -198,7 +199,7 @@ class AdmissionGate:
         prefills = Counter(s.place for s in self.holding if s.place is not None and not s.answering)
         candidates = {
             s: Holder(s, standing(s.ticket), s.granted_at, s.ticket.tenant, s.answering,
-                      prefills[s.place] if s.place is not None else 0)
+                      prefills[s.place], s.stops)
             for s in self.holding
             if s.stop is not None
         }  # fmt: skip
@@ -212,6 +213,7 @@ class AdmissionGate:
             del candidates[slot]
             if stop is not None and stop():
                 slot.stopped_in = chosen.priority
+                slot.stops += 1
                 self._told.add(slot)
                 self.preempted += 1
                 return

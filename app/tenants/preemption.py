@@ -20,7 +20,8 @@ class Holder(Generic[K]):
     (`FairQueue.standing`: a backlogged tenant's one step lower), `granted` when (monotonic
     seconds), `tenant` whose, `answering` whether its engine has begun to answer (its prefill
     is done), `prefills_beside` how many requests on its engine (itself included) are in their
-    prefill: the waiter, placed on the engine the stopped one frees, waits for them."""
+    prefill: the waiter, placed on the engine the stopped one frees, waits for them; `stops`
+    how many times it was stopped before."""
 
     key: K
     priority: int
@@ -28,17 +29,21 @@ class Holder(Generic[K]):
     tenant: str = ""
     answering: bool = False
     prefills_beside: int = 0
+    stops: int = 0
 
 
-def least_lost(holder: Holder) -> tuple[bool, float]:
-    """One whose engine has begun to answer first, then the most recently granted. Stopping a
-    request in its prefill throws that prefill away (its continuation prefills it anew), and
-    delays its first token; one that answers keeps its first token, and its prompt is in the
-    engine's prefix cache for its continuation."""
-    return not holder.answering, -holder.granted
+def least_lost(holder: Holder) -> tuple[bool, int, float]:
+    """One whose engine has begun to answer first, then the one stopped the fewest times
+    before, then the most recently granted. Stopping a request in its prefill throws that
+    prefill away (its continuation prefills it anew), and delays its first token; one that
+    answers keeps its first token, and its prompt is in the engine's prefix cache for its
+    continuation. A stopped request goes on first in its tenant's queue and is then the most
+    recently granted: without the count, the same few requests would be stopped again and
+    again (each time prefilling anew, their clients paused) while the tenant's others ran."""
+    return not holder.answering, holder.stops, -holder.granted
 
 
-def soonest_served(holder: Holder) -> tuple[int, bool, float]:
+def soonest_served(holder: Holder) -> tuple[int, bool, int, float]:
     """The default order within a class: the one on the engine with the fewest requests in
     their prefill first, then `least_lost`. An engine computes a step's prefills whole before
     it takes a new request, so a waiter placed beside a prefill waits for it (on a CPU, for
@@ -61,8 +66,8 @@ def victim(
        for another, and lose the stopped one's work).
     3. The least important class loses first.
     4. Within it, the first in `order` (by default `soonest_served`: the one on the engine
-       with the fewest requests in their prefill, then one already answering, then the most
-       recently granted).
+       with the fewest requests in their prefill, then one already answering, then the one
+       stopped the fewest times before, then the most recently granted).
     """
     best: Holder[K] | None = None
     best_key: tuple | None = None
